@@ -117,16 +117,24 @@ class IndexedDatasetWriter:
         self.document_indices.append(len(self.sequence_lengths))
         self.num_tokens += array.size
 
-    def add_documents(self, flat_tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """Append many one-sequence documents at once, given their tokens back to back."""
+    def add_documents(self, flat_tokens, sequence_lengths, sequences_per_document=None) -> None:
+        """Append many documents at once, given their tokens back to back.
+
+        `sequences_per_document[d]` says how many of `sequence_lengths` belong to document d
+        (default: one sequence each).
+        """
         flat = np.asarray(flat_tokens, dtype=self.dtype)
-        lengths = np.asarray(lengths, dtype=np.int64)
+        lengths = np.asarray(sequence_lengths, dtype=np.int64)
         if int(lengths.sum()) != flat.size:
-            raise ValueError("document lengths do not add up to the number of tokens")
+            raise ValueError("sequence lengths do not add up to the number of tokens")
         self._bin.write(flat.tobytes(order="C"))
         start = len(self.sequence_lengths)
         self.sequence_lengths.extend(lengths)
-        self.document_indices.extend(np.arange(start + 1, start + 1 + lengths.size))
+        if sequences_per_document is None:
+            ends = np.arange(start + 1, start + 1 + lengths.size)
+        else:
+            ends = start + np.cumsum(np.asarray(sequences_per_document, dtype=np.int64))
+        self.document_indices.extend(ends)
         self.num_tokens += flat.size
 
     def add_dataset(self, prefix: str | os.PathLike) -> None:
@@ -141,6 +149,17 @@ class IndexedDatasetWriter:
         with open(bin_path(prefix), "rb") as src:
             while chunk := src.read(1 << 24):
                 self._bin.write(chunk)
+
+    def pack(self, length: int) -> None:
+        """Re-cut everything written so far into documents of exactly `length` tokens (the last may
+        be shorter). The `.bin` stays as it is: packing only changes the index."""
+        full, rest = divmod(self.num_tokens, length)
+        self.sequence_lengths = _GrowableArray(np.int32, full + 1)
+        self.sequence_lengths.extend(np.full(full, length))
+        if rest:
+            self.sequence_lengths.append(rest)
+        self.document_indices = _GrowableArray(np.int64, len(self.sequence_lengths) + 1)
+        self.document_indices.extend(np.arange(len(self.sequence_lengths) + 1))
 
     def finalize(self) -> None:
         self._bin.close()

@@ -1,0 +1,244 @@
+"""Records -> token ids, one handler per kind of data (ModelLink's `--handler-name`).
+
+    GeneralPretrainHandler          plain text: each `--json-keys` column its own dataset
+                                    `PREFIX_<key>_document` (Megatron's preprocess_data.py)
+    AlpacaStyleInstructionHandler   instruction/input/output records
+    SharegptStyleInstructionHandler conversations ([{"from": "human"|"gpt"|..., "value": ...}]
+                                    or OpenAI-style "messages" with role/content)
+
+The instruction handlers write `PREFIX_packed_input_ids_document` and
+`PREFIX_packed_labels_document` (ModelLink's names): the labels equal the ids where the model is
+trained (the responses) and IGNORE_INDEX (-100) where it is not (system, prompt, user turns), so
+they are stored as int32.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ember.data.records import DecodedChunk, Skip
+
+IGNORE_INDEX = -100
+HANDLERS = ("GeneralPretrainHandler", "AlpacaStyleInstructionHandler", "SharegptStyleInstructionHandler")
+
+# Prompt templates (`--prompt-type`): how an instruction and a conversation turn are laid out.
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task{with_input}. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+)
+CHATML_TURN = "<|im_start|>{role}\n{content}<|im_end|>\n"
+PROMPT_TYPES = ("alpaca", "chatml", "plain")
+
+
+@dataclass
+class EncodedDocuments:
+    """Documents of one dataset, back to back: what `IndexedDatasetWriter.add_documents` takes."""
+
+    tokens: np.ndarray  # flat token ids
+    sequence_lengths: np.ndarray  # one entry per sequence (sentence)
+    sequences_per_document: np.ndarray  # how many sequences each document has
+
+    @classmethod
+    def from_lists(cls, documents: list[list[list[int]]], dtype=np.int32) -> "EncodedDocuments":
+        """`documents[d][s]` = token ids of sentence s of document d."""
+        sentences = [s for doc in documents for s in doc]
+        lengths = np.fromiter((len(s) for s in sentences), dtype=np.int64, count=len(sentences))
+        tokens = np.fromiter(itertools.chain.from_iterable(sentences), dtype=dtype, count=int(lengths.sum()))
+        counts = np.fromiter((len(d) for d in documents), dtype=np.int64, count=len(documents))
+        return cls(tokens, lengths, counts)
+
+
+@dataclass
+class HandledChunk:
+    datasets: dict[str, EncodedDocuments]  # output key -> documents
+    skips: list[Skip] = field(default_factory=list)
+    num_documents: int = 0
+    num_bytes: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return int(next(iter(self.datasets.values())).tokens.size) if self.datasets else 0
+
+
+class GeneralPretrainHandler:
+    """Plain text, one dataset per `--json-keys` key; a list value is a list of sentences."""
+
+    def __init__(self, tokenizer, encoder, json_keys=("text",), append_eod=False):
+        self.tokenizer = tokenizer
+        self.encoder = encoder  # fast exact encoder, or the tokenizer itself
+        self.json_keys = list(json_keys)
+        self.append_eod = append_eod
+
+    @property
+    def output_keys(self) -> list[str]:
+        return self.json_keys
+
+    def label_dtype(self, key: str):
+        return None  # token ids: Megatron's dtype for the vocabulary
+
+    def handle(self, chunk: DecodedChunk) -> HandledChunk:
+        skips = list(chunk.skips)
+        kept: list[dict[str, list[str]]] = []
+        for record, line in zip(chunk.records, chunk.lines):
+            sentences_by_key, reason = {}, None
+            for key in self.json_keys:
+                value = record.get(key)
+                if value is None:
+                    reason = f"missing key {key!r} (keys: {', '.join(sorted(record))})"
+                    break
+                sentences = value if isinstance(value, list) else [value]
+                if not all(isinstance(s, str) for s in sentences):
+                    reason = f"key {key!r} is not text"
+                    break
+                if not any(sentences):
+                    reason = f"empty text in {key!r}"
+                    break
+                sentences_by_key[key] = sentences
+            if reason:
+                skips.append(Skip(chunk.path, line, reason))
+            else:
+                kept.append(sentences_by_key)
+        datasets = {key: self._encode_key(key, kept) for key in self.json_keys}
+        return HandledChunk(datasets, skips, len(kept), chunk.num_bytes)
+
+    def _encode_key(self, key: str, kept: list[dict[str, list[str]]]) -> EncodedDocuments:
+        flat_sentences = [s for record in kept for s in record[key]]
+        encoded = iter(self.encoder.encode_batch(flat_sentences))
+        documents = []
+        eod = self.tokenizer.eod
+        for record in kept:
+            doc = [ids for ids in itertools.islice(encoded, len(record[key])) if len(ids) > 0]
+            if doc and self.append_eod:
+                doc[-1] = list(doc[-1]) + [eod]
+            documents.append(doc)
+        return EncodedDocuments.from_lists(documents)
+
+
+class _InstructionHandler:
+    """Shared by the instruction handlers: segments of (text, trained?) -> ids + masked labels."""
+
+    output_keys = ["packed_input_ids", "packed_labels"]
+
+    def __init__(self, tokenizer, prompt_type: str, seq_length: int | None = None):
+        self.tokenizer = tokenizer
+        self.prompt_type = prompt_type
+        self.seq_length = seq_length
+        probe = tokenizer.encode("a")
+        self.bos = [tokenizer.bos] if tokenizer.bos is not None and probe and probe[0] == tokenizer.bos else []
+
+    def label_dtype(self, key: str):
+        return np.int32 if key == "packed_labels" else None
+
+    def segments(self, record: dict) -> list[tuple[str, bool]] | str:
+        """[(text, trained)] for one record, or a string saying why it is skipped."""
+        raise NotImplementedError
+
+    def handle(self, chunk: DecodedChunk) -> HandledChunk:
+        skips = list(chunk.skips)
+        ids_docs, label_docs = [], []
+        for record, line in zip(chunk.records, chunk.lines):
+            segments = self.segments(record)
+            if isinstance(segments, str):
+                skips.append(Skip(chunk.path, line, segments))
+                continue
+            texts = [text for text, _ in segments]
+            encoded = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+            ids, labels = list(self.bos), [IGNORE_INDEX] * len(self.bos)
+            for (text, trained), seg_ids in zip(segments, encoded):
+                ids.extend(seg_ids)
+                labels.extend(seg_ids if trained else [IGNORE_INDEX] * len(seg_ids))
+            if self.tokenizer.eod is not None:
+                ids.append(self.tokenizer.eod)
+                labels.append(self.tokenizer.eod)
+            if all(label == IGNORE_INDEX for label in labels):
+                skips.append(Skip(chunk.path, line, "no response tokens to train on"))
+                continue
+            ids_docs.append([ids])
+            label_docs.append([labels])
+        datasets = {"packed_input_ids": EncodedDocuments.from_lists(ids_docs),
+                    "packed_labels": EncodedDocuments.from_lists(label_docs)}
+        return HandledChunk(datasets, skips, len(ids_docs), chunk.num_bytes)
+
+    def format_turn(self, role: str, content: str) -> str:
+        if self.prompt_type == "chatml":
+            return CHATML_TURN.format(role=role, content=content)
+        if self.prompt_type == "plain":
+            return content if role == "assistant" else content + "\n"
+        # alpaca layout for conversations: user turns as instructions
+        if role == "user":
+            return ALPACA_PROMPT.format(with_input="", instruction=content, input_block="")
+        if role == "system":
+            return content + "\n\n"
+        return content + "\n\n"
+
+
+class AlpacaStyleInstructionHandler(_InstructionHandler):
+    """{"instruction", "input", "output"} (+ optional "system", "history": [[q, a], ...])."""
+
+    def segments(self, record):
+        instruction, output = record.get("instruction"), record.get("output")
+        if not isinstance(instruction, str) or not isinstance(output, str):
+            return "missing 'instruction' or 'output' text"
+        if not output:
+            return "empty 'output'"
+        extra = record.get("input") or ""
+        segments: list[tuple[str, bool]] = []
+        if record.get("system"):
+            segments.append((self.format_turn("system", record["system"]), False))
+        for turn in record.get("history") or []:
+            if isinstance(turn, (list, tuple)) and len(turn) == 2:
+                segments.append((self.format_turn("user", str(turn[0])), False))
+                segments.append((self.format_turn("assistant", str(turn[1])), True))
+        if self.prompt_type == "alpaca":
+            prompt = ALPACA_PROMPT.format(
+                with_input=", paired with an input that provides further context" if extra else "",
+                instruction=instruction,
+                input_block=f"### Input:\n{extra}\n\n" if extra else "")
+            segments.append((prompt, False))
+            segments.append((output, True))
+        else:
+            user = f"{instruction}\n{extra}" if extra else instruction
+            segments.append((self.format_turn("user", user), False))
+            segments.append((self.format_turn("assistant", output), True))
+        return segments
+
+
+ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+              "system": "system", "bot": "assistant", "model": "assistant"}
+
+
+class SharegptStyleInstructionHandler(_InstructionHandler):
+    """{"conversations": [{"from", "value"}]} or {"messages": [{"role", "content"}]}; trains on replies."""
+
+    def segments(self, record):
+        turns = record.get("conversations") or record.get("messages")
+        if not isinstance(turns, list) or not turns:
+            return "missing 'conversations' (or 'messages') list"
+        segments = []
+        if record.get("system"):
+            segments.append((self.format_turn("system", str(record["system"])), False))
+        for turn in turns:
+            if not isinstance(turn, dict):
+                return "a conversation turn is not an object"
+            role = ROLE_NAMES.get(str(turn.get("from", turn.get("role", ""))).lower())
+            content = turn.get("value", turn.get("content"))
+            if role is None or not isinstance(content, str):
+                return f"unknown turn {turn.get('from', turn.get('role'))!r} or missing text"
+            segments.append((self.format_turn(role, content), role == "assistant"))
+        return segments
+
+
+def build_handler(name: str, tokenizer, encoder, json_keys, append_eod: bool, prompt_type: str | None):
+    if name == "GeneralPretrainHandler":
+        return GeneralPretrainHandler(tokenizer, encoder, json_keys, append_eod)
+    if name == "AlpacaStyleInstructionHandler":
+        return AlpacaStyleInstructionHandler(tokenizer, prompt_type or "alpaca")
+    if name == "SharegptStyleInstructionHandler":
+        return SharegptStyleInstructionHandler(tokenizer, prompt_type or "chatml")
+    from ember.errors import EmberError
+
+    raise EmberError(f"unknown --handler-name {name!r}; choose one of {', '.join(HANDLERS)}")

@@ -1,0 +1,348 @@
+"""`ember preprocess`: text files -> Megatron `PREFIX_<key>_document.bin/.idx`, in parallel, streaming.
+
+The same flags as Megatron-LM's / ModelLink's `tools/preprocess_data.py`, and the same bytes for
+the same input and tokenizer. The main process reads raw chunks of records in order and hands
+them to `--workers` processes, which parse, tokenize and return flat numpy arrays; results are
+written in input order, so any worker count gives identical output. `--n-subs N` cuts the input
+into N contiguous parts processed side by side and merged in order: again identical output.
+
+Everything is written under temporary names and renamed only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ember.data.handlers import HANDLERS, PROMPT_TYPES, build_handler
+from ember.data.indexed import IndexedDatasetWriter, bin_path, idx_path, optimal_dtype
+from ember.data.records import Skip, decode_chunk
+from ember.data.sources import InputPart, file_format, iter_chunks, resolve_input_files, split_input
+from ember.data.tokenizers import add_tokenizer_arguments, build_tokenizer
+from ember.errors import EmberError
+
+MAX_SKIPS_SHOWN = 5
+
+
+@dataclass(frozen=True)
+class PreprocessJob:
+    """Everything a worker process needs to rebuild the pipeline (picklable, small)."""
+
+    tokenizer_spec: tuple  # (type, name_or_path, model_file, vocab_file, merge_file)
+    handler_name: str
+    json_keys: tuple
+    append_eod: bool
+    prompt_type: str | None
+    fast_encoder: bool
+    chunk_size: int = 1024
+
+
+@dataclass
+class Totals:
+    documents: int = 0
+    tokens: int = 0
+    bytes: int = 0
+    skipped: int = 0
+    first_skips: list[Skip] = field(default_factory=list)
+
+    def add_skips(self, skips: list[Skip]) -> None:
+        self.skipped += len(skips)
+        room = MAX_SKIPS_SHOWN - len(self.first_skips)
+        if room > 0:
+            self.first_skips.extend(skips[:room])
+
+
+# ---- worker side -------------------------------------------------------------------------------
+
+_worker_handler = None
+
+
+def make_encoder(tokenizer, use_fast: bool):
+    """The fast exact BPE encoder when it can reproduce this tokenizer, else the tokenizer itself."""
+    if not use_fast or tokenizer.backend is None:
+        return tokenizer
+    try:
+        from ember.data.fast_bpe import FastBPE
+    except ImportError:
+        return tokenizer
+    fast = FastBPE.from_hf(tokenizer.backend)
+    return tokenizer if fast is None else fast
+
+
+def make_handler(job: PreprocessJob):
+    tokenizer = build_tokenizer(*job.tokenizer_spec)
+    encoder = make_encoder(tokenizer, job.fast_encoder)
+    return build_handler(job.handler_name, tokenizer, encoder, job.json_keys, job.append_eod, job.prompt_type)
+
+
+def _init_worker(job: PreprocessJob) -> None:
+    global _worker_handler
+    _worker_handler = make_handler(job)
+
+
+def _handle_chunk(chunk):
+    return _worker_handler.handle(decode_chunk(chunk))
+
+
+# ---- main side ---------------------------------------------------------------------------------
+
+class Progress:
+    """Megatron-style progress lines every `interval` documents: rates and ETA."""
+
+    def __init__(self, interval: int, total_bytes: int | None, label: str = ""):
+        self.interval = max(1, interval)
+        self.total_bytes = total_bytes
+        self.label = label
+        self.start = time.perf_counter()
+        self.next_report = self.interval
+
+    def update(self, totals: Totals, force: bool = False) -> None:
+        if not force and totals.documents < self.next_report:
+            return
+        self.next_report = (totals.documents // self.interval + 1) * self.interval
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        line = (f"{self.label}processed {totals.documents:,} documents, {totals.tokens:,} tokens | "
+                f"{totals.documents / elapsed:,.0f} docs/s, {totals.tokens / elapsed:,.0f} tokens/s, "
+                f"{totals.bytes / elapsed / 1e6:.1f} MB/s")
+        if self.total_bytes:
+            fraction = min(totals.bytes / self.total_bytes, 1.0)
+            eta = elapsed * (1 - fraction) / fraction if fraction > 0 else float("nan")
+            line += f" | {100 * fraction:.0f}% ETA {eta:.0f}s"
+        print(line, file=sys.stderr, flush=True)
+
+
+def _ordered_results(job: PreprocessJob, chunks, workers: int):
+    """Handled chunks in input order; at most a few chunks in flight per worker (bounded memory)."""
+    if workers <= 1:
+        handler = make_handler(job)
+        for chunk in chunks:
+            yield handler.handle(decode_chunk(chunk))
+        return
+    context = multiprocessing.get_context("fork")
+    with context.Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(_handle_chunk, (chunk,)))
+            if len(pending) >= 3 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _writers(prefixes: dict[str, str], dtypes: dict[str, type]) -> dict[str, IndexedDatasetWriter]:
+    return {key: IndexedDatasetWriter(prefix, dtypes[key]) for key, prefix in prefixes.items()}
+
+
+def process_part(job: PreprocessJob, files: list[Path], part: InputPart | None, prefixes: dict[str, str],
+                 dtypes: dict[str, type], workers: int, strict: bool, progress: Progress,
+                 pack_length: int | None = None) -> Totals:
+    """Tokenize one input (or one part of it) into datasets at `prefixes`; atomic per dataset."""
+    columns = sorted(set(job.json_keys) | {"instruction", "input", "output", "system", "history",
+                                              "conversations", "messages"})
+    chunks = iter_chunks(files, job.chunk_size, columns=columns, part=part)
+    writers = _writers(prefixes, dtypes)
+    totals = Totals()
+    try:
+        for handled in _ordered_results(job, chunks, workers):
+            if strict and handled.skips:
+                raise EmberError(f"{handled.skips[0]} (--strict stops at the first bad record; "
+                                 f"drop --strict to skip and count them)")
+            for key, docs in handled.datasets.items():
+                writers[key].add_documents(docs.tokens, docs.sequence_lengths, docs.sequences_per_document)
+            totals.documents += handled.num_documents
+            totals.tokens += handled.num_tokens
+            totals.bytes += handled.num_bytes
+            totals.add_skips(handled.skips)
+            progress.update(totals)
+        for writer in writers.values():
+            if pack_length:
+                writer.pack(pack_length)
+            writer.finalize()
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    return totals
+
+
+def _run_sub(job, files, part, prefixes, dtypes, workers, strict, log_interval, label, queue) -> None:
+    """Entry point of one --n-subs process: report totals (or the error) through `queue`."""
+    try:
+        size = sum(_piece_size(files, part))
+        totals = process_part(job, files, part, prefixes, dtypes, workers, strict,
+                              Progress(log_interval, size or None, label))
+        queue.put(("ok", totals))
+    except EmberError as err:
+        queue.put(("error", str(err)))
+    except BaseException as err:  # report, never hang the parent
+        queue.put(("error", f"{type(err).__name__}: {err}"))
+
+
+def _piece_size(files, part: InputPart | None):
+    for path in files:
+        if part is None:
+            yield path.stat().st_size
+        elif str(path) in part.files:
+            piece = part.files[str(path)]
+            if piece is not None and isinstance(piece[0], tuple):
+                yield piece[0][1] - piece[0][0]
+            else:
+                yield path.stat().st_size
+
+
+def process_in_subs(job, files, n_subs, prefixes, dtypes, workers, strict, log_interval,
+                    pack_length) -> Totals:
+    """--n-subs: contiguous parts processed side by side, merged in order into the final datasets."""
+    parts = split_input(files, n_subs)
+    workers_per_part = max(1, workers // len(parts))
+    tag = f".sub-tmp-{os.getpid()}"
+    part_prefixes = [{key: f"{prefix}{tag}{k}" for key, prefix in prefixes.items()}
+                     for k in range(len(parts))]
+    context = multiprocessing.get_context("fork")
+    queues, processes = [], []
+    try:
+        for k, part in enumerate(parts):
+            queue = context.Queue()
+            process = context.Process(target=_run_sub, args=(
+                job, files, part, part_prefixes[k], dtypes, workers_per_part, strict, log_interval,
+                f"[part {k + 1}/{len(parts)}] ", queue))
+            process.start()
+            queues.append(queue)
+            processes.append(process)
+        results = [queue.get() for queue in queues]
+        for process in processes:
+            process.join()
+        errors = [message for status, message in results if status == "error"]
+        if errors:
+            raise EmberError(errors[0])
+        totals = Totals()
+        for _, part_totals in results:
+            totals.documents += part_totals.documents
+            totals.tokens += part_totals.tokens
+            totals.bytes += part_totals.bytes
+            totals.skipped += part_totals.skipped
+            totals.add_skips(part_totals.first_skips)
+        writers = _writers(prefixes, dtypes)
+        try:
+            for key, writer in writers.items():
+                for parts_of_key in part_prefixes:
+                    writer.add_dataset(parts_of_key[key])
+                if pack_length:
+                    writer.pack(pack_length)
+                writer.finalize()
+        except BaseException:
+            for writer in writers.values():
+                writer.abort()
+            raise
+        return totals
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+                process.join()
+        for prefixes_of_part in part_prefixes:
+            for prefix in prefixes_of_part.values():
+                for path in (bin_path(prefix), idx_path(prefix)):
+                    if os.path.exists(path):
+                        os.remove(path)
+
+
+# ---- the command -------------------------------------------------------------------------------
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--input", required=True,
+                        help="a file or a folder of .jsonl/.json/.txt/.csv/.parquet/.arrow (jsonl may be .gz/.zst)")
+    parser.add_argument("--output-prefix", required=True,
+                        help="output path prefix; writes PREFIX_<key>_document.bin/.idx")
+    add_tokenizer_arguments(parser)
+    parser.add_argument("--handler-name", default="GeneralPretrainHandler", choices=HANDLERS)
+    parser.add_argument("--json-keys", nargs="+", default=["text"],
+                        help="columns to tokenize, each into its own dataset (pretraining handler)")
+    parser.add_argument("--append-eod", action="store_true", help="end every document with the EOD token")
+    parser.add_argument("--prompt-type", choices=PROMPT_TYPES, default=None,
+                        help="prompt template of the instruction handlers (default: alpaca / chatml)")
+    parser.add_argument("--workers", type=int, default=1, help="tokenizing processes")
+    parser.add_argument("--n-subs", type=int, default=1,
+                        help="cut the input into N parts processed in parallel and merged (same output)")
+    parser.add_argument("--log-interval", type=int, default=10000, help="progress line every N documents")
+    parser.add_argument("--pack", action="store_true",
+                        help="pack mode (pretrain_eod): documents joined with EOD into --seq-length samples")
+    parser.add_argument("--seq-length", type=int, default=None, help="sample length in pack mode")
+    parser.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output datasets")
+    parser.add_argument("--no-fast-encoder", action="store_true",
+                        help="always tokenize through the Hugging Face library (slower, same ids)")
+    parser.add_argument("--chunk-size", type=int, default=1024, help=argparse.SUPPRESS)
+
+
+def output_prefixes(output_prefix: str, keys: list[str]) -> dict[str, str]:
+    return {key: f"{output_prefix}_{key}_document" for key in keys}
+
+
+def _validate(args) -> tuple[PreprocessJob, list[Path], dict[str, str], dict[str, type], object]:
+    """Every check that can fail before work starts: input, tokenizer, outputs, flag combinations."""
+    files = resolve_input_files(args.input)
+    out_dir = Path(args.output_prefix).parent
+    if not out_dir.is_dir():
+        raise EmberError(f"--output-prefix {args.output_prefix}: folder {out_dir} does not exist; create it first")
+    if args.workers < 1 or args.n_subs < 1:
+        raise EmberError("--workers and --n-subs must be at least 1")
+    if args.pack:
+        if not args.seq_length or args.seq_length < 1:
+            raise EmberError("--pack needs --seq-length N (the length of each packed sample)")
+        if args.handler_name != "GeneralPretrainHandler":
+            raise EmberError("--pack applies to pretraining data (GeneralPretrainHandler); "
+                             "fine-tuning data is packed at training time")
+    spec = (args.tokenizer_type, args.tokenizer_name_or_path, args.tokenizer_model, args.vocab_file, args.merge_file)
+    tokenizer = build_tokenizer(*spec)
+    if (args.append_eod or args.pack) and tokenizer.eod is None:
+        raise EmberError(f"{tokenizer.name} has no end-of-document token; --append-eod/--pack need one")
+    job = PreprocessJob(spec, args.handler_name, tuple(args.json_keys), bool(args.append_eod or args.pack),
+                        args.prompt_type, not args.no_fast_encoder, args.chunk_size)
+    handler = build_handler(job.handler_name, tokenizer, tokenizer, job.json_keys, job.append_eod, job.prompt_type)
+    prefixes = output_prefixes(args.output_prefix, handler.output_keys)
+    existing = [p for prefix in prefixes.values() for p in (bin_path(prefix), idx_path(prefix)) if os.path.exists(p)]
+    if existing and not args.overwrite:
+        raise EmberError(f"{existing[0]} already exists; pass --overwrite to replace it")
+    token_dtype = optimal_dtype(tokenizer.vocab_size)
+    dtypes = {key: handler.label_dtype(key) or token_dtype for key in handler.output_keys}
+    return job, files, prefixes, dtypes, tokenizer
+
+
+def run(args) -> int:
+    # `--workers` is the whole parallelism: no extra Rust threads inside each worker.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")
+    job, files, prefixes, dtypes, tokenizer = _validate(args)
+    encoder = make_encoder(tokenizer, job.fast_encoder)
+    print(f"ember preprocess: {len(files)} file(s), tokenizer {tokenizer.name} (vocab {tokenizer.vocab_size}, "
+          f"{'fast exact BPE' if encoder is not tokenizer else 'Hugging Face'} encoder), "
+          f"{args.workers} worker(s), {args.n_subs} part(s)", file=sys.stderr)
+    start = time.perf_counter()
+    pack_length = args.seq_length if args.pack else None
+    if args.n_subs > 1:
+        totals = process_in_subs(job, files, args.n_subs, prefixes, dtypes, args.workers, args.strict,
+                                 args.log_interval, pack_length)
+    else:
+        compressed = any(file_format(p)[1] for p in files)
+        total_bytes = None if compressed else sum(p.stat().st_size for p in files)
+        totals = process_part(job, files, None, prefixes, dtypes, args.workers, args.strict,
+                              Progress(args.log_interval, total_bytes), pack_length)
+    elapsed = time.perf_counter() - start
+    for skip in totals.first_skips:
+        print(f"skipped {skip}", file=sys.stderr)
+    if totals.skipped:
+        print(f"skipped {totals.skipped:,} record(s) in all (--strict makes the first one an error)", file=sys.stderr)
+    print(f"done: {totals.documents:,} documents, {totals.tokens:,} tokens in {elapsed:.1f}s "
+          f"({totals.tokens / max(elapsed, 1e-9):,.0f} tokens/s)")
+    for prefix in prefixes.values():
+        print(f"wrote {prefix}.bin/.idx")
+    return 0

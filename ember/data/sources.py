@@ -1,0 +1,274 @@
+"""Input files as a stream of record chunks: jsonl/json (also .gz/.zst), txt, csv, parquet, arrow.
+
+A *chunk* is a few thousand raw records from one file, tagged with that file and the line (or
+row) number of its first record. Chunks are what worker processes receive: raw bytes for line
+formats (parsed by the worker with orjson), Arrow tables for columnar formats — never one pickled
+Python object per document. Files are streamed; only a `.json` holding one JSON array is read
+whole (the format gives no way to stream it without another parser).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ember.errors import EmberError
+
+LINE_FORMATS = {".jsonl", ".json", ".txt"}
+COLUMNAR_FORMATS = {".parquet", ".csv", ".arrow"}
+COMPRESSIONS = {".gz", ".zst"}
+
+
+@dataclass
+class Chunk:
+    """Raw records of one file: `lines` (bytes, one record each) or an Arrow `table`."""
+
+    path: str
+    first_line: int  # 1-based line (or row) number of the first record, for error messages
+    fmt: str  # ".jsonl", ".txt", ".parquet", ...
+    lines: list[bytes] | None = None
+    table: object | None = None  # pyarrow.Table
+
+    def __len__(self) -> int:
+        return len(self.lines) if self.lines is not None else self.table.num_rows
+
+
+def file_format(path: Path) -> tuple[str, str | None]:
+    """('.jsonl', '.gz') for data.jsonl.gz; ('.parquet', None) for x.parquet."""
+    suffixes = [s.lower() for s in path.suffixes]
+    compression = suffixes[-1] if suffixes and suffixes[-1] in COMPRESSIONS else None
+    if compression:
+        suffixes = suffixes[:-1]
+    return (suffixes[-1] if suffixes else ""), compression
+
+
+def resolve_input_files(input_path: str | os.PathLike) -> list[Path]:
+    """The file itself, or every supported file of a folder (sorted); a folder holds one format."""
+    path = Path(input_path)
+    if not path.exists():
+        raise EmberError(f"--input {path} does not exist")
+    supported = LINE_FORMATS | COLUMNAR_FORMATS
+    if path.is_file():
+        fmt, _ = file_format(path)
+        if fmt not in supported:
+            raise EmberError(f"--input {path}: unsupported format {fmt or '(no extension)'}; "
+                             f"use one of {', '.join(sorted(supported))} (jsonl/json may be .gz or .zst)")
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and file_format(p)[0] in supported)
+    if not files:
+        raise EmberError(f"--input folder {path} holds no {', '.join(sorted(supported))} files")
+    formats = {file_format(p)[0] for p in files}
+    if formats - {".json", ".jsonl"} and len(formats) > 1:
+        raise EmberError(f"--input folder {path} mixes formats {', '.join(sorted(formats))}; "
+                         f"a folder must hold one format")
+    return files
+
+
+def _open_binary(path: Path, compression: str | None):
+    if compression == ".gz":
+        return gzip.open(path, "rb")
+    if compression == ".zst":
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb", buffering=1 << 20)
+
+
+def _is_json_array(path: Path, compression: str | None) -> bool:
+    with _open_binary(path, compression) as f:
+        head = f.read(4096).lstrip()
+    return head.startswith(b"[")
+
+
+def _line_chunks(path: Path, fmt: str, compression: str | None, chunk_size: int,
+                 byte_range: tuple[int, int] | None, first_line: int) -> Iterator[Chunk]:
+    with _open_binary(path, compression) as f:
+        if byte_range is not None:
+            f.seek(byte_range[0])
+        remaining = None if byte_range is None else byte_range[1] - byte_range[0]
+        line_no = first_line
+        lines: list[bytes] = []
+        for line in f:
+            if remaining is not None:
+                if remaining <= 0:
+                    break
+                remaining -= len(line)
+            lines.append(line)
+            if len(lines) == chunk_size:
+                yield Chunk(str(path), line_no, fmt, lines=lines)
+                line_no += len(lines)
+                lines = []
+        if lines:
+            yield Chunk(str(path), line_no, fmt, lines=lines)
+
+
+def _json_array_chunks(path: Path, compression: str | None, chunk_size: int) -> Iterator[Chunk]:
+    import orjson
+    import pyarrow as pa
+
+    with _open_binary(path, compression) as f:
+        try:
+            records = orjson.loads(f.read())
+        except orjson.JSONDecodeError as err:
+            raise EmberError(f"{path}: not valid JSON ({err}); use one JSON object per line (.jsonl)") from err
+    if not isinstance(records, list):
+        raise EmberError(f"{path}: expected a JSON array of objects or one object per line")
+    for start in range(0, len(records), chunk_size):
+        part = records[start : start + chunk_size]
+        yield Chunk(str(path), start + 1, ".json", table=pa.Table.from_pylist(
+            [r if isinstance(r, dict) else {"__malformed__": repr(r)[:80]} for r in part]))
+
+
+def _arrow_reader(path: Path):
+    import pyarrow as pa
+
+    try:
+        return pa.ipc.open_stream(pa.memory_map(str(path)))
+    except pa.ArrowInvalid:
+        return pa.ipc.open_file(pa.memory_map(str(path)))
+
+
+def _columnar_chunks(path: Path, fmt: str, chunk_size: int, columns: list[str] | None,
+                     row_groups: list[int] | None) -> Iterator[Chunk]:
+    import pyarrow as pa
+
+    row = 1
+    if fmt == ".parquet":
+        import pyarrow.parquet as pq
+
+        parquet = pq.ParquetFile(str(path))
+        present = set(parquet.schema_arrow.names)
+        cols = [c for c in columns if c in present] if columns else None
+        batches = parquet.iter_batches(batch_size=chunk_size, row_groups=row_groups, columns=cols)
+        if row_groups:
+            row += sum(parquet.metadata.row_group(i).num_rows for i in range(row_groups[0]))
+    elif fmt == ".csv":
+        import pyarrow.csv as pcsv
+
+        # Strings stay strings: a column of digits must not turn into integers.
+        batches = pcsv.open_csv(str(path), read_options=pcsv.ReadOptions(block_size=1 << 22),
+                                convert_options=pcsv.ConvertOptions(strings_can_be_null=False,
+                                                                    column_types=None))
+    else:
+        reader = _arrow_reader(path)
+        batches = iter(reader.read_next_batch, None) if hasattr(reader, "read_next_batch") else None
+        batches = (reader.get_batch(i) for i in range(reader.num_record_batches)) if batches is None else reader
+    for batch in batches:
+        table = pa.Table.from_batches([batch])
+        for start in range(0, table.num_rows, chunk_size):
+            part = table.slice(start, chunk_size)
+            yield Chunk(str(path), row, fmt, table=part)
+            row += part.num_rows
+
+
+def iter_chunks(files: list[Path], chunk_size: int = 2048, columns: list[str] | None = None,
+                part: "InputPart | None" = None) -> Iterator[Chunk]:
+    """Chunks of every file in order; `part` restricts to one contiguous piece (for --n-subs)."""
+    for path in files:
+        if part is not None and str(path) not in part.files:
+            continue
+        fmt, compression = file_format(path)
+        piece = None if part is None else part.files[str(path)]
+        if fmt in (".jsonl", ".txt") or (fmt == ".json" and not _is_json_array(path, compression)):
+            byte_range, first_line = (None, 1) if piece is None else (piece[0], piece[1])
+            yield from _line_chunks(path, ".jsonl" if fmt == ".json" else fmt, compression,
+                                    chunk_size, byte_range, first_line)
+        elif fmt == ".json":
+            yield from _json_array_chunks(path, compression, chunk_size)
+        else:
+            yield from _columnar_chunks(path, fmt, chunk_size, columns, None if piece is None else piece[0])
+
+
+def iter_texts(files: list[Path], key: str = "text") -> Iterator[str]:
+    """Just the `key` field of every well-formed record (for tokenizer training)."""
+    from ember.data.records import decode_chunk
+
+    for chunk in iter_chunks(files, columns=[key]):
+        for record in decode_chunk(chunk).records:
+            value = record.get(key)
+            if isinstance(value, str) and value:
+                yield value
+
+
+@dataclass
+class InputPart:
+    """One of --n-subs contiguous pieces of the input: per file, a byte range + first line, or row groups."""
+
+    files: dict[str, tuple]
+
+
+def split_input(files: list[Path], parts: int) -> list[InputPart]:
+    """Cut the input into `parts` contiguous pieces of about equal size, in order.
+
+    Line files (uncompressed) are cut at line boundaries; parquet at row-group boundaries;
+    other files are kept whole. Pieces may be fewer than asked when the input is small.
+    """
+    units: list[tuple[str, tuple, int]] = []  # (file, piece, size)
+    for path in files:
+        fmt, compression = file_format(path)
+        size = path.stat().st_size
+        if fmt in (".jsonl", ".txt", ".json") and compression is None and not (
+                fmt == ".json" and _is_json_array(path, None)):
+            units.extend(_line_units(path, max(1, parts), size))
+        elif fmt == ".parquet":
+            import pyarrow.parquet as pq
+
+            meta = pq.ParquetFile(str(path)).metadata
+            units.extend((str(path), ([i],), meta.row_group(i).total_byte_size)
+                         for i in range(meta.num_row_groups))
+        else:
+            units.append((str(path), None, size))
+    total = sum(u[2] for u in units) or 1
+    result: list[InputPart] = []
+    current: dict[str, tuple] = {}
+    filled = 0
+    for name, piece, size in units:
+        target = total * (len(result) + 1) / parts
+        if current and filled >= target and len(result) < parts - 1:
+            result.append(InputPart(current))
+            current = {}
+        if piece is not None and name in current and current[name] is not None:
+            current[name] = _merge_pieces(current[name], piece)
+        else:
+            current[name] = piece
+        filled += size
+    if current:
+        result.append(InputPart(current))
+    return result
+
+
+def _merge_pieces(a: tuple, b: tuple) -> tuple:
+    if isinstance(a[0], list):  # parquet row groups
+        return (a[0] + b[0],)
+    (start, _), first_line = a
+    (_, end), _ = b
+    return ((start, end), first_line)
+
+
+def _line_units(path: Path, parts: int, size: int) -> list[tuple[str, tuple, int]]:
+    """Byte ranges of about size/parts bytes ending at newlines, with the first line number of each."""
+    cuts = [0]
+    with open(path, "rb") as f:
+        for k in range(1, parts):
+            f.seek(max(size * k // parts, cuts[-1]))
+            f.readline()  # move to the start of the next line
+            pos = f.tell()
+            if cuts[-1] < pos < size:
+                cuts.append(pos)
+    cuts.append(size)
+    units = []
+    line = 1
+    with open(path, "rb") as f:
+        for start, end in zip(cuts, cuts[1:]):
+            units.append((str(path), ((start, end), line), end - start))
+            f.seek(start)
+            remaining = end - start
+            while remaining > 0:
+                block = f.read(min(remaining, 1 << 24))
+                remaining -= len(block)
+                line += block.count(b"\n")
+    return units

@@ -1,0 +1,307 @@
+"""`ember preprocess` against Megatron's own writer and the Hugging Face tokenizer, and its safety rules."""
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from ember.cli import main as ember
+from ember.data.indexed import IndexedDataset
+
+megatron_indexed = pytest.importorskip("megatron.core.datasets.indexed_dataset")
+
+
+def megatron_reference(jsonl, out_prefix, tokenizer_dir, keys=("text",), append_eod=False):
+    """What Megatron-LM's tools/preprocess_data.py does, step by step, with Megatron's own builder:
+    json.loads per line, HuggingFaceTokenizer = AutoTokenizer(text).input_ids, eod = eos_token_id,
+    dtype = DType.optimal_dtype(len(tokenizer)), a list value = sentences, empty sentences dropped."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    dtype = megatron_indexed.DType.optimal_dtype(len(tokenizer))
+    builders = {k: megatron_indexed.IndexedDatasetBuilder(f"{out_prefix}_{k}_document.bin", dtype=dtype)
+                for k in keys}
+    with open(jsonl, encoding="utf-8") as f:
+        for line in f:
+            data = json.loads(line)
+            for key in keys:
+                text = data[key]
+                sentences = text if isinstance(text, list) else [text]
+                doc_ids, lens = [], []
+                for sentence in sentences:
+                    ids = tokenizer(sentence).input_ids
+                    if len(ids) > 0:
+                        doc_ids.extend(ids)
+                        lens.append(len(ids))
+                if len(doc_ids) > 0 and append_eod:
+                    doc_ids.append(tokenizer.eos_token_id)
+                    lens[-1] += 1
+                builders[key].add_document(torch.tensor(doc_ids, dtype=torch.int64), lens)
+    for key, builder in builders.items():
+        builder.finalize(f"{out_prefix}_{key}_document.idx")
+
+
+def same_files(prefix_a, prefix_b):
+    return all(open(f"{prefix_a}.{e}", "rb").read() == open(f"{prefix_b}.{e}", "rb").read() for e in ("bin", "idx"))
+
+
+def preprocess(*args):
+    return ember(["preprocess", *map(str, args)])
+
+
+@pytest.mark.parametrize("append_eod", [False, True])
+def test_byte_identical_to_megatron(tmp_path, corpus_jsonl, tokenizer_dir, append_eod):
+    megatron_reference(corpus_jsonl, tmp_path / "ref", tokenizer_dir, append_eod=append_eod)
+    extra = ["--append-eod"] if append_eod else []
+    assert preprocess("--input", corpus_jsonl, "--output-prefix", tmp_path / "ours",
+                      "--tokenizer-name-or-path", tokenizer_dir, *extra) == 0
+    assert same_files(tmp_path / "ours_text_document", tmp_path / "ref_text_document")
+
+
+def test_several_json_keys_and_sentence_lists(tmp_path, tokenizer_dir):
+    src = tmp_path / "multi.jsonl"
+    rows = [{"text": f"document {i} " * (i + 1), "input": ["first sentence.", "", f"second {i}."],
+             "output": "out " * (i % 5 + 1)} for i in range(60)]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    keys = ("text", "input", "output")
+    megatron_reference(src, tmp_path / "ref", tokenizer_dir, keys=keys, append_eod=True)
+    assert preprocess("--input", src, "--output-prefix", tmp_path / "ours", "--tokenizer-name-or-path",
+                      tokenizer_dir, "--json-keys", *keys, "--append-eod") == 0
+    for key in keys:
+        assert same_files(tmp_path / f"ours_{key}_document", tmp_path / f"ref_{key}_document"), key
+
+
+@pytest.mark.parametrize("flags", [["--workers", "2"], ["--n-subs", "3"], ["--n-subs", "2", "--workers", "2"],
+                                   ["--workers", "2", "--chunk-size", "7"]])
+def test_parallelism_gives_the_same_bytes(tmp_path, corpus_jsonl, tokenizer_dir, flags):
+    common = ["--input", corpus_jsonl, "--tokenizer-name-or-path", tokenizer_dir, "--append-eod"]
+    assert preprocess(*common, "--output-prefix", tmp_path / "one") == 0
+    assert preprocess(*common, "--output-prefix", tmp_path / "par", *flags) == 0
+    assert same_files(tmp_path / "one_text_document", tmp_path / "par_text_document")
+    assert not [p for p in os.listdir(tmp_path) if "tmp" in p]
+
+
+def _texts(corpus_jsonl, limit=80):
+    with open(corpus_jsonl) as f:
+        return [json.loads(line)["text"] for line, _ in zip(f, range(limit))]
+
+
+def test_every_input_format_gives_the_same_tokens(tmp_path, corpus_jsonl, tokenizer_dir):
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+    import zstandard
+
+    texts = _texts(corpus_jsonl)
+    table = pa.table({"text": texts, "id": list(range(len(texts)))})
+    jsonl = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
+    (tmp_path / "a.jsonl").write_bytes(jsonl)
+    inputs = {
+        "parquet": tmp_path / "a.parquet", "csv": tmp_path / "a.csv", "arrow": tmp_path / "a.arrow",
+        "json_array": tmp_path / "a.json", "gz": tmp_path / "a.jsonl.gz", "zst": tmp_path / "a.jsonl.zst",
+    }
+    pq.write_table(table, inputs["parquet"], row_group_size=17)
+    pcsv.write_csv(table, inputs["csv"])
+    with pa.ipc.new_stream(str(inputs["arrow"]), table.schema) as writer:  # as Hugging Face datasets saves
+        writer.write_table(table, max_chunksize=13)
+    inputs["json_array"].write_text(json.dumps([{"text": t} for t in texts]))
+    inputs["gz"].write_bytes(gzip.compress(jsonl))
+    inputs["zst"].write_bytes(zstandard.ZstdCompressor().compress(jsonl))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    pq.write_table(table.slice(0, 30), folder / "part-0.parquet")
+    pq.write_table(table.slice(30), folder / "part-1.parquet")
+    inputs["folder"] = folder
+    assert preprocess("--input", tmp_path / "a.jsonl", "--output-prefix", tmp_path / "ref",
+                      "--tokenizer-name-or-path", tokenizer_dir) == 0
+    for name, path in inputs.items():
+        assert preprocess("--input", path, "--output-prefix", tmp_path / name,
+                          "--tokenizer-name-or-path", tokenizer_dir, "--n-subs", "2") == 0, name
+        assert same_files(tmp_path / f"{name}_text_document", tmp_path / "ref_text_document"), name
+
+
+def test_txt_lines_are_records(tmp_path, tokenizer_dir):
+    from ember.data.tokenizers import build_tokenizer
+
+    (tmp_path / "a.txt").write_text("first line\nsecond line\n\nfourth\n")
+    assert preprocess("--input", tmp_path / "a.txt", "--output-prefix", tmp_path / "t",
+                      "--tokenizer-name-or-path", tokenizer_dir) == 0
+    tok = build_tokenizer("PretrainedFromHF", tokenizer_dir)
+    ds = IndexedDataset(tmp_path / "t_text_document")
+    assert [tok.decode(ds[i]) for i in range(len(ds))] == ["first line", "second line", "fourth"]
+
+
+def test_bad_records_are_skipped_counted_and_located(tmp_path, tokenizer_dir, capsys):
+    lines = [b'{"text": "good one"}', b'{"text": broken', b'{"other": "no text key"}', b'{"text": ""}',
+             b'{"text": "bad \xff\xfe utf8"}', b'[1, 2]', b'{"text": "good two"}']
+    (tmp_path / "bad.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    assert preprocess("--input", tmp_path / "bad.jsonl", "--output-prefix", tmp_path / "b",
+                      "--tokenizer-name-or-path", tokenizer_dir) == 0
+    err = capsys.readouterr().err
+    assert "skipped 5 record(s)" in err
+    for line_no in (2, 3, 4, 5):
+        assert f"bad.jsonl:{line_no}:" in err
+    assert "missing key 'text'" in err
+    assert IndexedDataset(tmp_path / "b_text_document").num_documents == 2
+    # --strict: the first bad record is an error, and nothing is written.
+    assert preprocess("--input", tmp_path / "bad.jsonl", "--output-prefix", tmp_path / "s",
+                      "--tokenizer-name-or-path", tokenizer_dir, "--strict") == 2
+    assert "bad.jsonl:2: malformed JSON" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["b_text_document.bin", "b_text_document.idx", "bad.jsonl"]
+
+
+def test_clear_errors_before_any_work(tmp_path, tokenizer_dir, corpus_jsonl, capsys):
+    cases = [
+        (["--input", tmp_path / "nope.jsonl", "--output-prefix", tmp_path / "o",
+          "--tokenizer-name-or-path", tokenizer_dir], "does not exist"),
+        (["--input", corpus_jsonl, "--output-prefix", tmp_path / "missing" / "o",
+          "--tokenizer-name-or-path", tokenizer_dir], "folder"),
+        (["--input", corpus_jsonl, "--output-prefix", tmp_path / "o",
+          "--tokenizer-name-or-path", tmp_path / "no-tokenizer"], "tokenizer folder"),
+        (["--input", corpus_jsonl, "--output-prefix", tmp_path / "o", "--tokenizer-type", "Llama2Tokenizer"],
+         "needs --tokenizer-model"),
+        (["--input", corpus_jsonl, "--output-prefix", tmp_path / "o", "--tokenizer-name-or-path", tokenizer_dir,
+          "--pack"], "--seq-length"),
+    ]
+    for args, message in cases:
+        assert preprocess(*args) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    assert preprocess("--input", corpus_jsonl, "--output-prefix", tmp_path / "o",
+                      "--tokenizer-name-or-path", tokenizer_dir) == 0
+    before = (tmp_path / "o_text_document.bin").stat().st_mtime_ns
+    assert preprocess("--input", corpus_jsonl, "--output-prefix", tmp_path / "o",
+                      "--tokenizer-name-or-path", tokenizer_dir) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "o_text_document.bin").stat().st_mtime_ns == before
+
+
+def test_interrupted_run_leaves_no_complete_pair(tmp_path, corpus_jsonl, tokenizer_dir):
+    big = tmp_path / "big.jsonl"
+    data = corpus_jsonl.read_bytes()
+    big.write_bytes(data * 6)
+    proc = subprocess.Popen([sys.executable, "-m", "ember.cli", "preprocess", "--input", str(big),
+                             "--output-prefix", str(tmp_path / "k"), "--tokenizer-name-or-path", str(tokenizer_dir),
+                             "--log-interval", "50", "--no-fast-encoder"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:  # wait until it is mid-way, then kill it hard
+            if "processed" in line:
+                break
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert not (tmp_path / "k_text_document.idx").exists()
+
+
+def test_instruction_handler_masks_the_prompt(tmp_path, tokenizer_dir):
+    from ember.data.tokenizers import build_tokenizer
+
+    rows = [{"instruction": "Add the numbers.", "input": "2 and 3", "output": "The sum is 5."},
+            {"instruction": "Say hi.", "input": "", "output": "Hi!"},
+            {"instruction": "No output here."}]
+    (tmp_path / "alpaca.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert preprocess("--input", tmp_path / "alpaca.jsonl", "--output-prefix", tmp_path / "sft",
+                      "--tokenizer-name-or-path", tokenizer_dir,
+                      "--handler-name", "AlpacaStyleInstructionHandler") == 0
+    tok = build_tokenizer("PretrainedFromHF", tokenizer_dir)
+    ids = IndexedDataset(tmp_path / "sft_packed_input_ids_document")
+    labels = IndexedDataset(tmp_path / "sft_packed_labels_document")
+    assert ids.num_documents == labels.num_documents == 2 and labels.dtype == np.int32
+    for i, row in enumerate(rows[:2]):
+        x, y = ids.document(i), labels.document(i)
+        assert x.shape == y.shape
+        trained = y != -100
+        assert tok.decode(x[trained]) == row["output"] + tok.decode([tok.eod])
+        np.testing.assert_array_equal(x[trained], y[trained])
+        assert tok.decode(x[~trained]).startswith("Below is an instruction")
+        assert row["instruction"] in tok.decode(x[~trained])
+
+
+def test_sharegpt_handler_trains_only_on_replies(tmp_path, tokenizer_dir):
+    from ember.data.tokenizers import build_tokenizer
+
+    conv = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hello?"},
+                              {"from": "gpt", "value": "Hi."}, {"from": "human", "value": "Bye?"},
+                              {"from": "gpt", "value": "Bye."}]}
+    (tmp_path / "chat.jsonl").write_text(json.dumps(conv) + "\n")
+    assert preprocess("--input", tmp_path / "chat.jsonl", "--output-prefix", tmp_path / "c",
+                      "--tokenizer-name-or-path", tokenizer_dir,
+                      "--handler-name", "SharegptStyleInstructionHandler") == 0
+    tok = build_tokenizer("PretrainedFromHF", tokenizer_dir)
+    x = IndexedDataset(tmp_path / "c_packed_input_ids_document").document(0)
+    y = IndexedDataset(tmp_path / "c_packed_labels_document").document(0)
+    trained_text = tok.decode(x[y != -100])
+    assert "Hi." in trained_text and "Bye." in trained_text
+    assert "Hello?" not in trained_text and "Be brief." not in trained_text
+    assert "Hello?" in tok.decode(x)
+
+
+def test_pack_mode_cuts_the_eod_joined_stream(tmp_path, corpus_jsonl, tokenizer_dir):
+    common = ["--input", corpus_jsonl, "--tokenizer-name-or-path", tokenizer_dir]
+    assert preprocess(*common, "--output-prefix", tmp_path / "eod", "--append-eod") == 0
+    assert preprocess(*common, "--output-prefix", tmp_path / "pack", "--pack", "--seq-length", "128",
+                      "--n-subs", "2") == 0
+    plain, packed = IndexedDataset(tmp_path / "eod_text_document"), IndexedDataset(tmp_path / "pack_text_document")
+    assert (tmp_path / "eod_text_document.bin").read_bytes() == (tmp_path / "pack_text_document.bin").read_bytes()
+    assert set(packed.sequence_lengths[:-1].tolist()) == {128} and 0 < packed.sequence_lengths[-1] <= 128
+    assert packed.num_documents == len(packed) == -(-plain.num_tokens // 128)
+
+
+def test_sentencepiece_and_gpt2_bpe_tokenizers(tmp_path, corpus_jsonl, tokenizer_dir):
+    import sentencepiece
+    from transformers import GPT2Tokenizer
+
+    from ember.data.tokenizers import build_tokenizer
+
+    texts = _texts(corpus_jsonl, 40)
+    (tmp_path / "small.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=str(tmp_path / "sp"),
+                                             vocab_size=500, model_type="bpe", minloglevel=2)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    assert preprocess("--input", tmp_path / "small.jsonl", "--output-prefix", tmp_path / "llama",
+                      "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", tmp_path / "sp.model",
+                      "--append-eod") == 0
+    ds = IndexedDataset(tmp_path / "llama_text_document")
+    for i, text in enumerate(texts):  # Megatron's Llama2Tokenizer: BOS + pieces (+ EOS as eod)
+        assert ds.document(i).tolist() == [sp.bos_id()] + sp.encode(text) + [sp.eos_id()]
+
+    build_tokenizer("PretrainedFromHF", tokenizer_dir).backend.model.save(str(tmp_path))  # vocab.json, merges.txt
+    assert preprocess("--input", tmp_path / "small.jsonl", "--output-prefix", tmp_path / "gpt2",
+                      "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", tmp_path / "vocab.json",
+                      "--merge-file", tmp_path / "merges.txt") == 0
+    reference = GPT2Tokenizer(vocab=str(tmp_path / "vocab.json"), merges=str(tmp_path / "merges.txt"))
+    ds = IndexedDataset(tmp_path / "gpt2_text_document")
+    for i, text in enumerate(texts):
+        assert ds.document(i).tolist() == reference(text).input_ids
+
+
+def test_inspect_shows_counts_and_decoded_text(tmp_path, corpus_jsonl, tokenizer_dir, capsys):
+    assert preprocess("--input", corpus_jsonl, "--output-prefix", tmp_path / "d",
+                      "--tokenizer-name-or-path", tokenizer_dir) == 0
+    capsys.readouterr()
+    assert ember(["data", "inspect", str(tmp_path / "d_text_document"), "--tokenizer-name-or-path",
+                  str(tokenizer_dir), "--show", "1", "--chars", "40"]) == 0
+    out = capsys.readouterr().out
+    ds = IndexedDataset(tmp_path / "d_text_document")
+    assert f"documents {ds.num_documents:,}" in out and f"tokens {ds.num_tokens:,}" in out
+    assert _texts(corpus_jsonl, 1)[0][:40].split("\n")[0] in out
+
+
+def test_trained_tokenizer_loads_in_transformers(tokenizer_dir, corpus_jsonl):
+    from transformers import AutoTokenizer
+
+    from ember.data.tokenizers import build_tokenizer
+
+    ours = build_tokenizer("PretrainedFromHF", tokenizer_dir)
+    theirs = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    assert ours.vocab_size == len(theirs) and ours.eod == theirs.eos_token_id
+    for text in _texts(corpus_jsonl, 20):
+        assert ours.encode(text) == theirs(text).input_ids
