@@ -253,6 +253,14 @@ def test_pack_mode_cuts_the_eod_joined_stream(tmp_path, corpus_jsonl, tokenizer_
     assert (tmp_path / "eod_text_document.bin").read_bytes() == (tmp_path / "pack_text_document.bin").read_bytes()
     assert set(packed.sequence_lengths[:-1].tolist()) == {128} and 0 < packed.sequence_lengths[-1] <= 128
     assert packed.num_documents == len(packed) == -(-plain.num_tokens // 128)
+    # --seed shuffles whole documents before packing: same tokens, documents in the seeded order.
+    assert preprocess(*common, "--output-prefix", tmp_path / "shuf", "--pack", "--seq-length", "128",
+                      "--seed", "7") == 0
+    shuffled = IndexedDataset(tmp_path / "shuf_text_document")
+    order = np.random.RandomState(7).permutation(plain.num_documents)
+    expected = np.concatenate([plain.document(int(d)) for d in order])
+    np.testing.assert_array_equal(np.concatenate([shuffled[i] for i in range(len(shuffled))]), expected)
+    assert not [p for p in os.listdir(tmp_path) if "tmp" in p]
 
 
 def test_sentencepiece_and_gpt2_bpe_tokenizers(tmp_path, corpus_jsonl, tokenizer_dir):

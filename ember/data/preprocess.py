@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ember.data.handlers import HANDLERS, PROMPT_TYPES, build_handler
-from ember.data.indexed import IndexedDatasetWriter, bin_path, idx_path, optimal_dtype
+from ember.data.indexed import IndexedDataset, IndexedDatasetWriter, bin_path, idx_path, optimal_dtype
 from ember.data.records import Skip, decode_chunk
 from ember.data.sources import InputPart, file_format, iter_chunks, resolve_input_files, split_input
 from ember.data.tokenizers import add_tokenizer_arguments, build_tokenizer
@@ -142,8 +142,7 @@ def _writers(prefixes: dict[str, str], dtypes: dict[str, type]) -> dict[str, Ind
 
 
 def process_part(job: PreprocessJob, files: list[Path], part: InputPart | None, prefixes: dict[str, str],
-                 dtypes: dict[str, type], workers: int, strict: bool, progress: Progress,
-                 pack_length: int | None = None) -> Totals:
+                 dtypes: dict[str, type], workers: int, strict: bool, progress: Progress) -> Totals:
     """Tokenize one input (or one part of it) into datasets at `prefixes`; atomic per dataset."""
     columns = sorted(set(job.json_keys) | {"instruction", "input", "output", "system", "history",
                                               "conversations", "messages"})
@@ -163,8 +162,6 @@ def process_part(job: PreprocessJob, files: list[Path], part: InputPart | None, 
             totals.add_skips(handled.skips)
             progress.update(totals)
         for writer in writers.values():
-            if pack_length:
-                writer.pack(pack_length)
             writer.finalize()
     except BaseException:
         for writer in writers.values():
@@ -198,8 +195,7 @@ def _piece_size(files, part: InputPart | None):
                 yield path.stat().st_size
 
 
-def process_in_subs(job, files, n_subs, prefixes, dtypes, workers, strict, log_interval,
-                    pack_length) -> Totals:
+def process_in_subs(job, files, n_subs, prefixes, dtypes, workers, strict, log_interval) -> Totals:
     """--n-subs: contiguous parts processed side by side, merged in order into the final datasets."""
     parts = split_input(files, n_subs)
     workers_per_part = max(1, workers // len(parts))
@@ -235,8 +231,6 @@ def process_in_subs(job, files, n_subs, prefixes, dtypes, workers, strict, log_i
             for key, writer in writers.items():
                 for parts_of_key in part_prefixes:
                     writer.add_dataset(parts_of_key[key])
-                if pack_length:
-                    writer.pack(pack_length)
                 writer.finalize()
         except BaseException:
             for writer in writers.values():
@@ -250,9 +244,33 @@ def process_in_subs(job, files, n_subs, prefixes, dtypes, workers, strict, log_i
                 process.join()
         for prefixes_of_part in part_prefixes:
             for prefix in prefixes_of_part.values():
-                for path in (bin_path(prefix), idx_path(prefix)):
-                    if os.path.exists(path):
-                        os.remove(path)
+                remove_dataset(prefix)
+
+
+def remove_dataset(prefix: str) -> None:
+    for path in (bin_path(prefix), idx_path(prefix)):
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def pack_dataset(source: str, target: str, length: int, seed: int | None) -> None:
+    """Pack mode: the documents of `source` (each ending in EOD), optionally shuffled with `seed`,
+    joined and cut into `length`-token samples at `target`."""
+    dataset = IndexedDataset(source)
+    writer = IndexedDatasetWriter(target, dataset.dtype)
+    try:
+        if seed is None:
+            writer.add_dataset(source)
+        else:
+            order = np.random.RandomState(seed).permutation(dataset.num_documents)
+            for start in range(0, order.size, 4096):
+                docs = [dataset.document(int(d)) for d in order[start : start + 4096]]
+                writer.add_documents(np.concatenate(docs), [d.size for d in docs])
+        writer.pack(length)
+        writer.finalize()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 # ---- the command -------------------------------------------------------------------------------
@@ -276,6 +294,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--pack", action="store_true",
                         help="pack mode (pretrain_eod): documents joined with EOD into --seq-length samples")
     parser.add_argument("--seq-length", type=int, default=None, help="sample length in pack mode")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="pack mode: shuffle the documents with this seed before packing (default: input order)")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output datasets")
     parser.add_argument("--no-fast-encoder", action="store_true",
@@ -327,15 +347,25 @@ def run(args) -> int:
           f"{'fast exact BPE' if encoder is not tokenizer else 'Hugging Face'} encoder), "
           f"{args.workers} worker(s), {args.n_subs} part(s)", file=sys.stderr)
     start = time.perf_counter()
-    pack_length = args.seq_length if args.pack else None
-    if args.n_subs > 1:
-        totals = process_in_subs(job, files, args.n_subs, prefixes, dtypes, args.workers, args.strict,
-                                 args.log_interval, pack_length)
-    else:
-        compressed = any(file_format(p)[1] for p in files)
-        total_bytes = None if compressed else sum(p.stat().st_size for p in files)
-        totals = process_part(job, files, None, prefixes, dtypes, args.workers, args.strict,
-                              Progress(args.log_interval, total_bytes), pack_length)
+    # Pack mode writes plain EOD-terminated documents first, then packs them (after --n-subs merged
+    # its parts, so packing never depends on where the parts were cut).
+    written = {k: f"{p}.unpacked-tmp-{os.getpid()}" for k, p in prefixes.items()} if args.pack else prefixes
+    try:
+        if args.n_subs > 1:
+            totals = process_in_subs(job, files, args.n_subs, written, dtypes, args.workers, args.strict,
+                                     args.log_interval)
+        else:
+            compressed = any(file_format(p)[1] for p in files)
+            total_bytes = None if compressed else sum(p.stat().st_size for p in files)
+            totals = process_part(job, files, None, written, dtypes, args.workers, args.strict,
+                                  Progress(args.log_interval, total_bytes))
+        if args.pack:
+            for key, prefix in prefixes.items():
+                pack_dataset(written[key], prefix, args.seq_length, args.seed)
+    finally:
+        if args.pack:
+            for prefix in written.values():
+                remove_dataset(prefix)
     elapsed = time.perf_counter() - start
     for skip in totals.first_skips:
         print(f"skipped {skip}", file=sys.stderr)
