@@ -1,0 +1,254 @@
+"""ModelArgs: every architecture knob of ember's one decoder-only transformer.
+
+Family differences (Llama, Qwen, Mistral/Mixtral, Grok-1, Bloom, GPT-2) are values of these
+fields, never subclasses. The parameter count and FLOPs helpers are computed from the fields
+alone, so they work for a 405B config without building it; a test checks them against the
+module built on the meta device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ember.errors import EmberError
+
+NORM_TYPES = ("rmsnorm", "layernorm")
+MLP_TYPES = ("gated", "plain")  # gated: w2(act(w1 x) * w3 x) (SwiGLU/GeGLU); plain: w2(act(w1 x))
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+POSITION_TYPES = ("rope", "alibi", "learned", "none")
+ROPE_SCALING_TYPES = ("llama3", "linear")
+GATING_TYPES = ("softmax", "sigmoid")
+
+
+@dataclass
+class ModelArgs:
+    """One decoder-only transformer, described completely.
+
+    Defaults are Llama-2-7B's. `registry.get_model_args(name)` gives the named configurations;
+    `ember.models.hf.args_from_hf_config` reads a Hugging Face `config.json`.
+    """
+
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None: multi-head attention (= n_heads); 1: multi-query
+    head_dim: int | None = None  # None: dim // n_heads (Qwen3 sets it explicitly)
+    ffn_dim: int = 11008
+    max_seq_len: int = 4096
+
+    # normalisation
+    norm_type: str = "rmsnorm"
+    norm_eps: float = 1e-5
+    embedding_norm: bool = False  # Bloom: LayerNorm right after the token embedding
+    sandwich_norm: bool = False  # Grok-1: extra norms on the attention and FFN outputs
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on queries and keys, before RoPE
+
+    # feed-forward
+    mlp_type: str = "gated"
+    activation: str = "silu"
+
+    # positions
+    position_type: str = "rope"
+    rope_theta: float = 10000.0
+    # None, or {"type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    # "original_max_seq_len"} or {"type": "linear", "factor"}
+    rope_scaling: dict[str, Any] | None = None
+    sliding_window: int | None = None  # Mistral: each token sees only the last N keys
+
+    # attention
+    attn_scale: float | None = None  # None: 1/sqrt(head_dim)
+    attn_logit_softcap: float | None = None  # Grok-1: cap * tanh(scores / cap); disables SDPA
+
+    # biases and embeddings
+    qkv_bias: bool = False  # Qwen2, Bloom, GPT-2
+    attn_out_bias: bool = False  # Bloom, GPT-2
+    mlp_bias: bool = False  # Bloom, GPT-2
+    tie_embeddings: bool = False
+    embedding_multiplier: float = 1.0  # Grok-1 scales the input embeddings
+    output_multiplier: float = 1.0  # Grok-1 scales the logits
+
+    # mixture of experts (num_experts == 0: dense model)
+    num_experts: int = 0
+    moe_top_k: int = 2
+    moe_ffn_dim: int | None = None  # None: ffn_dim
+    moe_gating: str = "softmax"  # softmax (Mixtral) or sigmoid (DeepSeek-V3 style) scores
+    moe_renormalize: bool = True  # top-k weights sum to 1 (Mixtral)
+    num_shared_experts: int = 0  # always-on experts, fused into one MLP of width n * moe_ffn_dim
+    moe_aux_loss_coef: float = 0.0  # Switch/Megatron load-balancing loss coefficient
+    moe_capacity_factor: float | None = None  # None: dropless; else tokens past capacity dropped
+    moe_input_jitter: float = 0.0  # Megatron --input-jitter: router input * U(1-eps, 1+eps)
+
+    # initialisation
+    init_std: float = 0.02
+    init_scaled_residual: bool = False  # GPT-2/Megatron: output projections std / sqrt(2L)
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise EmberError(
+                    f"ModelArgs: dim {self.dim} is not divisible by n_heads {self.n_heads}; "
+                    "set head_dim explicitly or change n_heads"
+                )
+            self.head_dim = self.dim // self.n_heads
+        if self.num_experts and self.moe_ffn_dim is None:
+            self.moe_ffn_dim = self.ffn_dim
+        self.validate()
+
+    # -- aliases other code may find more familiar ------------------------------------------
+    @property
+    def hidden_size(self) -> int:
+        return self.dim
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    # -- validation ---------------------------------------------------------------------------
+    def validate(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise EmberError(f"ModelArgs: {message}")
+
+        need(self.norm_type in NORM_TYPES, f"norm_type {self.norm_type!r} not in {NORM_TYPES}")
+        need(self.mlp_type in MLP_TYPES, f"mlp_type {self.mlp_type!r} not in {MLP_TYPES}")
+        need(self.activation in ACTIVATIONS, f"activation {self.activation!r} not in {ACTIVATIONS}")
+        need(self.position_type in POSITION_TYPES, f"position_type {self.position_type!r} not in {POSITION_TYPES}")
+        need(self.moe_gating in GATING_TYPES, f"moe_gating {self.moe_gating!r} not in {GATING_TYPES}")
+        need(self.n_heads % self.n_kv_heads == 0, f"n_heads {self.n_heads} not a multiple of n_kv_heads {self.n_kv_heads}")
+        need(min(self.vocab_size, self.dim, self.n_layers, self.n_heads, self.max_seq_len) > 0, "sizes must be positive")
+        if self.position_type == "rope":
+            need(self.head_dim % 2 == 0, f"RoPE needs an even head_dim, got {self.head_dim}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("type")
+            need(kind in ROPE_SCALING_TYPES, f"rope_scaling type {kind!r} not in {ROPE_SCALING_TYPES}")
+        if self.num_experts:
+            need(0 < self.moe_top_k <= self.num_experts, f"moe_top_k {self.moe_top_k} must be in 1..{self.num_experts}")
+
+    # -- serialisation ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict; `from_dict(to_dict())` gives an equal ModelArgs."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelArgs:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise EmberError(
+                f"ModelArgs: unknown field(s) {unknown}; known fields are {sorted(known)} "
+                "(was this file written by a newer ember?)"
+            )
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> ModelArgs:
+        """A copy with `changes`. Fields that were derived (n_kv_heads = n_heads, head_dim =
+        dim // n_heads, moe_ffn_dim = ffn_dim) are derived again when what they came from
+        changes, so replace(dim=128) on a 64-wide model does not keep the old head_dim."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise EmberError(f"ModelArgs: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        derived = {
+            "n_kv_heads": (self.n_heads, ("n_heads",)),
+            "head_dim": (self.dim // self.n_heads, ("dim", "n_heads")),
+            "moe_ffn_dim": (self.ffn_dim if self.num_experts else None, ("ffn_dim", "num_experts")),
+        }
+        for name, (auto_value, sources) in derived.items():
+            if name not in changes and getattr(self, name) == auto_value and any(s in changes for s in sources):
+                changes[name] = None
+        return dataclasses.replace(self, **changes)
+
+    # -- sizes --------------------------------------------------------------------------------
+    def _norm_params(self, width: int) -> int:
+        return width * (2 if self.norm_type == "layernorm" else 1)
+
+    def _mlp_params(self, ffn: int) -> int:
+        matrices = 3 if self.mlp_type == "gated" else 2
+        bias = (ffn * (matrices - 1) + self.dim) if self.mlp_bias else 0
+        return matrices * self.dim * ffn + bias
+
+    def _attention_params(self) -> int:
+        q = self.n_heads * self.head_dim
+        kv = self.n_kv_heads * self.head_dim
+        weights = self.dim * (q + 2 * kv) + q * self.dim
+        bias = (q + 2 * kv if self.qkv_bias else 0) + (self.dim if self.attn_out_bias else 0)
+        qk_norm = 2 * self._norm_params(self.head_dim) if self.qk_norm else 0
+        return weights + bias + qk_norm
+
+    def _layer_params(self, active_only: bool) -> int:
+        norms = (4 if self.sandwich_norm else 2) * self._norm_params(self.dim)
+        if not self.num_experts:
+            return self._attention_params() + norms + self._mlp_params(self.ffn_dim)
+        experts = self.moe_top_k if active_only else self.num_experts
+        moe = experts * self._mlp_params(self.moe_ffn_dim) + self.num_experts * self.dim
+        if self.num_shared_experts:
+            moe += self._mlp_params(self.num_shared_experts * self.moe_ffn_dim)
+        return self._attention_params() + norms + moe
+
+    def embedding_params(self) -> int:
+        """Token (and learned position) embedding tables."""
+        positions = self.max_seq_len * self.dim if self.position_type == "learned" else 0
+        return self.vocab_size * self.dim + positions
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Exact parameter count of `Transformer(self)` (tied embeddings counted once).
+
+        exclude_embeddings drops the token and position embedding tables; an untied output
+        layer stays counted, as it is a real matmul.
+        """
+        total = self.n_layers * self._layer_params(active_only=False) + self._norm_params(self.dim)
+        if self.embedding_norm:
+            total += self._norm_params(self.dim)
+        if not self.tie_embeddings:
+            total += self.vocab_size * self.dim
+        if not exclude_embeddings:
+            total += self.embedding_params()
+        return total
+
+    def num_active_params(self) -> int:
+        """Non-embedding parameters one token passes through (MoE: only top-k experts),
+        plus the output projection, which every token multiplies by."""
+        layers = self.n_layers * self._layer_params(active_only=True)
+        norms = self._norm_params(self.dim) * (2 if self.embedding_norm else 1)
+        return layers + norms + self.vocab_size * self.dim
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), as nanoGPT's estimate_mfu / PaLM:
+        6 * N_active (matmul weights, output layer included, MoE counting top-k experts only)
+        + 12 * L * n_heads * head_dim * seq_len for the attention scores and weighted sum.
+        Router and norms are negligible and counted in N like nanoGPT does."""
+        attention = 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
+        return 6 * self.num_active_params() + attention
+
+
+def rope_scaling_from_dict(data: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Normalise a rope-scaling dict to ember's keys (accepts HF's names too)."""
+    if not data:
+        return None
+    kind = data.get("type", data.get("rope_type"))
+    if kind in (None, "default"):
+        return None
+    if kind == "llama3":
+        return {
+            "type": "llama3",
+            "factor": float(data["factor"]),
+            "low_freq_factor": float(data["low_freq_factor"]),
+            "high_freq_factor": float(data["high_freq_factor"]),
+            "original_max_seq_len": int(data.get("original_max_seq_len", data.get("original_max_position_embeddings"))),
+        }
+    if kind == "linear":
+        return {"type": "linear", "factor": float(data["factor"])}
+    raise EmberError(
+        f"rope scaling type {kind!r} is not supported; ember implements {ROPE_SCALING_TYPES} "
+        "(remove rope_scaling or convert another model)"
+    )
+
+
+def default_attn_scale(args: ModelArgs) -> float:
+    return args.attn_scale if args.attn_scale is not None else 1.0 / math.sqrt(args.head_dim)

@@ -1,0 +1,182 @@
+"""`ember convert`: Hugging Face checkpoints <-> ember weight folders, streamed.
+
+    ember convert --from hf --to ember HF_DIR OUT_DIR
+    ember convert --from ember --to hf EMBER_DIR OUT_DIR
+
+Both directions first check every tensor name and shape against config.json / ember_model.json
+(from headers only), then plan the output shards, then copy tensors one at a time. Peak memory
+is about one tensor (or one group of fused tensors), not the model; benchmarks/convert.py
+measures it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ember.errors import EmberError
+from ember.models import checkpoint_io as io
+from ember.models.hf import (
+    TensorMapper,
+    args_from_hf_config,
+    ember_state_shapes,
+    expected_hf_tensors,
+    hf_config_from_args,
+    normalise_hf_tensor,
+)
+
+_DTYPE_CHOICES = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ---------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--from", dest="from_format", choices=["hf", "ember"], required=True, help="format of SRC")
+    parser.add_argument("--to", dest="to_format", choices=["hf", "ember"], required=True, help="format to write")
+    parser.add_argument("src", type=Path, help="Hugging Face model folder or ember weight folder")
+    parser.add_argument("out", type=Path, help="output folder (written atomically)")
+    parser.add_argument(
+        "--max-shard-size", default="5GB", help="largest output shard, e.g. 500MB, 2GiB, 5GB (default 5GB)"
+    )
+    parser.add_argument(
+        "--dtype", choices=list(_DTYPE_CHOICES), default="keep", help="cast floating tensors (default: keep, bit-exact)"
+    )
+    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
+
+def run(args: argparse.Namespace) -> int:
+    if (args.from_format, args.to_format) not in (("hf", "ember"), ("ember", "hf")):
+        raise EmberError(f"cannot convert --from {args.from_format} --to {args.to_format}; use hf->ember or ember->hf")
+    max_shard = parse_size(args.max_shard_size)
+    dtype = _DTYPE_CHOICES[args.dtype]
+    started = time.perf_counter()
+    if args.from_format == "hf":
+        summary = convert_hf_to_ember(args.src, args.out, max_shard_bytes=max_shard, dtype=dtype, overwrite=args.force)
+    else:
+        summary = convert_ember_to_hf(args.src, args.out, max_shard_bytes=max_shard, dtype=dtype, overwrite=args.force)
+    print(
+        f"ember convert: {args.from_format} {summary['family']} -> {args.to_format} {args.out}: "
+        f"{summary['tensors']} tensors, {summary['bytes'] / 1e6:.1f} MB in {summary['shards']} shard(s), "
+        f"{time.perf_counter() - started:.1f}s"
+    )
+    return 0
+
+
+def parse_size(text: str) -> int:
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)?\s*", text.upper())
+    if not found:
+        raise EmberError(f"--max-shard-size {text!r}: expected a size such as 500MB, 2GiB or 5GB")
+    number, unit = float(found.group(1)), (found.group(2) or "B")
+    powers = {"K": 1, "M": 2, "G": 3, "T": 4}
+    base = 1024 if "I" in unit else 1000
+    return int(number * base ** powers.get(unit[0], 0))
+
+
+# ---------------------------------------------------------------------------------------------
+def read_hf_config(hf_dir: Path) -> dict[str, Any]:
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise EmberError(f"{hf_dir} has no config.json; point SRC at a Hugging Face model folder")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise EmberError(f"{path}: invalid JSON ({err})") from None
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+def convert_hf_to_ember(
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    max_shard_bytes: int = io.DEFAULT_MAX_SHARD_BYTES,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    config = read_hf_config(hf_dir)
+    family, args = args_from_hf_config(config, where=str(hf_dir / "config.json"))
+    files = io.WeightFiles(hf_dir)
+
+    # 1. names and shapes only: every expected tensor present, nothing unknown, shapes right
+    origin: dict[str, str] = {}
+    found: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for path, entry in files.entries():
+        meta = torch.empty(entry.shape, dtype=entry.dtype, device="meta")
+        for name, tensor in normalise_hf_tensor(family, args, entry.name, meta):
+            if name in found:
+                raise EmberError(f"tensor {name} appears twice in {hf_dir} (again in {path.name})")
+            found[name] = (tuple(tensor.shape), tensor.dtype)
+            origin[name] = entry.name if name == entry.name else f"{entry.name} (as {name})"
+            origin[name] += f" [{path.name}]"
+    expected = {name: (shape, None) for name, shape in expected_hf_tensors(family, args).items()}
+    io.check_tensor_set(found, expected, where=f"{hf_dir} ({family}, config.json)", describe=lambda n: origin.get(n, n))
+
+    # 2. the output layout, by running the mapping over meta tensors
+    planner = TensorMapper(family, args)
+    entries: list[io.TensorEntry] = []
+    for name, (shape, tensor_dtype) in found.items():
+        for ember_name, tensor in planner.to_ember(name, torch.empty(shape, dtype=tensor_dtype, device="meta")):
+            tensor = _cast(tensor, dtype)
+            entries.append(io.TensorEntry(ember_name, tensor.dtype, tuple(tensor.shape)))
+    io.check_tensor_set({e.name: (e.shape, e.dtype) for e in entries}, ember_state_shapes(args), where="the converted model")
+
+    # 3. stream the data; tensors are produced in the order planned in step 2
+    mapper = TensorMapper(family, args)
+    with io.atomic_folder(out_dir, overwrite=overwrite) as tmp:
+        writer = io.ShardedWriter(tmp, entries, max_shard_bytes)
+        for _, name, tensor in files.tensors():
+            for hf_name, part in normalise_hf_tensor(family, args, name, tensor):
+                for ember_name, out in mapper.to_ember(hf_name, part):
+                    writer.write(ember_name, _cast(out, dtype))
+        writer.close()
+        source = {"kind": "huggingface", "path": str(hf_dir.resolve()), "hf_config": config}
+        io.write_manifest(tmp, args, family, source)
+        io.copy_tokenizer_files(hf_dir, tmp / "tokenizer")
+    return {"family": family, "tensors": len(entries), "bytes": sum(e.nbytes for e in entries), "shards": len(writer.shards)}
+
+
+def convert_ember_to_hf(
+    ember_dir: str | Path,
+    out_dir: str | Path,
+    max_shard_bytes: int = io.DEFAULT_MAX_SHARD_BYTES,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    from ember.models.args import ModelArgs
+
+    ember_dir, out_dir = Path(ember_dir), Path(out_dir)
+    manifest = io.read_manifest(ember_dir)
+    family = manifest["family"]
+    args = ModelArgs.from_dict(manifest["model_args"])
+    files = io.WeightFiles(ember_dir)
+    stored = files.entries()
+    found = {entry.name: (entry.shape, entry.dtype) for _, entry in stored}
+    io.check_tensor_set(found, ember_state_shapes(args), where=str(ember_dir))
+
+    weight_dtype = _cast(torch.empty((), dtype=stored[0][1].dtype), dtype).dtype
+    config = hf_config_from_args(args, family, base=manifest.get("source", {}).get("hf_config"), dtype=weight_dtype)
+
+    planner = TensorMapper(family, args)
+    entries: list[io.TensorEntry] = []
+    for _, entry in stored:
+        for hf_name, tensor in planner.to_hf(entry.name, torch.empty(entry.shape, dtype=entry.dtype, device="meta")):
+            tensor = _cast(tensor, dtype)
+            entries.append(io.TensorEntry(hf_name, tensor.dtype, tuple(tensor.shape)))
+
+    mapper = TensorMapper(family, args)
+    with io.atomic_folder(out_dir, overwrite=overwrite) as tmp:
+        writer = io.ShardedWriter(tmp, entries, max_shard_bytes)
+        for _, name, tensor in files.tensors():
+            for hf_name, out in mapper.to_hf(name, tensor):
+                writer.write(hf_name, _cast(out, dtype))
+        writer.close()
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        io.copy_tokenizer_files(ember_dir / "tokenizer", tmp)
+    return {"family": family, "tensors": len(entries), "bytes": sum(e.nbytes for e in entries), "shards": len(writer.shards)}

@@ -1,0 +1,107 @@
+"""Position information: RoPE tables (with Llama-3 / linear scaling), ALiBi slopes, and the
+attention mask that goes with a query block.
+
+RoPE uses the "rotate half" layout of Hugging Face checkpoints (first half of head_dim paired
+with the second half), so q/k projection weights convert without permutation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ember.models.args import ModelArgs
+
+
+def rope_inv_freq(args: ModelArgs, device: torch.device | str | None = None) -> torch.Tensor:
+    """Inverse frequencies, one per pair of head dims, with the configured scaling applied."""
+    dim = args.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    inv_freq = 1.0 / (args.rope_theta**exponents)
+    scaling = args.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling["type"] == "linear":
+        return inv_freq / scaling["factor"]
+    # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between
+    # interpolated smoothly (Meta's reference, also what HF's _compute_llama3_parameters does).
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_seq_len"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    in_band = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(in_band, smoothed, scaled)
+
+
+def rope_tables(args: ModelArgs, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables [max_seq_len, head_dim] in fp32, computed once per model."""
+    inv_freq = rope_inv_freq(args, device)
+    positions = torch.arange(args.max_seq_len, device=device, dtype=torch.int64).float()
+    freqs = torch.outer(positions, inv_freq)
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, H, D]; cos/sin: [B or 1, T, 1, D] already in x's dtype."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def alibi_slopes(n_heads: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """ALiBi head slopes (Press et al.): a geometric sequence starting at 2^(-8/n) for the
+    largest power of two n <= n_heads, then the odd powers of the next sequence for the rest."""
+    closest = 2 ** math.floor(math.log2(n_heads))
+    base = 2.0 ** (-8.0 / closest)
+    slopes = [base ** (i + 1) for i in range(closest)]
+    if closest < n_heads:
+        extra_base = 2.0 ** (-4.0 / closest)  # the sequence for 2*closest heads
+        slopes += [extra_base ** (2 * i + 1) for i in range(n_heads - closest)]
+    return torch.tensor(slopes, dtype=torch.float32, device=device)
+
+
+@dataclass
+class AttentionMask:
+    """What attention needs to know about masking for one forward call, built once and shared
+    by every layer. `mask` is None for the plain causal case so SDPA can use is_causal."""
+
+    mask: torch.Tensor | None  # bool [T, S] (True = attend) or float bias [1, H, T, S]
+    is_causal: bool
+
+
+def build_attention_mask(
+    args: ModelArgs,
+    q_len: int,
+    start: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    slopes: torch.Tensor | None,
+) -> AttentionMask:
+    """Queries are positions start..start+q_len-1 of the sequence; keys are 0..start+q_len-1."""
+    kv_len = start + q_len
+    window = args.sliding_window
+    needs_window = window is not None and kv_len > window
+    if slopes is None and not needs_window:
+        if start == 0:
+            return AttentionMask(None, is_causal=q_len > 1)
+        if q_len == 1:  # one new token sees the whole cache
+            return AttentionMask(None, is_causal=False)
+    q_pos = torch.arange(start, kv_len, device=device)[:, None]
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if needs_window:
+        allowed = allowed & (q_pos - k_pos < window)
+    if slopes is None:
+        return AttentionMask(allowed, is_causal=False)
+    # ALiBi: bias = -slope * distance. HF's Bloom adds slope * key_position instead; the two
+    # differ by a per-query constant, which softmax ignores.
+    distance = (k_pos - q_pos).to(torch.float32)
+    bias = slopes.to(device)[:, None, None] * distance
+    bias = bias.masked_fill(~allowed, float("-inf"))
+    return AttentionMask(bias.to(dtype)[None], is_causal=False)

@@ -1,0 +1,184 @@
+"""Generation: greedy decoding identical to transformers' generate on converted tiny models,
+the sampling filters, and `ember generate` streaming text through a real tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+from ember.cli import main  # noqa: E402
+from ember.errors import EmberError  # noqa: E402
+from ember.generate import TextCodec, generate, sample_next_token  # noqa: E402
+from ember.models import Transformer, get_model_args  # noqa: E402
+from ember.models.checkpoint_io import load_model  # noqa: E402
+from ember.models.convert import convert_hf_to_ember  # noqa: E402
+
+VOCAB = 128
+_LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+MODELS = {
+    "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**_LLAMA_LIKE)),
+    "qwen3": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**_LLAMA_LIKE, head_dim=32)),
+    "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(**_LLAMA_LIKE, sliding_window=12)),
+    "mixtral": lambda: transformers.MixtralForCausalLM(transformers.MixtralConfig(**_LLAMA_LIKE, num_local_experts=4)),
+    "bloom": lambda: transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4)),
+    "gpt2": lambda: transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+    ),
+}
+
+
+def _hf_model(family: str, seed: int = 0):
+    """Weights well away from init so greedy paths are not flat (and ties improbable)."""
+    torch.manual_seed(seed)
+    model = MODELS[family]()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.3 if family == "bloom" else 0.15)
+            else:
+                param.add_(torch.randn_like(param) * 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_greedy_equals_transformers_generate(family, tmp_path):
+    hf_model = _hf_model(family)
+    hf_model.save_pretrained(tmp_path / "hf")
+    convert_hf_to_ember(tmp_path / "hf", tmp_path / "ember")
+    model = load_model(tmp_path / "ember")
+    prompt = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(1))
+    new_tokens = 24  # beyond mistral's sliding window of 12 with the prompt
+    expected = hf_model.generate(
+        prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
+    )[0, prompt.shape[1] :].tolist()
+    got = list(generate(model, prompt[0], new_tokens))
+    assert got == expected
+    assert len(set(got)) > 1, "a constant continuation would not test much"
+
+
+def test_sampling_filters():
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.0, -1.0])
+    generator = torch.Generator().manual_seed(0)
+    assert sample_next_token(logits) == 0
+    assert all(sample_next_token(logits, 1.0, top_k=1, generator=generator) == 0 for _ in range(20))
+    assert all(sample_next_token(logits, 1.0, top_p=1e-3, generator=generator) == 0 for _ in range(20))
+    assert {sample_next_token(logits, 5.0, top_k=2, generator=generator) for _ in range(200)} == {0, 1}
+    # softmax([2, 1.5, 1, 0, -1]) = [.47, .28, .17, .06, .02]: top_p 0.7 keeps 0 and 1 (0.47 < 0.7)
+    assert {sample_next_token(logits, 1.0, top_p=0.7, generator=generator) for _ in range(300)} == {0, 1}
+    assert {sample_next_token(logits, 1.0, top_p=0.9, generator=generator) for _ in range(300)} == {0, 1, 2}
+
+
+def test_temperature_sampling_follows_softmax():
+    logits = torch.tensor([1.0, 0.0, -0.5, 0.5])
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.tensor([sample_next_token(logits, 2.0, generator=generator) for _ in range(4000)])
+    frequencies = torch.bincount(draws, minlength=4).float() / len(draws)
+    torch.testing.assert_close(frequencies, (logits / 2.0).softmax(-1), atol=0.03, rtol=0)
+
+
+def test_seeded_sampling_is_reproducible_and_eos_stops():
+    model = Transformer(get_model_args("tiny-llama"))
+    model.init_weights(seed=0)
+    prompt = [5, 6, 7]
+
+    def run(seed: int, **kwargs) -> list[int]:
+        return list(generate(model, prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(seed), **kwargs))
+
+    first = run(1)
+    assert first == run(1) and first != run(2)
+    stop = first[4]
+    stopped = run(1, eos_id=stop)
+    assert stopped == first[: first.index(stop) + 1]
+    assert model.training  # generate restores the mode it found
+
+
+def test_prompt_longer_than_the_model_is_an_error():
+    model = Transformer(get_model_args("tiny-gpt2", max_seq_len=16))
+    with pytest.raises(EmberError, match="max_seq_len 16"):
+        list(generate(model, list(range(10)), 10))
+
+
+# ---------------------------------------------------------------------------------------------
+def _train_tokenizer(folder, vocab_size: int = 300) -> tokenizers.Tokenizer:
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    text = [
+        "the quick brown fox jumps over the lazy dog",
+        "a journey of a thousand miles begins with a single step",
+        "to be or not to be that is the question",
+    ] * 20
+    tokenizer = tokenizers.Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(text, trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    return tokenizer
+
+
+def test_cli_generate_streams_the_same_text_as_transformers(tmp_path, capsys):
+    tokenizer = _train_tokenizer(tmp_path / "hf")
+    vocab = tokenizer.get_vocab_size()
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**{**_LLAMA_LIKE, "vocab_size": vocab})
+    hf_model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for param in hf_model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.15)
+    hf_model.save_pretrained(tmp_path / "hf")
+    assert main(["convert", "--from", "hf", "--to", "ember", str(tmp_path / "hf"), str(tmp_path / "ember")]) == 0
+    assert (tmp_path / "ember" / "tokenizer" / "tokenizer.json").is_file()
+
+    prompt = "the quick brown"
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    ids = torch.tensor([tokenizer.encode(prompt).ids])
+    out = hf_model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+    new = out[0, ids.shape[1] :].tolist()
+    expected_text = tokenizer.decode(new, skip_special_tokens=True)
+
+    capsys.readouterr()
+    assert main(["generate", "--load", str(tmp_path / "ember"), "--prompt", prompt, "--max-new-tokens", "12"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == prompt + expected_text + "\n"
+    assert "tokens/s" in captured.err
+
+    # sampling flags are accepted and seeded runs repeat
+    argv = ["generate", "--load", str(tmp_path / "ember"), "--prompt", prompt, "--max-new-tokens", "8"]
+    sampled = argv + ["--temperature", "0.9", "--top-k", "20", "--top-p", "0.9", "--seed", "3"]
+    assert main(sampled) == 0
+    first = capsys.readouterr().out
+    assert main(sampled) == 0
+    assert capsys.readouterr().out == first
+    assert main(sampled + ["--greedy"]) == 0
+    assert capsys.readouterr().out.startswith(prompt)
+
+
+def test_text_codec_through_auto_tokenizer(tmp_path):
+    """Without tokenizer.json, a slow GPT-2 style vocab.json + merges.txt folder loads through
+    transformers.AutoTokenizer (local files only)."""
+    tokenizer = _train_tokenizer(tmp_path / "fast")
+    (tmp_path / "slow").mkdir()
+    tokenizer.model.save(str(tmp_path / "slow"))
+    (tmp_path / "slow" / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "GPT2Tokenizer", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"})
+    )
+    slow, fast = TextCodec(tmp_path / "slow"), TextCodec(tmp_path / "fast")
+    text = "to be or not to be"
+    assert slow.encode(text) == fast.encode(text)
+    assert slow.decode(slow.encode(text)) == text
+    assert slow.eos_id == fast.eos_id == tokenizer.token_to_id("<|endoftext|>")
+
+
+def test_cli_generate_errors(tmp_path, capsys):
+    assert main(["generate", "--load", str(tmp_path), "--prompt", "x"]) == 2
+    assert "not an ember weight folder" in capsys.readouterr().err
