@@ -1,0 +1,150 @@
+"""Fine-tuning samples from instruction data: prompt tokens carry no loss.
+
+On disk (ModelLink's naming, written by `ember preprocess --handler-name ...InstructionHandler`),
+one document per example:
+
+    PREFIX_packed_input_ids_document.bin/.idx   token ids
+    PREFIX_packed_labels_document.bin/.idx      int32, same lengths: the token id where the model
+                                                learns it, -100 where it does not (prompt, system)
+
+A sample has the same shape as a pretraining sample plus explicit targets:
+
+    tokens     int64[seq_length + 1]   the model reads tokens[:-1]
+    labels     int64[seq_length]       labels[t] is the target after reading tokens[: t + 1]
+    loss_mask  float32[seq_length]     1 where labels[t] is trained, else 0 (and labels[t] = 0)
+
+`pack=True` fills each sample with whole examples in shuffled order until the next one does not
+fit (next-fit), then pads; the first token of an example is never a target, so nothing is learned
+across example boundaries (attention still crosses them, as in packed pretraining).
+`pack=False` puts one example per sample, padded. Examples longer than `seq_length + 1` tokens
+are cut. Every epoch reshuffles the examples with `numpy.random.RandomState(seed)`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ember.data.indexed import IndexedDataset, dataset_exists
+from ember.errors import EmberError
+
+INPUT_IDS_SUFFIX = "_packed_input_ids_document"
+LABELS_SUFFIX = "_packed_labels_document"
+IGNORE_INDEX = -100
+
+
+def is_finetune_prefix(prefix: str) -> bool:
+    return dataset_exists(prefix + INPUT_IDS_SUFFIX) and dataset_exists(prefix + LABELS_SUFFIX)
+
+
+class FinetuneSource:
+    """The input-id and label datasets of one prefix, checked to describe the same examples."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        if not is_finetune_prefix(prefix):
+            raise EmberError(f"fine-tuning dataset {prefix}: expected {prefix}{INPUT_IDS_SUFFIX}.bin/.idx "
+                             f"and {prefix}{LABELS_SUFFIX}.bin/.idx")
+        self.input_ids = IndexedDataset(prefix + INPUT_IDS_SUFFIX)
+        self.labels = IndexedDataset(prefix + LABELS_SUFFIX)
+        if not np.array_equal(self.input_ids.sequence_lengths, self.labels.sequence_lengths):
+            raise EmberError(f"fine-tuning dataset {prefix}: input ids and labels have different "
+                             f"example lengths; re-run `ember preprocess`")
+        self.lengths = self.input_ids.sequence_lengths
+
+    def __len__(self) -> int:
+        return int(self.lengths.shape[0])
+
+
+def pack_next_fit(lengths: np.ndarray, capacity: int) -> np.ndarray:
+    """Start positions of the bins when examples of `lengths`, in order, fill bins of `capacity`.
+
+    An example that does not fit in the current bin opens a new one; one longer than a bin gets a
+    bin to itself (and is cut). Returns starts with a final entry equal to len(lengths).
+    """
+    starts = [0]
+    used = 0
+    for i, length in enumerate(np.minimum(lengths, capacity).tolist()):
+        if used + length > capacity:
+            starts.append(i)
+            used = 0
+        used += length
+    if lengths.size:
+        starts.append(int(lengths.size))
+    else:
+        starts = [0]
+    return np.asarray(starts, dtype=np.int64)
+
+
+class FinetuneDataset:
+    """Samples of one split of a fine-tuning prefix; see the module docstring for their shape.
+
+    `num_epochs` fixes the number of epochs; otherwise as many are built as `num_samples` needs
+    (one when None). `len()` counts the samples of all built epochs.
+    """
+
+    def __init__(self, prefix: str, seq_length: int, seed: int, *, document_range: tuple[int, int] | None = None,
+                 num_samples: int | None = None, num_epochs: int | None = None, pack: bool = True,
+                 pad_id: int = 0, split_name: str = "train", indexed: FinetuneSource | None = None):
+        self.source = indexed if indexed is not None else FinetuneSource(prefix)
+        self.path = prefix
+        self.seq_length = int(seq_length)
+        self.pack = pack
+        self.pad_id = int(pad_id)
+        begin, end = document_range if document_range is not None else (0, len(self.source))
+        examples = np.arange(begin, end, dtype=np.int64)
+        if examples.size == 0:
+            raise EmberError(f"the {split_name} split of {prefix} holds no examples")
+        orders, starts, per_epoch = [], [], []
+        rng = np.random.RandomState(seed)
+        total = offset = 0
+        while True:
+            order = rng.permutation(examples)
+            if pack:
+                bins = pack_next_fit(self.source.lengths[order], self.seq_length + 1)
+            else:
+                bins = np.arange(order.size + 1, dtype=np.int64)
+            orders.append(order)
+            starts.append(bins[:-1] + offset)
+            offset += order.size
+            per_epoch.append(bins.size - 1)
+            total += bins.size - 1
+            epochs = len(per_epoch)
+            if num_epochs is not None:
+                if epochs >= num_epochs:
+                    break
+            elif num_samples is None or total >= num_samples:
+                break
+        self.order = np.concatenate(orders)
+        self.sample_starts = np.concatenate(starts + [np.asarray([offset], dtype=np.int64)])
+        self.samples_per_epoch = per_epoch
+        self.description = {
+            "kind": "FinetuneDataset", "format": 1, "path": os.path.abspath(prefix),
+            "examples": int(len(self.source)), "document_range": [int(begin), int(end)],
+            "num_samples": num_samples, "num_epochs": num_epochs, "seq_length": self.seq_length,
+            "seed": int(seed), "pack": pack, "pad_id": self.pad_id, "split": split_name,
+        }
+
+    def __len__(self) -> int:
+        return int(self.sample_starts.shape[0]) - 1
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} out of range for {len(self)} samples")
+        capacity = self.seq_length + 1
+        tokens = np.full(capacity, self.pad_id, dtype=np.int64)
+        # Labels aligned with tokens (HF style); shifted into targets at the end.
+        aligned = np.full(capacity, IGNORE_INDEX, dtype=np.int64)
+        position = 0
+        for example in self.order[self.sample_starts[index]:self.sample_starts[index + 1]].tolist():
+            length = min(int(self.source.lengths[example]), capacity - position)
+            tokens[position:position + length] = self.source.input_ids.get(example, 0, length)
+            aligned[position:position + length] = self.source.labels.get(example, 0, length)
+            # The first token of an example follows another example: not something to learn.
+            aligned[position] = IGNORE_INDEX
+            position += length
+        targets = aligned[1:]
+        trained = targets != IGNORE_INDEX
+        return {"tokens": tokens, "labels": np.where(trained, targets, 0),
+                "loss_mask": trained.astype(np.float32)}
