@@ -17,12 +17,18 @@ from ember.errors import EmberError
 COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
     "demo": ("ember.demo", "run the built-in small default end to end (corpus, tokenizer, data, ...)"),
     "preprocess": ("ember.data.preprocess", "tokenize text files into Megatron .bin/.idx datasets"),
+    "launch": ("ember.launch", "start training on this node with torchrun (GPUS_PER_NODE, NNODES, NODE_RANK, ...)"),
+    "train": ("ember.train.cli", "pretrain or fine-tune (Megatron-style flags, YAML config, torchrun)"),
+    "convert": ("ember.models.convert", "convert weights between Hugging Face and ember folders"),
+    "generate": ("ember.generate", "generate text from an ember weight folder (greedy or sampled, KV cache)"),
+    "plan": ("ember.parallel.plan", "estimate memory and communication per device; check or search parallel layouts"),
     "tokenizer": {
         "train": ("ember.data.tokenizer_train", "train a byte-level BPE tokenizer on a corpus"),
     },
     "data": {
         "inspect": ("ember.data.inspect", "summarise an indexed dataset and decode its first documents"),
         "corpus": ("ember.data.corpus", "write the built-in corpus (text from the Python install) as jsonl"),
+        "samples": ("ember.data.samples_cmd", "print a run's first training samples and a sha256 to compare tools"),
     },
 }
 

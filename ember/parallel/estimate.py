@@ -1,0 +1,500 @@
+"""Memory and communication of one training step per device, from ModelArgs and a layout alone.
+
+The memory model counts what ember's code actually keeps, the way Korthikanti et al. ("Reducing
+Activation Recomputation in Large Transformer Models", 2022) count Megatron's: bytes per token per
+layer of the tensors autograd saves for backward, times the tokens and layers in flight.
+
+- Parameters, gradients and AdamW state are fp32 (4 + 4 + 8 bytes per parameter) whatever the
+  compute precision (ember/train/precision.py); ZeRO-1 and FSDP shard them over data parallelism.
+- Under bf16/fp16 autocast every matmul casts its input and weight: each linear layer keeps its own
+  half-precision copy of its input, and each micro-batch in flight keeps a half-precision copy of
+  the stage's matrices (autocast caches casts for one forward only).
+- The residual stream, norm inputs/outputs and softmax statistics stay fp32.
+- Attention is SDPA (saves q, k, v, output and the log-sum-exp); Grok-1's soft-capped attention
+  materialises the score matrix.
+- Tensor parallelism follows torchtitan: column/row-parallel projections, vocabulary-parallel
+  embedding and loss; with sequence parallelism the norm regions are split over TP ranks while the
+  projections' inputs are gathered whole. Experts are split over EP ranks and, as in Megatron's
+  default, over `expert_tp` = TP ranks.
+- MoE blocks route top-k rows per token, spread evenly over experts (dropless routing can be
+  uneven; a capacity factor bounds it).
+- Recompute "full" keeps only each block's input (and rebuilds one block at a time); "selective"
+  keeps the outputs of matmuls and attention (ember/parallel/recompute.py's policy).
+- Pipeline schedules keep activations of min(pp, micro-batches) micro-batches on the first stage
+  (1F1B), pp * (1 + (pp - 1) / (pp * v)) for interleaved 1F1B with v virtual stages, and all
+  micro-batches for GPipe; the last stage keeps one (1F1B) and holds the loss.
+
+A test checks these numbers against torch's MemTracker on real and fake-tensor training steps.
+Communication is counted as bytes each device sends per optimizer step (ring algorithms).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ember.models.args import ModelArgs
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+SCHEDULES = ("1f1b", "interleaved", "gpipe")
+DP_MODES = ("replicate", "zero1", "fsdp")
+RECOMPUTE = ("none", "selective", "full")
+
+MASTER_BYTES = 4  # fp32 parameters
+GRAD_BYTES = 4  # fp32 gradients
+ADAM_BYTES = 8  # fp32 exp_avg + exp_avg_sq
+RESIDUAL_BYTES = 4  # the residual stream and norms run in fp32 (parameters are fp32)
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    cp: int = 1
+    ep: int = 1
+    expert_tp: int | None = None  # None: the TP degree (Megatron's default)
+    sequence_parallel: bool = False
+    virtual_stages: int = 1  # > 1: interleaved 1F1B
+    schedule: str = "1f1b"
+    dp_mode: str = "replicate"
+    recompute: str = "none"
+    micro_batch_size: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp * self.cp
+
+    @property
+    def etp(self) -> int:
+        return self.tp if self.expert_tp is None else self.expert_tp
+
+    @property
+    def seq_shards(self) -> int:
+        """How many ways the norm regions' tokens are split over TP ranks."""
+        return self.tp if self.sequence_parallel else 1
+
+    def describe(self) -> str:
+        parts = [f"tp {self.tp}" + (" +sp" if self.sequence_parallel and self.tp > 1 else ""),
+                 f"pp {self.pp}" + (f" x{self.virtual_stages} virtual" if self.virtual_stages > 1 else ""),
+                 f"dp {self.dp}", f"cp {self.cp}", f"ep {self.ep}"]
+        return " | ".join(parts)
+
+
+@dataclass(frozen=True)
+class Workload:
+    seq_length: int
+    global_batch_size: int
+    precision: str = "bf16"
+
+    @property
+    def compute_bytes(self) -> int:
+        return 4 if self.precision == "fp32" else 2
+
+    @property
+    def autocast(self) -> bool:
+        return self.precision != "fp32"
+
+
+def micro_batches(layout: Layout, workload: Workload) -> int:
+    """Micro-batches each data-parallel rank runs per step (gradient accumulation steps)."""
+    return max(1, workload.global_batch_size // (layout.micro_batch_size * layout.dp))
+
+
+# ------------------------------------------------------------------------------ parameters
+
+
+@dataclass
+class Params:
+    """Parameters held by one device, split by how they are replicated."""
+
+    dense: int = 0  # replicated over the data-parallel group
+    expert: int = 0  # replicated over dp * cp / ep ranks
+    matrices: int = 0  # of these, the matrices autocast copies to half precision
+    largest_block: int = 0  # one transformer block (what FSDP gathers at once)
+
+    def __add__(self, other: Params) -> Params:
+        return Params(self.dense + other.dense, self.expert + other.expert, self.matrices + other.matrices,
+                      max(self.largest_block, other.largest_block))
+
+    def scaled(self, n: int) -> Params:
+        return Params(self.dense * n, self.expert * n, self.matrices * n, self.largest_block)
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.expert
+
+
+def _norm(args: ModelArgs, width: int) -> int:
+    return width * (2 if args.norm_type == "layernorm" else 1)
+
+
+def _mlp_split(args: ModelArgs, ffn: int, tp: int) -> tuple[int, int]:
+    """(local parameters, local matrix parameters) of one MLP of width ffn split over tp."""
+    matrices = (3 if args.mlp_type == "gated" else 2) * args.dim * ffn // tp
+    bias = (ffn * (2 if args.mlp_type == "gated" else 1) // tp + args.dim) if args.mlp_bias else 0
+    return matrices + bias, matrices
+
+
+def block_params(args: ModelArgs, layout: Layout) -> Params:
+    """One transformer block's parameters on one device."""
+    tp = layout.tp
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    attn_matrices = (args.dim * (q + 2 * kv) + q * args.dim) // tp
+    attn = attn_matrices + ((q + 2 * kv) // tp if args.qkv_bias else 0) + (args.dim if args.attn_out_bias else 0)
+    attn += 2 * _norm(args, args.head_dim) if args.qk_norm else 0
+    norms = (4 if args.sandwich_norm else 2) * _norm(args, args.dim)
+    dense, matrices, expert = attn + norms, attn_matrices, 0
+    if args.num_experts:
+        dense += args.num_experts * args.dim  # router, replicated
+        matrices += args.num_experts * args.dim
+        one_expert, one_expert_matrices = _mlp_split(args, args.moe_ffn_dim, layout.etp)
+        local_experts = args.num_experts // layout.ep
+        expert = local_experts * one_expert
+        matrices += local_experts * one_expert_matrices
+        if args.num_shared_experts:
+            shared, shared_matrices = _mlp_split(args, args.num_shared_experts * args.moe_ffn_dim, tp)
+            dense, matrices = dense + shared, matrices + shared_matrices
+    else:
+        mlp, mlp_matrices = _mlp_split(args, args.ffn_dim, tp)
+        dense, matrices = dense + mlp, matrices + mlp_matrices
+    return Params(dense, expert, matrices, dense + expert)
+
+
+def local_vocab(args: ModelArgs, layout: Layout) -> int:
+    """Rows of the vocabulary-parallel tables per TP rank (the vocabulary padded to a multiple of tp)."""
+    return -(-args.vocab_size // layout.tp)
+
+
+def embedding_params(args: ModelArgs, layout: Layout) -> Params:
+    """Vocabulary-parallel token embedding (+ learned positions, embedding norm): first stage."""
+    dense = local_vocab(args, layout) * args.dim
+    dense += args.max_seq_len * args.dim if args.position_type == "learned" else 0
+    dense += _norm(args, args.dim) if args.embedding_norm else 0
+    return Params(dense=dense)
+
+
+def head_params(args: ModelArgs, layout: Layout) -> Params:
+    """Final norm and vocabulary-parallel output layer: last stage. Tied embeddings share the
+    table when one stage holds both; across stages the last keeps its own copy (as Megatron)."""
+    output = local_vocab(args, layout) * args.dim
+    shared = args.tie_embeddings and layout.pp == 1
+    return Params(dense=_norm(args, args.dim) + (0 if shared else output), matrices=output)
+
+
+def layers_per_stage(args: ModelArgs, layout: Layout) -> int:
+    """Layers on the most loaded pipeline stage (the first/last may take fewer)."""
+    return math.ceil(args.n_layers / layout.pp)
+
+
+def stage_params(args: ModelArgs, layout: Layout, first: bool, last: bool) -> Params:
+    params = block_params(args, layout).scaled(layers_per_stage(args, layout))
+    if first:
+        params = params + embedding_params(args, layout)
+    if last:
+        params = params + head_params(args, layout)
+    return params
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+def _linear_inputs(width: int, consumers: int, workload: Workload) -> int:
+    """Bytes per token kept for the input of `consumers` linear layers reading one fp32 tensor:
+    fp32 shares the tensor; autocast keeps one half-precision cast per layer."""
+    if workload.autocast:
+        return consumers * workload.compute_bytes * width
+    return RESIDUAL_BYTES * width
+
+
+def _norm_saved(args: ModelArgs, width: int, input_bytes: int) -> int:
+    """Bytes per row a norm keeps: RMSNorm its fp32 input, the normalised value (cast back to the
+    input dtype) and 1/rms; LayerNorm its fp32 input, mean and 1/std."""
+    if args.norm_type == "layernorm":
+        return RESIDUAL_BYTES * width + 8
+    return RESIDUAL_BYTES * width + input_bytes * width + 4
+
+
+def _attention_saved(args: ModelArgs, layout: Layout, workload: Workload) -> float:
+    p, tp = workload.compute_bytes, layout.tp
+    q, kv = args.n_heads * args.head_dim / tp, args.n_kv_heads * args.head_dim / tp
+    heads, kv_heads = args.n_heads / tp, args.n_kv_heads / tp
+    seq = workload.seq_length  # keys each query sees (whole sequence, also under CP)
+    if args.attn_logit_softcap is not None:
+        # q, k and v repeated to all heads, the output, and two fp32 score matrices (+ a cast)
+        saved = 4 * p * q + heads * seq * (8 + (p if workload.autocast else 0))
+    else:
+        saved = p * (2 * q + 2 * kv) + 4 * heads  # q, k, v, output; log-sum-exp
+    if args.qk_norm:
+        saved += (RESIDUAL_BYTES + p) * (q + kv) + 4 * (heads + kv_heads)
+    return saved
+
+
+def _mlp_saved(args: ModelArgs, ffn: float, workload: Workload) -> float:
+    """Hidden activations of one MLP per row: gated keeps w1 out, act out, w3 out, product."""
+    return workload.compute_bytes * ffn * (4 if args.mlp_type == "gated" else 2)
+
+
+def _mlp_inputs(args: ModelArgs) -> int:
+    return 2 if args.mlp_type == "gated" else 1
+
+
+def _moe_saved(args: ModelArgs, layout: Layout, workload: Workload) -> float:
+    """Per token: routing state, then per routed row (top-k of them) the gathered token, the
+    expert MLP, its output and the weighted output."""
+    p, k, h = workload.compute_bytes, args.moe_top_k, args.dim
+    routing = 4 * args.num_experts + 8 * k + 4 + 4 * k + 16 * k  # probs, top-k ids/weights, sort order
+    routing += _linear_inputs(h, 1, workload)  # router input
+    gathered = _linear_inputs(h, _mlp_inputs(args), workload)
+    per_row = gathered + p * h + RESIDUAL_BYTES * h + 4 + _mlp_saved(args, args.moe_ffn_dim / layout.etp, workload)
+    saved = routing + k * per_row
+    if args.num_shared_experts:
+        shared_in = _linear_inputs(h, _mlp_inputs(args), workload) if workload.autocast else 0
+        saved += shared_in + _mlp_saved(args, args.num_shared_experts * args.moe_ffn_dim / layout.tp, workload)
+    return saved
+
+
+def block_activation_bytes(args: ModelArgs, layout: Layout, workload: Workload) -> float:
+    """Bytes per local token one block keeps for backward without recomputation."""
+    h, p, shards = args.dim, workload.compute_bytes, layout.seq_shards
+    norms = 2 * _norm_saved(args, h, RESIDUAL_BYTES)
+    if args.sandwich_norm:
+        norms += 2 * _norm_saved(args, h, p)
+    saved = norms / shards
+    saved += _linear_inputs(h, 3, workload) + _attention_saved(args, layout, workload)
+    if args.num_experts:
+        saved += _moe_saved(args, layout, workload)
+    else:
+        saved += _linear_inputs(h, _mlp_inputs(args), workload) + _mlp_saved(args, args.ffn_dim / layout.tp, workload)
+    return saved
+
+
+def block_selective_bytes(args: ModelArgs, layout: Layout, workload: Workload) -> float:
+    """Bytes per local token a block keeps under selective recomputation: its input and the
+    outputs of its matmuls and attention."""
+    h, p, tp = args.dim, workload.compute_bytes, layout.tp
+    q, kv = args.n_heads * args.head_dim / tp, args.n_kv_heads * args.head_dim / tp
+    saved = RESIDUAL_BYTES * h / layout.seq_shards
+    saved += p * (q + 2 * kv) + p * q + 4 * args.n_heads / tp + p * h  # wq/wk/wv, attention, wo
+    if args.attn_logit_softcap is not None:
+        saved += p * args.n_heads / tp * workload.seq_length
+    gated = args.mlp_type == "gated"
+    if args.num_experts:
+        ffn = args.moe_ffn_dim / layout.etp
+        saved += p * args.num_experts + args.moe_top_k * p * ((2 if gated else 1) * ffn + h)
+        if args.num_shared_experts:
+            saved += p * ((2 if gated else 1) * args.num_shared_experts * args.moe_ffn_dim / tp + h)
+    else:
+        saved += p * ((2 if gated else 1) * args.ffn_dim / tp + h)
+    return saved
+
+
+def head_activation_bytes(args: ModelArgs, layout: Layout, workload: Workload) -> tuple[float, float]:
+    """(kept, transient) bytes per local token of the final norm, output layer and loss: the loss
+    keeps fp32 log-probabilities; the start of backward adds two fp32 vocabulary-sized gradients.
+    Vocabulary-parallel: /tp."""
+    vocab = args.vocab_size / layout.tp
+    kept = _norm_saved(args, args.dim, RESIDUAL_BYTES) / layout.seq_shards
+    kept += _linear_inputs(args.dim, 1, workload) + 4 * vocab + 8
+    transient = 8 * vocab
+    return kept, transient
+
+
+def forward_extras(args: ModelArgs, workload: Workload, local_seq: int) -> float:
+    """Bytes per micro-batch shared by all layers: RoPE tables, an ALiBi or sliding-window mask."""
+    extra = 0.0
+    if args.position_type == "rope":
+        extra += 2 * RESIDUAL_BYTES * local_seq * args.head_dim
+    if args.position_type == "alibi":
+        extra += RESIDUAL_BYTES * args.n_heads * local_seq * workload.seq_length
+    elif args.sliding_window is not None and workload.seq_length > args.sliding_window:
+        extra += local_seq * workload.seq_length
+    return extra
+
+
+def buffer_bytes(args: ModelArgs) -> int:
+    """Non-trainable buffers every stage keeps: RoPE cos/sin tables, ALiBi slopes."""
+    if args.position_type == "rope":
+        return 2 * RESIDUAL_BYTES * args.max_seq_len * args.head_dim
+    if args.position_type == "alibi":
+        return RESIDUAL_BYTES * args.n_heads
+    return 0
+
+
+def in_flight(layout: Layout, workload: Workload, first: bool) -> float:
+    """Micro-batches whose activations a stage holds at its peak (in units of the stage's layers)."""
+    m = micro_batches(layout, workload)
+    if layout.pp == 1:
+        return 1
+    if layout.schedule == "gpipe":
+        return m
+    if not first:
+        return 1
+    if layout.virtual_stages > 1:
+        penalty = 1 + (layout.pp - 1) / (layout.pp * layout.virtual_stages)
+        return min(m * 1.0, layout.pp * penalty)
+    return min(m, layout.pp)
+
+
+# --------------------------------------------------------------------------------- memory
+
+
+@dataclass
+class StageMemory:
+    stage: str
+    params: Params
+    parameters: float = 0
+    gradients: float = 0
+    optimizer: float = 0
+    activations: float = 0
+    weight_copies: float = 0  # half-precision casts autocast keeps for backward
+    temporaries: float = 0  # loss gradients, one recomputed block, FSDP's gathered block
+    in_flight: float = 1
+
+    @property
+    def total(self) -> float:
+        return (self.parameters + self.gradients + self.optimizer + self.activations + self.weight_copies
+                + self.temporaries)
+
+
+@dataclass
+class MemoryEstimate:
+    stages: list[StageMemory] = field(default_factory=list)
+
+    @property
+    def worst(self) -> StageMemory:
+        return max(self.stages, key=lambda s: s.total)
+
+
+def _shard_degrees(layout: Layout) -> tuple[int, int]:
+    """(dense, expert) data-parallel degrees that ZeRO-1/FSDP shard over."""
+    dense = layout.dp
+    expert = max(1, layout.dp * layout.cp // layout.ep)
+    return dense, expert
+
+
+def _state_bytes(params: Params, layout: Layout, accumulating: bool) -> tuple[float, float, float, float]:
+    """(parameters, gradients, optimizer, transient) bytes for the parameter/optimizer state."""
+    dense_d, expert_d = _shard_degrees(layout)
+    sharded = params.dense / dense_d + params.expert / expert_d
+    full = params.total
+    if layout.dp_mode == "replicate" or layout.dp == 1:
+        grads = GRAD_BYTES * full if accumulating else 0
+        return MASTER_BYTES * full, grads, ADAM_BYTES * full, 0
+    if layout.dp_mode == "zero1":
+        # shards persist; gathered parameters stay between forward and backward and gradients
+        # accumulate unsharded until the reduce-scatter
+        grads = GRAD_BYTES * (sharded + (full if accumulating else 0))
+        return MASTER_BYTES * (full + sharded), grads, ADAM_BYTES * sharded, 0
+    # fsdp: one block gathered (plus the next, prefetched) and one block's unsharded gradients
+    block = params.largest_block
+    return MASTER_BYTES * sharded, GRAD_BYTES * sharded, ADAM_BYTES * sharded, (2 * MASTER_BYTES + GRAD_BYTES) * block
+
+
+def estimate_memory(args: ModelArgs, layout: Layout, workload: Workload) -> MemoryEstimate:
+    """Peak bytes per device for the first and the last pipeline stage (one stage when pp = 1)."""
+    tokens = layout.micro_batch_size * workload.seq_length / layout.cp  # per micro-batch, local
+    local_seq = workload.seq_length / layout.cp
+    m = micro_batches(layout, workload)
+    full_block = block_activation_bytes(args, layout, workload)
+    kept_block = {"none": full_block, "selective": block_selective_bytes(args, layout, workload),
+                  "full": RESIDUAL_BYTES * args.dim / layout.seq_shards}[layout.recompute]
+    head_kept, head_transient = head_activation_bytes(args, layout, workload)
+    n_layers = layers_per_stage(args, layout)
+    block = block_params(args, layout)
+    half = workload.compute_bytes if workload.autocast else 0
+    estimate = MemoryEstimate()
+    roles = [("only", True, True)] if layout.pp == 1 else [("first", True, False), ("last", False, True)]
+    for name, first, last in roles:
+        params = stage_params(args, layout, first, last)
+        flight = in_flight(layout, workload, first)
+        stage = StageMemory(name, params, in_flight=flight)
+        accumulating = m > 1 or layout.pp > 1
+        # gradients are resident at the activation peak when earlier micro-batches left them, and
+        # (counted in full) when recomputation rebuilds blocks while gradients fill up
+        grads_at_peak = accumulating or layout.recompute != "none"
+        stage.parameters, stage.gradients, stage.optimizer, gathered = _state_bytes(params, layout, grads_at_peak)
+        stage.parameters += buffer_bytes(args)
+        per_micro_batch = tokens * kept_block * n_layers + forward_extras(args, workload, local_seq)
+        if first:
+            per_micro_batch += 8 * tokens  # token ids
+        if last:
+            per_micro_batch += tokens * head_kept
+        stage.activations = flight * per_micro_batch
+        transient = tokens * head_transient if last else 0.0
+        if layout.recompute == "none":
+            stage.weight_copies = half * params.matrices * flight
+        else:
+            # the block being recomputed adds what it did not keep (and its weight casts); that
+            # happens after the loss gradients are gone, so the larger of the two counts
+            transient = max(transient, tokens * (full_block - kept_block) + half * block.matrices)
+            stage.weight_copies = half * (params.matrices - block.matrices * n_layers) * flight
+        stage.temporaries = transient + gathered
+        if not grads_at_peak:
+            # one micro-batch, no pipeline: gradients appear as activations are freed
+            stage.gradients = 0
+            growing_grads = GRAD_BYTES * params.total - stage.activations - stage.weight_copies
+            stage.temporaries = max(stage.temporaries, growing_grads)
+        estimate.stages.append(stage)
+    return estimate
+
+
+# -------------------------------------------------------------------------- communication
+
+
+@dataclass
+class CommEstimate:
+    """Bytes one device sends per optimizer step, by kind of parallelism."""
+
+    dp: float = 0
+    tp: float = 0
+    pp: float = 0
+    ep: float = 0
+    cp: float = 0
+
+    @property
+    def total(self) -> float:
+        return self.dp + self.tp + self.pp + self.ep + self.cp
+
+
+def _ring(n: int) -> float:
+    """Fraction of a buffer each rank sends in a ring all-gather or reduce-scatter."""
+    return (n - 1) / n
+
+
+def estimate_communication(args: ModelArgs, layout: Layout, workload: Workload) -> CommEstimate:
+    comm = CommEstimate()
+    m = micro_batches(layout, workload)
+    p = workload.compute_bytes
+    tokens = layout.micro_batch_size * workload.seq_length / layout.cp
+    n_layers = layers_per_stage(args, layout)
+    params = stage_params(args, layout, first=layout.pp == 1, last=True)
+    forwards = 2 if layout.recompute == "full" else 1  # full recompute repeats the forward
+    dense_d, expert_d = _shard_degrees(layout)
+    grad = GRAD_BYTES * params.dense
+    expert_grad = GRAD_BYTES * params.expert
+    if layout.dp_mode == "replicate":
+        comm.dp = 2 * _ring(dense_d) * grad + 2 * _ring(expert_d) * expert_grad
+    elif layout.dp_mode == "zero1":
+        # reduce-scatter once per step, parameters all-gathered for every micro-batch
+        comm.dp = (1 + m) * (_ring(dense_d) * grad + _ring(expert_d) * expert_grad)
+    else:  # fsdp: all-gather forward and backward, reduce-scatter, every micro-batch
+        comm.dp = 3 * m * (_ring(dense_d) * grad + _ring(expert_d) * expert_grad)
+    if layout.tp > 1:
+        # two all-reduces (or all-gather + reduce-scatter pairs) forward, two backward, per block;
+        # the embedding and the output layer one each
+        per_block = (2 * forwards + 2) * 2 * _ring(layout.tp) * tokens * args.dim * p
+        head = 2 * 2 * _ring(layout.tp) * tokens * args.dim * p
+        comm.tp = m * (n_layers * per_block + head)
+    if layout.pp > 1:
+        # activations forward and their gradients backward, per micro-batch and virtual stage
+        comm.pp = 2 * m * layout.virtual_stages * tokens * args.dim * RESIDUAL_BYTES / layout.seq_shards
+    if args.num_experts and layout.ep > 1:
+        # dispatch (fp32 tokens) and combine (expert outputs), forward and backward
+        routed = tokens * args.moe_top_k * args.dim
+        comm.ep = m * n_layers * (forwards + 1) * (RESIDUAL_BYTES + p) * routed * _ring(layout.ep)
+    if layout.cp > 1:
+        # ring attention: keys and values pass cp - 1 times forward; backward adds their gradients
+        kv = 2 * tokens * args.n_kv_heads * args.head_dim / layout.tp * p
+        comm.cp = m * n_layers * (forwards + 2) * (layout.cp - 1) * kv
+    return comm

@@ -1,0 +1,116 @@
+"""`ember train`: pretrain or fine-tune with Megatron-style flags, a YAML config, or both.
+
+    ember train --model tiny-llama --data-path data/corpus_text_document --seq-length 256 \\
+        --micro-batch-size 4 --global-batch-size 16 --train-iters 100 --lr 3e-4 --save out/ckpt
+    ember train --config run.yaml train.lr=1e-4 --print-config
+    ember train --nproc-per-node 4 ...                 # starts torchrun for you
+    torchrun --nproc-per-node 4 -m ember.train ...     # or launch it yourself
+
+The whole configuration is checked before any process starts; one process trains in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+
+from ember.config import Config, add_config_arguments, config_from_args, to_yaml, validate
+from ember.errors import EmberError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = __doc__
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved configuration (as YAML for --config) and exit")
+    launch = parser.add_argument_group("launching several processes (torchrun)")
+    launch.add_argument("--nproc-per-node", type=int, default=None, help="processes (devices) on this machine")
+    launch.add_argument("--nnodes", type=int, default=1, help="machines taking part")
+    launch.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0..nnodes-1")
+    launch.add_argument("--master-addr", default="127.0.0.1", help="address of node 0")
+    launch.add_argument("--master-port", type=int, default=29500)
+    add_config_arguments(parser)
+
+
+def _launched_by_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def _print_config(resolved: Config) -> None:
+    print(to_yaml(resolved), end="")
+    try:
+        from ember.train.checkpoint import find_checkpoint
+        from ember.train.model_setup import resolve_model_args
+
+        ref = find_checkpoint(resolved.checkpoint.load) if resolved.checkpoint.load else None
+        args = resolve_model_args(resolved, ref)
+    except EmberError as err:
+        print(f"# model: not resolved ({err})")
+        return
+    import yaml
+
+    print("# resolved architecture (ModelArgs):")
+    for line in yaml.safe_dump(args.to_dict(), sort_keys=False).splitlines():
+        print(f"#   {line}")
+    print(f"#   parameters: {args.num_params():,}")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    nproc = args.nproc_per_node or 1
+    spawn = not _launched_by_torchrun() and (nproc > 1 or args.nnodes > 1)
+    world_size = nproc * args.nnodes if spawn else int(os.environ.get("WORLD_SIZE", "1"))
+    resolved = validate(config, world_size)
+    if args.print_config:
+        _print_config(resolved)
+        return 0
+    if spawn:
+        return _launch(config, args)
+    from ember.train.trainer import run_training
+
+    result = run_training(config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"ember train: {result.reason} at iteration {result.iteration}")
+    return 0
+
+
+def _launch(config: Config, args: argparse.Namespace) -> int:
+    """Run torchrun with this configuration on `--nproc-per-node` processes; wait for it."""
+    fd, path = tempfile.mkstemp(prefix="ember-train-", suffix=".yaml")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(to_yaml(config))
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node or 1}",
+               f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}", f"--master-addr={args.master_addr}",
+               f"--master-port={args.master_port}", "-m", "ember.train", "--config", path]
+    process = subprocess.Popen(command)
+    # torchrun passes SIGTERM on to the workers, which save a checkpoint and stop.
+    previous_term = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signum))
+    previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal already signals torchrun
+    try:
+        code = process.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGINT, previous_int)
+        os.unlink(path)
+    if code != 0:
+        print(f"ember train: torchrun exited with status {code}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m ember.train` (what torchrun starts on every rank)."""
+    parser = argparse.ArgumentParser(prog="ember train")
+    add_arguments(parser)
+    # intermixed: dotted overrides may stand between flags, as in `... train.lr=1e-4 --bf16`
+    args = parser.parse_intermixed_args(argv)
+    try:
+        return run(args)
+    except EmberError as err:
+        rank = os.environ.get("RANK")
+        prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+        print(f"{prefix}ember train: error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,168 @@
+"""Training metrics: console lines, TensorBoard scalars and `logs/metrics.jsonl`.
+
+`metrics.jsonl` has one JSON object per line: per logged iteration at least `iteration`, `loss`,
+`lr`, `grad_norm`, `tokens_per_s` (all devices), `tokens_per_s_per_device`, `mfu` (null where the
+device's peak is unknown); per evaluation `iteration`, `eval_loss`, `eval_ppl`. Values that are not
+finite are written as null. A resumed run appends; readers take the last record of an iteration.
+Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Dense peak TFLOP/s per device: (16-bit tensor core, fp32). Vendor datasheet numbers, no sparsity.
+_PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
+    ("H200", 989.0, 67.0),
+    ("H100 PCIe", 756.0, 51.0),
+    ("H100", 989.0, 67.0),
+    ("H800", 989.0, 67.0),
+    ("H20", 148.0, 44.0),
+    ("GH200", 989.0, 67.0),
+    ("B200", 2250.0, 80.0),
+    ("A100", 312.0, 19.5),
+    ("A800", 312.0, 19.5),
+    ("L40S", 362.0, 91.6),
+    ("L40", 181.0, 90.5),
+    ("L4", 121.0, 30.3),
+    ("A10G", 70.0, 31.2),
+    ("A10", 125.0, 31.2),
+    ("V100", 125.0, 15.7),
+    ("RTX 4090", 165.0, 82.6),
+    ("RTX 3090", 71.0, 35.6),
+    ("MI300X", 1307.0, 163.4),
+    ("Ascend910B", 313.0, 78.0),
+)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    npu = getattr(torch, "npu", None)
+    if device.type == "npu" and npu is not None:
+        return npu.get_device_name(device)
+    return device.type
+
+
+def peak_tflops(device: torch.device, precision: str, override: float | None = None) -> float | None:
+    """The device's peak for this precision, or None (CPU, unknown GPU) unless given."""
+    if override:
+        return override
+    name = device_name(device).replace(" ", "").lower()
+    for key, half, single in _PEAK_TFLOPS:
+        if key.replace(" ", "").lower() in name:
+            return single if precision == "fp32" else half
+    return None
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak memory of this process: accelerator memory allocated, or resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kib / 2**20
+
+
+class MetricsLogger:
+    """Writes each record to the console, TensorBoard and metrics.jsonl (rank 0 only)."""
+
+    def __init__(self, output_dir: str | os.PathLike | None, *, enabled: bool, tensorboard: bool = True,
+                 tensorboard_dir: str | os.PathLike | None = None, stream=None):
+        self.enabled = enabled
+        self.stream = stream or sys.stdout
+        self._jsonl = None
+        self._tb = None
+        self.path: Path | None = None
+        if not enabled or output_dir is None:
+            return
+        logs = Path(output_dir) / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        self.path = logs / "metrics.jsonl"
+        self._jsonl = open(self.path, "a", encoding="utf-8")
+        if tensorboard:
+            self._tb = _summary_writer(Path(tensorboard_dir) if tensorboard_dir else Path(output_dir) / "tensorboard")
+
+    def print(self, text: str) -> None:
+        if self.enabled:
+            print(text, file=self.stream, flush=True)
+
+    def log(self, record: dict[str, Any], console: str | None = None) -> None:
+        if not self.enabled:
+            return
+        clean = {k: _json_value(v) for k, v in record.items()}
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(clean) + "\n")
+            self._jsonl.flush()
+        if self._tb is not None:
+            step = int(record["iteration"])
+            for key, value in clean.items():
+                if key != "iteration" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(f"train/{key}" if not key.startswith("eval") else f"eval/{key}",
+                                        value, step)
+            self._tb.flush()
+        if console:
+            self.print(console)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _summary_writer(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard not installed: the jsonl file still has everything
+        return None
+    return SummaryWriter(log_dir=str(path))
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # strict JSON has no NaN/Infinity; a skipped step's gradient norm reads as null
+    return value
+
+
+def format_train_line(r: dict[str, Any], train_iters: int) -> str:
+    """A Megatron-like console line."""
+    parts = [
+        f"iteration {r['iteration']:>8d}/{train_iters:>8d}",
+        f"consumed samples: {r['consumed_samples']:>10d}",
+        f"consumed tokens: {r['consumed_tokens']:>12d}",
+        f"elapsed time per iteration (ms): {r['iteration_time_ms']:.1f}",
+        f"learning rate: {r['lr']:.6E}",
+        f"lm loss: {_fmt(r['loss'])}",
+    ]
+    if r.get("loss_scale") is not None and r["loss_scale"] != 1.0:
+        parts.append(f"loss scale: {r['loss_scale']:.1f}")
+    parts += [
+        f"grad norm: {_fmt(r['grad_norm'], '.3f')}",
+        f"skipped iterations: {r['skipped_iterations']}",
+        f"tokens/s/device: {r['tokens_per_s_per_device']:.0f}",
+    ]
+    if r.get("tflops") is not None:
+        parts.append(f"TFLOP/s/device: {r['tflops']:.1f}")
+    if r.get("mfu") is not None:
+        parts.append(f"MFU: {100 * r['mfu']:.1f}%")
+    parts.append(f"mem: {r['memory_gib']:.2f} GiB")
+    return " | ".join(parts)
+
+
+def _fmt(value: float | None, spec: str = ".6E") -> str:
+    if value is None:
+        return "nan"
+    return format(value, spec)

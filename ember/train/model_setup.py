@@ -1,0 +1,202 @@
+"""From config to a ready model: which architecture, then build -> parallelize -> initialise.
+
+The architecture comes from, in order of precedence: Megatron architecture flags, the registry
+name (`--model`), the checkpoint given to `--load` (converted weights or a training checkpoint),
+and, when nothing else names a model, Megatron's defaults for the flags not given.
+
+The model is built on the meta device, recomputation, compilation and data parallelism are
+applied from outside (the torchtitan order), and only then is memory allocated — already sharded.
+Random initialisation always happens on the CPU with the run's seed, so every layout and every
+device type starts from the same weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ember.config import Config
+from ember.errors import EmberError
+from ember.models import ModelArgs, Transformer, get_model_args
+from ember.parallel.fsdp import apply_data_parallel
+from ember.parallel.recompute import apply_recompute
+from ember.train.checkpoint import CheckpointRef, load_full_weights
+
+_POSITIONS = {"rope": "rope", "learned_absolute": "learned", "learned": "learned", "alibi": "alibi", "none": "none"}
+_NORMS = {"rmsnorm": "rmsnorm", "layernorm": "layernorm"}
+
+
+def megatron_overrides(config: Config) -> dict[str, Any]:
+    """Megatron architecture flags -> ModelArgs fields (only those the user gave)."""
+    m = config.model
+    out: dict[str, Any] = {}
+    simple = {"num_layers": "n_layers", "hidden_size": "dim", "ffn_hidden_size": "ffn_dim",
+              "num_attention_heads": "n_heads", "kv_channels": "head_dim", "norm_epsilon": "norm_eps",
+              "max_position_embeddings": "max_seq_len", "rotary_base": "rope_theta", "vocab_size": "vocab_size",
+              "num_experts": "num_experts", "moe_router_topk": "moe_top_k", "moe_ffn_hidden_size": "moe_ffn_dim",
+              "moe_aux_loss_coeff": "moe_aux_loss_coef", "init_method_std": "init_std"}
+    for flag, name in simple.items():
+        value = getattr(m, flag)
+        if value is not None:
+            out[name] = value
+    if m.num_query_groups is not None:
+        out["n_kv_heads"] = m.num_query_groups
+    elif m.group_query_attention:
+        out["n_kv_heads"] = 1  # Megatron's default number of query groups
+    if m.position_embedding_type is not None:
+        kind = _POSITIONS.get(m.position_embedding_type.lower())
+        if kind is None:
+            raise EmberError(f"--position-embedding-type {m.position_embedding_type}: use rope, "
+                             f"learned_absolute, alibi or none")
+        out["position_type"] = kind
+    if m.normalization is not None:
+        kind = _NORMS.get(m.normalization.lower())
+        if kind is None:
+            raise EmberError(f"--normalization {m.normalization}: use RMSNorm or LayerNorm")
+        out["norm_type"] = kind
+    if m.swiglu is not None:
+        out.update(mlp_type="gated", activation="silu") if m.swiglu else out.update(mlp_type="plain", activation="gelu")
+    if m.untie_embeddings_and_output_weights is not None:
+        out["tie_embeddings"] = not m.untie_embeddings_and_output_weights
+    if m.disable_bias_linear:
+        out.update(qkv_bias=False, attn_out_bias=False, mlp_bias=False)
+    if m.add_qkv_bias:
+        out["qkv_bias"] = True
+    if m.qk_layernorm is not None:
+        out["qk_norm"] = m.qk_layernorm
+    return out
+
+
+def megatron_default_args(config: Config, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Megatron's defaults for a model described by flags alone (GPT-style: LayerNorm, GELU,
+    learned positions, biases, tied embeddings)."""
+    for needed, flag in (("n_layers", "--num-layers"), ("dim", "--hidden-size"), ("n_heads", "--num-attention-heads")):
+        if needed not in overrides:
+            raise EmberError(f"a model described by flags needs {flag} (or name one with --model)")
+    dim = overrides["dim"]
+    gated = overrides.get("mlp_type") == "gated"
+    # Megatron: 4h, or 2/3 of that for SwiGLU, rounded down to a multiple of 64.
+    ffn = int(4 * dim * 2 / 3 / 64) * 64 if gated else 4 * dim
+    base = dict(norm_type="layernorm", position_type="learned", mlp_type="plain", activation="gelu",
+                qkv_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=True, ffn_dim=ffn,
+                max_seq_len=config.data.seq_length)
+    return {**base, **overrides}
+
+
+def pad_vocab(size: int, multiple: int | None) -> int:
+    if not multiple:
+        return size
+    return -(-size // multiple) * multiple
+
+
+def _tokenizer_vocab(config: Config) -> int | None:
+    d = config.data
+    if not (d.tokenizer_type or d.tokenizer_name_or_path or d.tokenizer_model or d.vocab_file):
+        return None
+    from ember.data.tokenizers import build_tokenizer
+
+    tokenizer = build_tokenizer(d.tokenizer_type or "PretrainedFromHF", name_or_path=d.tokenizer_name_or_path,
+                                model_file=d.tokenizer_model, vocab_file=d.vocab_file, merge_file=d.merge_file)
+    return tokenizer.vocab_size
+
+
+def args_from_checkpoint(ref: CheckpointRef) -> ModelArgs:
+    if ref.kind == "weights":
+        from ember.models.checkpoint_io import read_manifest
+
+        return ModelArgs.from_dict(read_manifest(ref.path)["model_args"])
+    return ModelArgs.from_dict(ref.train_state()["model_args"])
+
+
+def resolve_model_args(config: Config, ref: CheckpointRef | None) -> ModelArgs:
+    """The architecture to train, with the vocabulary fitted to the tokenizer where that is safe."""
+    m = config.model
+    overrides = megatron_overrides(config)
+    if "vocab_size" in overrides:  # Megatron pads the given vocabulary like a tokenizer's
+        overrides["vocab_size"] = pad_vocab(overrides["vocab_size"], m.make_vocab_size_divisible_by)
+    if m.name:
+        args = get_model_args(m.name)
+        if m.name.startswith("tiny-") and "vocab_size" not in overrides:
+            # tiny models take the tokenizer's vocabulary (their registry size is a placeholder)
+            vocab = _tokenizer_vocab(config)
+            if vocab is not None:
+                overrides["vocab_size"] = pad_vocab(vocab, m.make_vocab_size_divisible_by)
+        args = args.replace(**overrides) if overrides else args
+    elif ref is not None:
+        args = args_from_checkpoint(ref)
+        if overrides:
+            changed = {k: v for k, v in overrides.items() if getattr(args, k) != v}
+            if changed:
+                raise EmberError(f"architecture flags {sorted(changed)} differ from the checkpoint in "
+                                 f"{ref.path}; drop them (the checkpoint decides the architecture)")
+    else:
+        if "vocab_size" not in overrides:
+            vocab = _tokenizer_vocab(config)
+            if vocab is None:
+                raise EmberError("the vocabulary size is unknown: pass --vocab-size, or a tokenizer "
+                                 "(--tokenizer-type/--tokenizer-name-or-path)")
+            overrides["vocab_size"] = pad_vocab(vocab, m.make_vocab_size_divisible_by)
+        args = ModelArgs(**megatron_default_args(config, overrides))
+    if config.data.seq_length > args.max_seq_len:
+        raise EmberError(f"--seq-length {config.data.seq_length} is longer than the model's maximum "
+                         f"{args.max_seq_len}; shorten it or raise --max-position-embeddings")
+    return args
+
+
+def build_model(args: ModelArgs, config: Config, device: torch.device, mesh=None) -> nn.Module:
+    """Allocate the model on `device`, parallelized; weights are left uninitialised."""
+    t, p = config.train, config.parallel
+    with torch.device("meta"):
+        model = Transformer(args)
+    apply_recompute(model, t.recompute_granularity, t.recompute_method, t.recompute_num_layers)
+    if compile_enabled(config, device):
+        for block in model.layers.values():
+            block.compile()
+    if mesh is not None:
+        apply_data_parallel(model, mesh, p.dp_mode, p.overlap_grad_reduce)
+    model.to_empty(device=device)
+    # to_empty gives each module a new Parameter, which unties a shared embedding/output matrix
+    # (FSDP keeps it shared); tie it again, or the two copies would train apart.
+    model.tie_weights()
+    model.init_buffers(device)
+    return model
+
+
+def compile_enabled(config: Config, device: torch.device) -> bool:
+    if config.train.compile is not None:
+        return config.train.compile
+    return device.type == "cuda"
+
+
+def initial_weights(args: ModelArgs, seed: int) -> dict[str, torch.Tensor]:
+    """The run's random initialisation, made on the CPU so it is the same for every layout."""
+    with torch.device("meta"):
+        reference = Transformer(args)
+    reference.to_empty(device="cpu")
+    reference.init_weights(seed=seed)
+    return reference.state_dict()
+
+
+def converted_weights(ref: CheckpointRef) -> dict[str, torch.Tensor]:
+    from ember.models.checkpoint_io import load_ember_weights
+
+    args, state = load_ember_weights(ref.path)
+    # Training keeps fp32 parameters whatever the checkpoint's dtype (bf16 autocast computes).
+    state = {name: t.float() if t.is_floating_point() else t for name, t in state.items()}
+    if args.tie_embeddings:  # the folder stores the shared matrix once
+        state["output.weight"] = state["tok_embeddings.weight"]
+    return state
+
+
+def initialize(model: nn.Module, make_weights: Callable[[], dict[str, torch.Tensor]]) -> None:
+    """Fill the model with `make_weights()`: made on rank 0 only and broadcast when distributed."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        load_full_weights(model, make_weights() if dist.get_rank() == 0 else {}, from_rank0=True)
+        return
+    missing, unexpected = model.load_state_dict(make_weights(), strict=False)
+    if missing or unexpected:
+        raise EmberError(f"the weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")

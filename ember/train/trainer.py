@@ -1,0 +1,475 @@
+"""The training loop: micro-batches -> loss -> clipped AdamW step, with eval, logs and checkpoints.
+
+    config -> processes and mesh -> model (built, parallelized, initialised) -> optimizer
+           -> resume -> data -> loop { step; log; evaluate; save; stop? }
+
+The loss of a step is the token-level cross-entropy summed over the loss mask and divided by the
+number of loss tokens in the whole global batch, so it is the same number however the batch is
+split into micro-batches and data-parallel ranks. A step performs no host sync of its own: losses,
+gradient norms and skip flags stay on the device until the log interval reads them (besides, the
+loop reads the NaN-streak counter every `min(log interval, max skips)` iterations, and ranks vote
+on SIGTERM through a small CPU collective after each iteration).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ember.config import Config, validate
+from ember.errors import EmberError
+from ember.parallel.fsdp import accumulates_locally, set_gradient_sync
+from ember.parallel.mesh import ParallelDims, default_backend, default_device
+from ember.train import checkpoint as ckpt
+from ember.train import model_setup
+from ember.train.metrics import MetricsLogger, format_train_line, memory_gib, peak_tflops
+from ember.train.optim import build_optimizer, clip_and_step, set_lr
+from ember.train.precision import LossScaler, autocast
+from ember.train.schedule import build_schedule
+
+
+@dataclass
+class TrainState:
+    """Counters that, with the model, optimizer, RNG and loss scale, define where a run is."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+    consumed_tokens: int = 0
+    skipped_iterations: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
+                "consumed_tokens": self.consumed_tokens, "skipped_iterations": self.skipped_iterations}
+
+
+@dataclass
+class TrainResult:
+    iteration: int
+    reason: str  # "finished", "exit_interval", "sigterm"
+    losses: dict[int, float] = field(default_factory=dict)  # iteration -> loss, as logged
+
+
+def environment() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) as torchrun sets them; one process otherwise."""
+    return (int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")),
+            int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """One training run on this process (one rank under torchrun): `setup()`, `train()`, `close()`.
+
+    `stream` receives rank 0's console lines (stdout by default).
+    """
+
+    def __init__(self, config: Config, stream=None):
+        self.rank, self.local_rank, self.world_size = environment()
+        # Every check that can fail does so here, before any process group exists.
+        self.config = validate(config, self.world_size)
+        self.dims = ParallelDims.from_config(config, self.world_size)
+        self.device = default_device()
+        self.mesh = None
+        self._owns_process_group = False
+        self.stream = stream
+        self.state = TrainState()
+        self.checkpointer: ckpt.Checkpointer | None = None
+        self._loader_state: dict | None = None  # the data position of a resumed run
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> Trainer:
+        c = self.config
+        self._init_distributed()
+        seed_everything(c.train.seed)
+        if self.mesh is not None:
+            self.dp_rank, self.dp_size = self.dp_mesh.get_local_rank(), self.dp_mesh.size()
+            self.dp_group = self.dp_mesh.get_group()
+        else:
+            self.dp_rank, self.dp_size, self.dp_group = 0, 1, None
+        self.metrics = MetricsLogger(c.output_dir, enabled=self.rank == 0, tensorboard=c.logging.tensorboard,
+                                     tensorboard_dir=c.logging.tensorboard_dir, stream=self.stream)
+        ref, self.resuming_own_run = self._checkpoint_to_start_from()
+        self.model_args = model_setup.resolve_model_args(c, ref)
+        if ref is not None and ref.kind == "training" and c.model.name:
+            _check_same_architecture(self.model_args, model_setup.args_from_checkpoint(ref), ref)
+        self.model = model_setup.build_model(self.model_args, c, self.device, self.mesh)
+        self.optimizer = build_optimizer(self.model, c.optim, c.train.lr, self.device)
+        self.scaler = LossScaler.for_precision(
+            c.train.precision, self.device, loss_scale=c.train.loss_scale,
+            initial_scale=c.train.initial_loss_scale, min_scale=c.train.min_loss_scale,
+            window=c.train.loss_scale_window)
+        self._load_or_initialize(ref)
+        self._build_data()
+        self.schedule = build_schedule(c, self.train_iters)
+        if c.checkpoint.save:
+            self.checkpointer = ckpt.Checkpointer(c.checkpoint.save, c.checkpoint.keep_last, c.checkpoint.async_save)
+        self.stop_signal = ckpt.StopSignal(c.checkpoint.exit_on_sigterm)
+        self.peak = peak_tflops(self.device, c.train.precision, c.logging.peak_tflops)
+        self.flops_per_token = self.model_args.flops_per_token(c.data.seq_length)
+        return self
+
+    def _checkpoint_to_start_from(self) -> tuple[ckpt.CheckpointRef | None, bool]:
+        """(checkpoint, whether it is this run's own). A checkpoint under --save wins over --load,
+        so a preempted job relaunched with the same command continues instead of starting over."""
+        c = self.config.checkpoint
+        own = ckpt.find_checkpoint(c.save) if c.save and os.path.isdir(c.save) else None
+        if own is not None and own.kind == "training":
+            if c.load and os.path.abspath(c.load) != os.path.abspath(c.save):
+                self.metrics.print(f"--save {c.save} already has {own.path.name}: resuming this run from it "
+                                   f"instead of --load {c.load} (give a new --save to start over)")
+            return own, True
+        ref = ckpt.find_checkpoint(c.load) if c.load else None
+        if c.load and ref is None:
+            self.metrics.print(f"no checkpoint in {c.load} yet: starting from scratch")
+        return ref, False
+
+    def _init_distributed(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.world_size == 1:
+            return
+        if not dist.is_initialized():
+            backend = self.config.parallel.backend or default_backend(self.device)
+            if backend != "gloo" and ":" not in backend:
+                # CPU collectives too: async checkpoint saves and the stop-signal vote use them.
+                backend = f"cpu:gloo,{self.device.type}:{backend}"
+            dist.init_process_group(backend=backend)
+            self._owns_process_group = True
+        self.mesh, self.dp_mesh = self.dims.build_mesh(self.device.type)
+
+    def _load_or_initialize(self, ref: ckpt.CheckpointRef | None) -> None:
+        c = self.config
+        if ref is not None and ref.kind == "training":
+            saved = ref.train_state()
+            resume = self.resuming_own_run or not c.train.finetune
+            # a checkpoint saved with --no-save-optim resumes with a fresh optimizer
+            load_optimizer = resume and c.checkpoint.load_optim and saved.get("has_optimizer", True)
+            ckpt.load_training_state(ref, self.model, self.optimizer if load_optimizer else None)
+            what = "resumed from" if resume else "fine-tuning from the weights of"
+            self.metrics.print(f"{what} {ref.path}")
+            if resume:
+                self.state = TrainState(**{k: saved["state"][k] for k in TrainState().to_dict()})
+                if load_optimizer and "loss_scaler" in saved:
+                    self.scaler.load_state_dict(saved["loss_scaler"])
+                self._loader_state = saved.get("loader")
+                if c.checkpoint.load_rng:
+                    self._restore_rng(ref)
+            return
+        if ref is not None:  # converted weights: a fresh start from them (continued pretraining, SFT)
+            self.metrics.print(f"starting from the converted weights in {ref.path}")
+            model_setup.initialize(self.model, lambda: model_setup.converted_weights(ref))
+        else:
+            model_setup.initialize(self.model, lambda: model_setup.initial_weights(self.model_args, c.train.seed))
+
+    def _restore_rng(self, ref: ckpt.CheckpointRef) -> None:
+        path = ref.path / "rng" / f"rank_{self.rank:05d}.pt"
+        if path.is_file():
+            ckpt.restore_rng_state(torch.load(path, weights_only=True))
+        else:  # another layout: this rank has no saved state; derive one from the position
+            seed_everything(self.config.train.seed + self.state.iteration)
+
+    # ------------------------------------------------------------------ data
+
+    def _build_data(self) -> None:
+        from ember.data.blending import build_datasets, train_valid_test_num_samples
+
+        c = self.config
+        t, d = c.train, c.data
+        train_iters = t.train_iters if t.train_iters is not None else 0
+        num_samples = train_valid_test_num_samples(
+            train_iters, global_batch_size=t.global_batch_size, eval_interval=t.eval_interval,
+            eval_iters=t.eval_iters)
+        barrier = (lambda: dist.barrier()) if dist.is_initialized() else (lambda: None)
+        self.train_ds, self.valid_ds, _ = build_datasets(
+            d.data_path or None, d.split if d.data_path else None, d.seq_length, t.seed, num_samples,
+            train_data_path=d.train_data_path or None, valid_data_path=d.valid_data_path or None,
+            test_data_path=d.test_data_path or None, cache_dir=d.data_cache_path,
+            shared_storage=d.shared_storage, rank=self.rank, local_rank=self.local_rank,
+            world_size=self.world_size, barrier=barrier, eod_id=self._eod_id(),
+            finetune_epochs=t.train_epochs)
+        if t.train_epochs is not None:
+            t.train_iters = len(self.train_ds) // t.global_batch_size
+            if t.train_iters == 0:
+                raise EmberError(f"{t.train_epochs} epoch(s) of {len(self.train_ds)} samples is less than one "
+                                 f"global batch of {t.global_batch_size}; lower --global-batch-size")
+        self.train_iters = t.train_iters
+        self.micro_batches_per_step = t.global_batch_size // (t.micro_batch_size * self.dp_size)
+        self.train_loader = self._loader(self.train_ds, self.state.consumed_samples)
+        if self._loader_state:
+            self.train_loader.load_state_dict(self._loader_state)
+        self.train_batches = iter(self.train_loader)
+
+    def _eod_id(self) -> int | None:
+        d = self.config.data
+        if not (d.tokenizer_type or d.tokenizer_name_or_path or d.tokenizer_model):
+            return None
+        from ember.data.tokenizers import build_tokenizer
+
+        return build_tokenizer(d.tokenizer_type or "PretrainedFromHF", name_or_path=d.tokenizer_name_or_path,
+                               model_file=d.tokenizer_model, vocab_file=d.vocab_file,
+                               merge_file=d.merge_file).eod
+
+    def _loader(self, dataset, consumed_samples: int):
+        from ember.data.loader import DataLoader
+
+        t = self.config.train
+        return DataLoader(dataset, t.global_batch_size, t.micro_batch_size, self.dp_rank, self.dp_size,
+                          consumed_samples=consumed_samples, num_workers=self.config.data.num_workers,
+                          pin_memory=self.device.type == "cuda")
+
+    def _next_micro_batches(self, batches) -> list[dict[str, torch.Tensor]]:
+        out = []
+        for _ in range(self.micro_batches_per_step):
+            try:
+                batch = next(batches)
+            except StopIteration:
+                raise EmberError("the training data ran out before --train-iters; this is a bug in the "
+                                 "sample counts, please report it") from None
+            out.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()
+                        if k in ("input_ids", "labels", "loss_mask")})
+        return out
+
+    # ------------------------------------------------------------------ one step
+
+    def _dp_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.dp_group is not None:
+            dist.all_reduce(tensor, group=self.dp_group)
+        return tensor
+
+    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with autocast(self.config.train.precision, self.device):
+            logits = self.model(batch["input_ids"])
+        losses = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), reduction="none")
+        return (losses * batch["loss_mask"].flatten().float()).sum()
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]):
+        """Forward/backward over the global batch, then the optimizer step (or a counted skip).
+
+        Returns device tensors: this rank's summed loss, the global loss-token count, the gradient
+        norm, whether the step was skipped, and whether that skip counts as bad (a NaN/Inf that
+        lowering the fp16 loss scale can no longer cure).
+        """
+        mode = self.config.parallel.dp_mode
+        tokens = self._dp_sum(sum(mb["loss_mask"].sum() for mb in micro_batches).float())
+        denominator = tokens.clamp(min=1.0)
+        # FSDP averages gradients over data-parallel ranks; the loss is already a global mean, so
+        # scale by dp to turn that average back into the sum over ranks.
+        scale = self.scaler.scale * self.dp_size / denominator
+        loss_sum = torch.zeros((), device=self.device)
+        last = len(micro_batches) - 1
+        for index, batch in enumerate(micro_batches):
+            set_gradient_sync(self.model, index == last or not accumulates_locally(mode))
+            micro_loss = self._loss_sum(batch)
+            objective = micro_loss * scale
+            if self.model_args.num_experts:
+                # the load-balancing loss is a per-micro-batch mean: average it over micro-batches
+                objective = objective + self.model.aux_loss() * self.scaler.scale / len(micro_batches)
+            objective.backward()
+            loss_sum += micro_loss.detach()
+        outcome = clip_and_step(self.optimizer, self.config.optim.clip_grad, self.scaler.scale)
+        bad = outcome.found_inf * self.scaler.at_minimum().float()
+        self.scaler.update(outcome.found_inf)
+        return loss_sum, tokens, outcome.grad_norm, outcome.found_inf, bad
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> TrainResult:
+        c = self.config
+        t = c.train
+        result = TrainResult(iteration=self.state.iteration, reason="finished")
+        pending: list[tuple] = []
+        consecutive_bad = torch.zeros((), device=self.device)
+        skipped = torch.full((), float(self.state.skipped_iterations), device=self.device)
+        check_every = min(c.logging.log_interval, t.max_consecutive_skips)
+        interval_start = time.perf_counter()
+        self.metrics.print(self._banner())
+        self.model.train()
+        while self.state.iteration < self.train_iters:
+            micro_batches = self._next_micro_batches(self.train_batches)
+            self.state.iteration += 1
+            self.state.consumed_samples += t.global_batch_size
+            self.state.consumed_tokens += t.global_batch_size * c.data.seq_length
+            lr = self.schedule.lr_at(self.schedule.progress_of(self.state.iteration, self.state.consumed_tokens))
+            set_lr(self.optimizer, lr)
+            loss_sum, tokens, grad_norm, found_inf, bad = self.train_step(micro_batches)
+            consecutive_bad = (consecutive_bad + 1.0) * bad
+            skipped = skipped + found_inf
+            pending.append((self.state.iteration, lr, loss_sum, tokens, grad_norm, found_inf))
+            it = self.state.iteration
+            if it % c.logging.log_interval == 0 or it == self.train_iters:
+                self._log(pending, skipped, time.perf_counter() - interval_start, result)
+                pending = []
+                interval_start = time.perf_counter()
+            if it % check_every == 0 and consecutive_bad.item() >= t.max_consecutive_skips:
+                self._stop_on_bad_steps(int(consecutive_bad.item()), int(skipped.item()))
+            if t.eval_iters > 0 and self.valid_ds is not None and it % t.eval_interval == 0:
+                self.evaluate()
+            stop = self._stop_reason(it)
+            saving = c.checkpoint.save_interval and it % c.checkpoint.save_interval == 0
+            if saving or stop or it == self.train_iters:
+                self.state.skipped_iterations = int(skipped.item())
+                if c.checkpoint.save:
+                    self._save()
+            if stop:
+                result.reason = stop
+                break
+        result.iteration = self.state.iteration
+        self.state.skipped_iterations = int(skipped.item())
+        if self.checkpointer is not None:
+            self.checkpointer.wait()
+        return result
+
+    def _stop_on_bad_steps(self, in_a_row: int, skipped: int) -> None:
+        """Save (skipped steps changed no weights: this is the last good state) and stop."""
+        self.state.skipped_iterations = skipped
+        self._save()
+        save = self.config.checkpoint.save
+        where = f"the last good state is saved in {save}" if save else "nothing saved (no --save)"
+        raise EmberError(f"{in_a_row} iterations in a row had a NaN/Inf loss or gradient (up to iteration "
+                         f"{self.state.iteration}); stopped, {where}. Lower --lr, use --bf16 instead of "
+                         f"--fp16, or check the data")
+
+    def _stop_reason(self, iteration: int) -> str | None:
+        t = self.config.train
+        if self.stop_signal.requested():
+            return "sigterm"
+        if t.exit_interval and iteration % t.exit_interval == 0 and iteration < self.train_iters:
+            return "exit_interval"
+        return None
+
+    def _save(self) -> None:
+        if self.checkpointer is None:
+            return
+        state = {
+            "state": self.state.to_dict(),
+            "loader": self.train_loader.state_dict(),
+            "loss_scaler": self.scaler.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "has_optimizer": self.config.checkpoint.save_optim,
+            "model_args": self.model_args.to_dict(),
+            "config": self.config.to_dict(),
+            "world_size": self.world_size,
+            "dp_size": self.dp_size,
+        }
+        path = self.checkpointer.save(self.state.iteration, self.model,
+                                      self.optimizer if self.config.checkpoint.save_optim else None, state)
+        self.metrics.print(f"saved checkpoint {path}")
+
+    # ------------------------------------------------------------------ logging and evaluation
+
+    def _log(self, pending: list[tuple], skipped: torch.Tensor, elapsed: float, result: TrainResult) -> None:
+        t = self.config.train
+        loss_sums = self._dp_sum(torch.stack([p[2] for p in pending]))
+        counts = torch.stack([p[3] for p in pending]).clamp(min=1.0)
+        host = torch.stack([loss_sums / counts, torch.stack([p[4] for p in pending]),
+                            torch.stack([p[5] for p in pending])]).cpu().tolist()
+        losses, norms, _ = host
+        for (iteration, *_), loss in zip(pending, losses):
+            result.losses[iteration] = loss
+        # a skipped step still has a meaningful loss unless the loss itself is what overflowed
+        good = [loss for loss in losses if math.isfinite(loss)]
+        iterations = len(pending)
+        tokens = iterations * t.global_batch_size * self.config.data.seq_length
+        per_device = tokens / max(elapsed, 1e-9) / self.world_size
+        tflops = self.flops_per_token * per_device / 1e12
+        record: dict[str, Any] = {
+            "iteration": pending[-1][0],
+            "consumed_samples": self.state.consumed_samples,
+            "consumed_tokens": self.state.consumed_tokens,
+            "loss": sum(good) / len(good) if good else float("nan"),
+            "lr": pending[-1][1],
+            "grad_norm": norms[-1],
+            "loss_scale": float(self.scaler.scale),
+            "skipped_iterations": int(skipped.item()),
+            "iteration_time_ms": 1000.0 * elapsed / iterations,
+            "tokens_per_s": tokens / max(elapsed, 1e-9),
+            "tokens_per_s_per_device": per_device,
+            "tflops": tflops,
+            "mfu": tflops / self.peak if self.peak else None,
+            "memory_gib": memory_gib(self.device),
+        }
+        self.metrics.log(record, format_train_line(record, self.train_iters))
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss and perplexity over the first `--eval-iters` global batches of the validation split.
+
+        The same batches every time, so evaluations are comparable and a resumed run evaluates
+        exactly as an uninterrupted one.
+        """
+        t = self.config.train
+        iters = min(t.eval_iters, len(self.valid_ds) // t.global_batch_size)
+        if iters == 0:
+            return {}
+        self.model.eval()
+        loader = self._loader(self.valid_ds, 0)
+        total = torch.zeros((), device=self.device)
+        tokens = torch.zeros((), device=self.device)
+        for _ in range(iters):
+            for batch in self._next_micro_batches(loader):
+                total += self._loss_sum(batch)
+                tokens += batch["loss_mask"].sum()
+        loader.close()
+        totals = self._dp_sum(torch.stack([total, tokens.float()])).tolist()
+        self.model.train()
+        loss = totals[0] / max(totals[1], 1.0)
+        ppl = math.exp(min(loss, 700.0))
+        record = {"iteration": self.state.iteration, "eval_loss": loss, "eval_ppl": ppl}
+        self.metrics.log(record, f"validation at iteration {self.state.iteration} | lm loss: {loss:.6E} | "
+                                 f"lm loss PPL: {ppl:.6E}")
+        return record
+
+    def _banner(self) -> str:
+        c = self.config
+        a = self.model_args
+        return (f"training {c.model.name or 'model'}: {a.num_params() / 1e6:.2f}M parameters, "
+                f"{self.world_size} process(es) on {self.device.type} "
+                f"(dp {self.dp_size}, {c.parallel.dp_mode}), global batch {c.train.global_batch_size} x "
+                f"{c.data.seq_length} tokens, {self.train_iters} iterations, from iteration {self.state.iteration}")
+
+    # ------------------------------------------------------------------ teardown
+
+    def close(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.wait()
+        if hasattr(self, "train_loader"):
+            self.train_loader.close()
+        if hasattr(self, "stop_signal"):
+            self.stop_signal.restore()
+        if hasattr(self, "metrics"):
+            self.metrics.close()
+        if self._owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _check_same_architecture(wanted, saved, ref: ckpt.CheckpointRef) -> None:
+    a, b = wanted.to_dict(), saved.to_dict()
+    a.pop("extra", None), b.pop("extra", None)
+    different = sorted(k for k in a if a[k] != b.get(k))
+    if different:
+        raise EmberError(f"--model differs from the checkpoint {ref.path} in {different}; drop --model to "
+                         f"take the architecture from the checkpoint")
+
+
+def run_training(config: Config, stream=None) -> TrainResult:
+    """Train to the end (or to a stop) in this process; under torchrun, on every rank."""
+    trainer = Trainer(config, stream=stream)
+    try:
+        trainer.setup()
+        return trainer.train()
+    finally:
+        trainer.close()
