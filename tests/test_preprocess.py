@@ -186,10 +186,11 @@ def test_clear_errors_before_any_work(tmp_path, tokenizer_dir, corpus_jsonl, cap
 def test_interrupted_run_leaves_no_complete_pair(tmp_path, corpus_jsonl, tokenizer_dir):
     big = tmp_path / "big.jsonl"
     data = corpus_jsonl.read_bytes()
-    big.write_bytes(data * 6)
+    big.write_bytes(data * 20)
+    # Small chunks and frequent progress lines: the kill lands early, far from the end of the input.
     proc = subprocess.Popen([sys.executable, "-m", "ember.cli", "preprocess", "--input", str(big),
                              "--output-prefix", str(tmp_path / "k"), "--tokenizer-name-or-path", str(tokenizer_dir),
-                             "--log-interval", "50", "--no-fast-encoder"],
+                             "--log-interval", "20", "--chunk-size", "16", "--no-fast-encoder"],
                             stderr=subprocess.PIPE, text=True)
     try:
         for line in proc.stderr:  # wait until it is mid-way, then kill it hard
@@ -198,6 +199,7 @@ def test_interrupted_run_leaves_no_complete_pair(tmp_path, corpus_jsonl, tokeniz
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL  # killed mid-run, not finished before the signal
     assert not (tmp_path / "k_text_document.idx").exists()
 
 

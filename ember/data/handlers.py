@@ -107,15 +107,29 @@ class GeneralPretrainHandler:
 
     def _encode_key(self, key: str, kept: list[dict[str, list[str]]]) -> EncodedDocuments:
         flat_sentences = [s for record in kept for s in record[key]]
-        encoded = iter(self.encoder.encode_batch(flat_sentences))
-        documents = []
-        eod = self.tokenizer.eod
-        for record in kept:
-            doc = [ids for ids in itertools.islice(encoded, len(record[key])) if len(ids) > 0]
-            if doc and self.append_eod:
-                doc[-1] = list(doc[-1]) + [eod]
-            documents.append(doc)
-        return EncodedDocuments.from_lists(documents)
+        per_record = np.fromiter((len(record[key]) for record in kept), dtype=np.int64, count=len(kept))
+        if hasattr(self.encoder, "encode_batch_flat"):  # fast path: ids straight into numpy
+            tokens, lengths = self.encoder.encode_batch_flat(flat_sentences)
+        else:
+            encoded = self.encoder.encode_batch(flat_sentences)
+            lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
+            tokens = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64, count=int(lengths.sum()))
+        return self._assemble(tokens.astype(np.int32, copy=False), lengths, per_record)
+
+    def _assemble(self, tokens: np.ndarray, lengths: np.ndarray, per_record: np.ndarray) -> EncodedDocuments:
+        """Megatron's rules, vectorised: empty sentences are dropped, and with append_eod the EOD
+        token joins the last (non-empty) sentence of every non-empty document."""
+        record_of = np.repeat(np.arange(per_record.size), per_record)
+        kept = lengths > 0
+        counts = np.bincount(record_of[kept], minlength=per_record.size).astype(np.int64)
+        lengths = lengths[kept]
+        if self.append_eod and lengths.size:
+            last_of_doc = np.cumsum(counts)[counts > 0] - 1  # index (among kept) of each doc's last sentence
+            ends = np.cumsum(lengths)[last_of_doc]
+            tokens = np.insert(tokens, ends, self.tokenizer.eod)
+            lengths = lengths.copy()
+            lengths[last_of_doc] += 1
+        return EncodedDocuments(tokens, lengths, counts)
 
 
 class _InstructionHandler:

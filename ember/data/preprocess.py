@@ -62,34 +62,32 @@ class Totals:
 
 # ---- worker side -------------------------------------------------------------------------------
 
-_worker_handler = None
+# One handler per job and process. The parent builds it before forking its workers, so they
+# inherit it instead of rebuilding the tokenizer and fast encoder (seconds for a large vocabulary).
+_handlers: dict = {}
 
 
 def make_encoder(tokenizer, use_fast: bool):
     """The fast exact BPE encoder when it can reproduce this tokenizer, else the tokenizer itself."""
     if not use_fast or tokenizer.backend is None:
         return tokenizer
-    try:
-        from ember.data.fast_bpe import FastBPE
-    except ImportError:
-        return tokenizer
+    from ember.data.fast_bpe import FastBPE
+
     fast = FastBPE.from_hf(tokenizer.backend)
     return tokenizer if fast is None else fast
 
 
-def make_handler(job: PreprocessJob):
-    tokenizer = build_tokenizer(*job.tokenizer_spec)
-    encoder = make_encoder(tokenizer, job.fast_encoder)
-    return build_handler(job.handler_name, tokenizer, encoder, job.json_keys, job.append_eod, job.prompt_type)
+def handler_for(job: PreprocessJob):
+    if job not in _handlers:
+        tokenizer = build_tokenizer(*job.tokenizer_spec)
+        encoder = make_encoder(tokenizer, job.fast_encoder)
+        _handlers[job] = build_handler(job.handler_name, tokenizer, encoder, job.json_keys, job.append_eod,
+                                       job.prompt_type)
+    return _handlers[job]
 
 
-def _init_worker(job: PreprocessJob) -> None:
-    global _worker_handler
-    _worker_handler = make_handler(job)
-
-
-def _handle_chunk(chunk):
-    return _worker_handler.handle(decode_chunk(chunk))
+def _handle_chunk(job: PreprocessJob, chunk):
+    return handler_for(job).handle(decode_chunk(chunk))
 
 
 # ---- main side ---------------------------------------------------------------------------------
@@ -121,16 +119,16 @@ class Progress:
 
 def _ordered_results(job: PreprocessJob, chunks, workers: int):
     """Handled chunks in input order; at most a few chunks in flight per worker (bounded memory)."""
+    handler = handler_for(job)  # built here, inherited by the forked workers
     if workers <= 1:
-        handler = make_handler(job)
         for chunk in chunks:
             yield handler.handle(decode_chunk(chunk))
         return
     context = multiprocessing.get_context("fork")
-    with context.Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
+    with context.Pool(workers) as pool:
         pending: deque = deque()
         for chunk in chunks:
-            pending.append(pool.apply_async(_handle_chunk, (chunk,)))
+            pending.append(pool.apply_async(_handle_chunk, (job, chunk)))
             if len(pending) >= 3 * workers:
                 yield pending.popleft().get()
         while pending:
@@ -342,9 +340,10 @@ def run(args) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAYON_NUM_THREADS", "1")
     job, files, prefixes, dtypes, tokenizer = _validate(args)
-    encoder = make_encoder(tokenizer, job.fast_encoder)
+    encoder = getattr(handler_for(job), "encoder", None)
+    fast = encoder is not None and encoder.__class__.__name__ == "FastBPE"
     print(f"ember preprocess: {len(files)} file(s), tokenizer {tokenizer.name} (vocab {tokenizer.vocab_size}, "
-          f"{'fast exact BPE' if encoder is not tokenizer else 'Hugging Face'} encoder), "
+          f"{'fast exact BPE' if fast else 'Hugging Face'} encoder), "
           f"{args.workers} worker(s), {args.n_subs} part(s)", file=sys.stderr)
     start = time.perf_counter()
     # Pack mode writes plain EOD-terminated documents first, then packs them (after --n-subs merged
