@@ -153,7 +153,7 @@ def stream_text(codec: TextCodec, tokens: Iterable[int], out=None) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--load", type=Path, required=True, help="ember weight folder (ember convert --to ember, or training)")
+    parser.add_argument("--load", type=Path, required=True, help="ember weight folder (ember convert --to ember) or an ember train --save folder")
     parser.add_argument(
         "--tokenizer-name-or-path", type=Path, default=None, help="local tokenizer folder (default: LOAD/tokenizer)"
     )
@@ -171,17 +171,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ember.models.checkpoint_io import load_model, read_manifest
+    from ember.train.export import is_training_checkpoint, load_model_from_training_checkpoint
 
-    read_manifest(args.load)  # a clear error for a folder that is not ember weights, first
+    from_training = is_training_checkpoint(args.load)
+    if not from_training:
+        read_manifest(args.load)  # a clear error for a folder that is not ember weights, first
     if args.max_new_tokens < 1:
         raise EmberError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if not 0 < args.top_p <= 1:
         raise EmberError(f"--top-p must be in (0, 1], got {args.top_p}")
-    tokenizer_dir = args.tokenizer_name_or_path or args.load / "tokenizer"
-    if not tokenizer_dir.is_dir():
+    if from_training:  # a `--save` folder of ember train: weights and tokenizer from its checkpoint
+        model, trained_tokenizer = load_model_from_training_checkpoint(args.load, args.device, _DTYPES[args.dtype])
+        tokenizer_dir = args.tokenizer_name_or_path or trained_tokenizer
+    else:
+        model = None
+        tokenizer_dir = args.tokenizer_name_or_path or args.load / "tokenizer"
+    if tokenizer_dir is None or not tokenizer_dir.is_dir():
         raise EmberError(f"no tokenizer folder at {tokenizer_dir}; pass --tokenizer-name-or-path DIR")
     codec = TextCodec(tokenizer_dir)
-    model = load_model(args.load, device=args.device, dtype=_DTYPES[args.dtype])
+    if model is None:
+        model = load_model(args.load, device=args.device, dtype=_DTYPES[args.dtype])
     prompt_ids = codec.encode(args.prompt)
     if not prompt_ids:
         raise EmberError("the prompt encodes to no tokens; give some text")

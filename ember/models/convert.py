@@ -38,7 +38,8 @@ _DTYPE_CHOICES = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16, "
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="from_format", choices=["hf", "ember"], required=True, help="format of SRC")
     parser.add_argument("--to", dest="to_format", choices=["hf", "ember"], required=True, help="format to write")
-    parser.add_argument("src", type=Path, help="Hugging Face model folder or ember weight folder")
+    parser.add_argument("src", type=Path,
+                        help="Hugging Face model folder, ember weight folder, or (--from ember) an ember train --save folder")
     parser.add_argument("out", type=Path, help="output folder (written atomically)")
     parser.add_argument(
         "--max-shard-size", default="5GB", help="largest output shard, e.g. 500MB, 2GiB, 5GB (default 5GB)"
@@ -58,13 +59,26 @@ def run(args: argparse.Namespace) -> int:
     if args.from_format == "hf":
         summary = convert_hf_to_ember(args.src, args.out, max_shard_bytes=max_shard, dtype=dtype, overwrite=args.force)
     else:
-        summary = convert_ember_to_hf(args.src, args.out, max_shard_bytes=max_shard, dtype=dtype, overwrite=args.force)
+        summary = _convert_to_hf(args.src, args.out, max_shard, dtype, args.force)
     print(
         f"ember convert: {args.from_format} {summary['family']} -> {args.to_format} {args.out}: "
         f"{summary['tensors']} tensors, {summary['bytes'] / 1e6:.1f} MB in {summary['shards']} shard(s), "
         f"{time.perf_counter() - started:.1f}s"
     )
     return 0
+
+
+def _convert_to_hf(src: Path, out: Path, max_shard: int, dtype, overwrite: bool) -> dict:
+    """ember weights -> HF; a training checkpoint (`ember train --save` folder) is read first."""
+    import tempfile
+
+    from ember.train.export import export_training_checkpoint, is_training_checkpoint
+
+    if not is_training_checkpoint(src):
+        return convert_ember_to_hf(src, out, max_shard_bytes=max_shard, dtype=dtype, overwrite=overwrite)
+    with tempfile.TemporaryDirectory(prefix="ember-export-", dir=out.parent if out.parent.is_dir() else None) as tmp:
+        weights = export_training_checkpoint(src, Path(tmp) / "weights")
+        return convert_ember_to_hf(weights, out, max_shard_bytes=max_shard, dtype=dtype, overwrite=overwrite)
 
 
 def parse_size(text: str) -> int:

@@ -1,0 +1,110 @@
+"""Training checkpoints (DCP) -> full weights, for `ember generate --load SAVE_DIR` and
+`ember convert --from ember --to hf SAVE_DIR OUT`.
+
+A DCP checkpoint stores every tensor under its full-model name whatever the layout it was saved
+from, so one process can read the whole model back (optimizer state is left on disk). The
+architecture and the tokenizer come from the checkpoint's train_state.json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ember.errors import EmberError
+from ember.models.args import ModelArgs
+
+
+def infer_family(args: ModelArgs, model_name: str | None = None) -> str:
+    """The Hugging Face family whose layout these args describe (for the HF mapping table)."""
+    if model_name:
+        from ember.models.registry import get_model_family
+
+        try:
+            return get_model_family(model_name)
+        except (KeyError, EmberError):
+            pass
+    if args.num_experts:
+        return "grok1" if args.sandwich_norm else "mixtral"
+    if args.position_type == "alibi":
+        return "bloom"
+    if args.position_type == "learned":
+        return "gpt2"
+    if args.qk_norm:
+        return "qwen3"
+    if args.qkv_bias:
+        return "qwen2"
+    if args.sliding_window:
+        return "mistral"
+    return "llama"
+
+
+def is_training_checkpoint(path: str | Path) -> bool:
+    from ember.train.checkpoint import find_checkpoint
+
+    try:
+        ref = find_checkpoint(path)
+    except EmberError:
+        return False
+    return ref is not None and ref.kind == "training"
+
+
+def read_training_checkpoint(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor], dict]:
+    """(ModelArgs, full model state_dict, train_state + its "iteration") of the newest checkpoint
+    under `path`."""
+    import torch.distributed.checkpoint as dcp
+
+    from ember.models.transformer import Transformer
+    from ember.train.checkpoint import find_checkpoint
+
+    ref = find_checkpoint(path)
+    if ref is None or ref.kind != "training":
+        raise EmberError(f"{path} holds no training checkpoint (expected `latest` or an iter_* folder)")
+    train_state = {**ref.train_state(), "iteration": ref.iteration}
+    args = ModelArgs.from_dict(train_state["model_args"])
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device="cpu")
+    model.tie_weights()
+    state = {"model": model.state_dict()}
+    try:
+        dcp.load(state, checkpoint_id=str(ref.path), no_dist=True)
+    except Exception as err:  # DCP wraps every failure in CheckpointException
+        lines = str(err).strip().splitlines()
+        raise EmberError(f"cannot read model weights from {ref.path}: {lines[-1] if lines else err}") from None
+    return args, state["model"], train_state
+
+
+def _tokenizer_dir(train_state: dict) -> Path | None:
+    data = train_state.get("config", {}).get("data", {})
+    folder = data.get("tokenizer_name_or_path")
+    return Path(folder) if folder and Path(folder).is_dir() else None
+
+
+def export_training_checkpoint(path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write the newest checkpoint under `path` as an ember weight folder (+ its tokenizer)."""
+    from ember.models.checkpoint_io import save_ember_weights
+
+    args, state, train_state = read_training_checkpoint(path)
+    model_name = train_state.get("config", {}).get("model", {}).get("name")
+    family = infer_family(args, model_name)
+    source = {"training_checkpoint": str(Path(path).resolve()), "iteration": train_state.get("iteration")}
+    return save_ember_weights(state, args, out_dir, family, source=source,
+                              tokenizer_dir=_tokenizer_dir(train_state), overwrite=overwrite)
+
+
+def load_model_from_training_checkpoint(path: str | Path, device="cpu", dtype: torch.dtype | None = None):
+    """A ready Transformer from a training checkpoint, and the tokenizer folder it was trained with."""
+    from ember.models.transformer import Transformer
+
+    args, state, train_state = read_training_checkpoint(path)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device=device)
+    model.tie_weights()
+    model.load_state_dict({k: v.to(device) for k, v in state.items()})
+    model.init_buffers(device)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval(), _tokenizer_dir(train_state)
