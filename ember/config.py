@@ -140,7 +140,11 @@ class OptimConfig:
 
 @dataclass
 class ParallelConfig:
-    """The device layout. Only data parallelism runs today; the other degrees validate and wait."""
+    """The device layout: data, tensor (+ sequence), pipeline, context and expert parallelism.
+
+    The processes form a mesh pp x dp x cp x tp (tp innermost); expert parallelism borrows its
+    ranks from the data- and context-parallel ones (ep divides dp x cp), as in Megatron.
+    """
 
     # replicate: every rank holds the whole model and optimizer (DDP-like);
     # zero1: optimizer state and gradients sharded (Megatron's --use-distributed-optimizer);
@@ -153,6 +157,12 @@ class ParallelConfig:
     context_parallel_size: int = 1
     expert_model_parallel_size: int = 1
     sequence_parallel: bool = False
+    # None: 1f1b, or interleaved_1f1b with virtual stages; gpipe also available.
+    pipeline_schedule: str | None = None
+    num_layers_per_virtual_pipeline_stage: int | None = None
+    # Uneven pipeline splits: the first/last stage's layer counts (the rest split evenly).
+    decoder_first_pipeline_num_layers: int | None = None
+    decoder_last_pipeline_num_layers: int | None = None
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
     # None: nccl on CUDA, hccl on Ascend, gloo on CPU.
@@ -477,6 +487,11 @@ def _flags() -> list[Flag]:
         Flag(("--context-parallel-size",), p + "context_parallel_size"),
         Flag(("--expert-model-parallel-size",), p + "expert_model_parallel_size"),
         Flag(("--sequence-parallel",), p + "sequence_parallel", const=True),
+        Flag(("--pipeline-schedule",), p + "pipeline_schedule", "1f1b (default), interleaved_1f1b or gpipe"),
+        Flag(("--num-layers-per-virtual-pipeline-stage",), p + "num_layers_per_virtual_pipeline_stage",
+             "interleaved 1F1B: layers per virtual stage"),
+        Flag(("--decoder-first-pipeline-num-layers",), p + "decoder_first_pipeline_num_layers"),
+        Flag(("--decoder-last-pipeline-num-layers",), p + "decoder_last_pipeline_num_layers"),
         Flag(("--overlap-grad-reduce",), p + "overlap_grad_reduce", const=True),
         Flag(("--overlap-param-gather",), p + "overlap_param_gather", const=True),
         Flag(("--distributed-backend",), p + "backend"),
@@ -500,7 +515,7 @@ def _flags() -> list[Flag]:
 
 FLAGS = _flags()
 # MindFormers' launcher flags with no ember setting of their own.
-_RUN_MODES = ("train", "finetune")
+_RUN_MODES = ("train", "finetune", "predict")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -509,7 +524,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
                         help="settings applied last, e.g. train.lr=1e-4")
     parser.add_argument("--run_mode", "--run-mode", dest="run_mode", choices=_RUN_MODES,
-                        default=argparse.SUPPRESS, help="MindFormers style: finetune is --finetune")
+                        default=argparse.SUPPRESS,
+                        help="MindFormers style: finetune is --finetune; predict generates from the checkpoint")
     parser.add_argument("--use_parallel", "--use-parallel", dest="use_parallel", default=argparse.SUPPRESS,
                         help="accepted for MindFormers scripts; the launcher decides the processes")
     group = parser.add_argument_group("settings (Megatron / ModelLink names)")
@@ -525,9 +541,17 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """defaults < --config YAML < flags < overrides (in that order)."""
+    from ember import mindformers, tiny
+
     config = Config()
+    mindformers_values = None
     if getattr(args, "config", None):
-        apply_mapping(config, load_yaml(args.config), f"config file {args.config}")
+        values = load_yaml(args.config)
+        if mindformers.is_mindformers_config(values):  # a MindFormers run config (model_config, ...)
+            mindformers.mindformers_to_ember(config, values, f"config file {args.config}")
+            mindformers_values = values
+        else:
+            apply_mapping(config, values, f"config file {args.config}")
     # argparse keeps the order of the namespace, not of the command line; flags never conflict
     # except --bf16/--fp16, which validation reports.
     chosen: dict[str, list[str]] = {}
@@ -543,6 +567,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
         config.train.finetune = True
     for text in getattr(args, "overrides", None) or []:
         apply_override(config, text)
+    if mindformers_values is not None:
+        mindformers.finish(config, mindformers_values, args)
+    if tiny.enabled():  # EMBER_TINY=1: the same run as a tiny model on this CPU
+        tiny.apply_tiny(config)
     return config
 
 
@@ -562,14 +590,7 @@ def _positive(value, name: str, allow_none: bool = False) -> None:
 
 
 def data_parallel_size(config: Config, world_size: int) -> int:
-    p = config.parallel
-    model_parallel = (p.tensor_model_parallel_size * p.pipeline_model_parallel_size
-                      * p.context_parallel_size)
-    if world_size % model_parallel:
-        raise EmberError(
-            f"{world_size} processes do not divide into tensor x pipeline x context parallel = "
-            f"{model_parallel}; change the process count or the parallel sizes")
-    return world_size // model_parallel
+    return data_parallel_size_of(config.parallel, world_size)
 
 
 def validate(config: Config, world_size: int = 1, check_paths: bool = True) -> Config:
@@ -598,6 +619,7 @@ def validate(config: Config, world_size: int = 1, check_paths: bool = True) -> C
             f"global batch size {t.global_batch_size} is not divisible by micro batch size "
             f"{t.micro_batch_size} x data-parallel size {dp} = {t.micro_batch_size * dp}; "
             f"change --global-batch-size or --micro-batch-size")
+    _validate_pipeline(p, t.global_batch_size // (t.micro_batch_size * dp))
     _validate_budget(config)
     _validate_schedule(t)
     if not 0.0 <= o.weight_decay:
@@ -630,20 +652,68 @@ def _check_choice(value, choices, name: str) -> None:
         raise EmberError(f"{name} = {value!r} is not one of {', '.join(choices)}")
 
 
+PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+
+
 def _validate_parallel(p: ParallelConfig, world_size: int) -> None:
+    """Checks that need no model; the model's own (heads, layers, experts vs the degrees) are in
+    `ember.parallel.mesh.ParallelDims.check_model`."""
     for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                  "context_parallel_size", "expert_model_parallel_size"):
-        value = getattr(p, name)
-        _positive(value, f"parallel.{name}")
-        if value != 1:
-            flag = "--" + name.replace("_", "-")
-            raise EmberError(f"{flag} {value}: only data parallelism is available in this version; "
-                             f"set {flag} 1")
-    if p.sequence_parallel:
-        raise EmberError("--sequence-parallel needs tensor parallelism, which is not available yet; drop it")
+        _positive(getattr(p, name), f"parallel.{name} (--{name.replace('_', '-')})")
     _positive(p.dp_replicate, "parallel.dp_replicate (--dp-replicate)")
-    if p.dp_mode != "replicate" and world_size % p.dp_replicate:
-        raise EmberError(f"--dp-replicate {p.dp_replicate} does not divide {world_size} processes")
+    dp = data_parallel_size_of(p, world_size)
+    if p.dp_mode != "replicate" and dp % p.dp_replicate:
+        raise EmberError(f"--dp-replicate {p.dp_replicate} does not divide the data-parallel size {dp}")
+    ep, dp_cp = p.expert_model_parallel_size, dp * p.context_parallel_size
+    if dp_cp % ep:
+        raise EmberError(f"--expert-model-parallel-size {ep} must divide data-parallel x context-parallel size "
+                         f"{dp_cp} (experts are sharded over data-parallel ranks); change the sizes or the "
+                         f"process count")
+    if p.pipeline_schedule is not None:
+        p.pipeline_schedule = p.pipeline_schedule.lower().replace("-", "_")
+        _check_choice(p.pipeline_schedule, PIPELINE_SCHEDULES, "parallel.pipeline_schedule (--pipeline-schedule)")
+    _positive(p.num_layers_per_virtual_pipeline_stage, "--num-layers-per-virtual-pipeline-stage", allow_none=True)
+    pipeline_only = {"--num-layers-per-virtual-pipeline-stage": p.num_layers_per_virtual_pipeline_stage,
+                     "--decoder-first-pipeline-num-layers": p.decoder_first_pipeline_num_layers,
+                     "--decoder-last-pipeline-num-layers": p.decoder_last_pipeline_num_layers}
+    for flag, value in pipeline_only.items():
+        if value is not None and p.pipeline_model_parallel_size == 1:
+            raise EmberError(f"{flag} needs pipeline parallelism; set --pipeline-model-parallel-size > 1 or drop it")
+        if value is not None and value < 0:
+            raise EmberError(f"{flag} must be >= 0, got {value}")
+
+
+def data_parallel_size_of(p: ParallelConfig, world_size: int) -> int:
+    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+    if world_size % model_parallel:
+        raise EmberError(
+            f"{world_size} processes do not divide into tensor x pipeline x context parallel = "
+            f"{model_parallel}; change the process count or the parallel sizes")
+    return world_size // model_parallel
+
+
+def pipeline_schedule_name(p: ParallelConfig) -> str:
+    """The schedule a pipeline-parallel run uses: as given, else Megatron's choice (1F1B,
+    interleaved when virtual stages are set)."""
+    if p.pipeline_schedule is not None:
+        return p.pipeline_schedule
+    return "interleaved_1f1b" if p.num_layers_per_virtual_pipeline_stage else "1f1b"
+
+
+def _validate_pipeline(p: ParallelConfig, micro_batches: int) -> None:
+    pp = p.pipeline_model_parallel_size
+    if pp == 1:
+        return
+    name = pipeline_schedule_name(p)
+    if name == "interleaved_1f1b" and not p.num_layers_per_virtual_pipeline_stage:
+        raise EmberError("--pipeline-schedule interleaved_1f1b needs --num-layers-per-virtual-pipeline-stage")
+    if name != "interleaved_1f1b" and p.num_layers_per_virtual_pipeline_stage:
+        raise EmberError(f"--num-layers-per-virtual-pipeline-stage runs the interleaved_1f1b schedule, not {name}")
+    if name == "1f1b" and micro_batches < pp:
+        raise EmberError(f"1F1B needs at least as many micro-batches per step ({micro_batches} = global batch / "
+                         f"(micro batch x data-parallel size)) as pipeline stages ({pp}); raise "
+                         f"--global-batch-size or lower --micro-batch-size")
 
 
 def _validate_budget(config: Config) -> None:

@@ -18,9 +18,12 @@ learned positions are right on every piece and on every pipeline stage.
 
 The caller shards the batch with `shard_sequence` (input ids, labels, loss mask alike) and sums
 the loss and the gradients over the cp ranks as it does over data-parallel ranks. ALiBi and
-soft-capped attention (which do not go through SDPA's plain causal form) are refused. An MoE
-block's load-balancing loss is computed per piece, like Megatron without its cp all-reduce of
-the token counts, so it is close to, not equal to, the single-process value.
+soft-capped attention (which do not go through SDPA's plain causal form) are refused.
+
+An MoE block's load-balancing loss is made exact: each rank's share uses the expert token counts
+summed over the cp ranks and the whole sequences' token count, as Megatron does, and is
+multiplied by cp so that averaging gradients over the cp ranks (FSDP) gives the sum of the
+shares — the single-process loss of the whole sequences.
 """
 
 from __future__ import annotations
@@ -211,6 +214,24 @@ def _exit_mode(module: nn.Module, args: tuple, output) -> None:
         module._ember_cp_modes.pop().__exit__(None, None, None)
 
 
+def _context_parallel_balancing_loss(moe, cp_group, cp_size: int):
+    """MoE._load_balancing_loss for one piece of each sequence (same normalisation, Megatron's):
+    E / (k * T^2) * sum_e (tokens routed to e, all pieces) * (router probabilities for e, this
+    piece), T the whole sequences' token count; times cp (see the module docstring)."""
+
+    def loss(scores: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        probs = scores if moe.gating == "softmax" else scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
+        counts = torch.bincount(experts.reshape(-1), minlength=moe.num_experts).to(probs.dtype)
+        dist.all_reduce(counts, group=cp_group)  # token counts carry no gradient
+        num_tokens = scores.shape[0] * cp_size
+        balance = torch.sum(probs.sum(dim=0) * counts)
+        return balance * (moe.num_experts * moe.aux_loss_coef * cp_size / (moe.top_k * num_tokens * num_tokens))
+
+    return loss
+
+
 def apply_context_parallel(model: nn.Module, cp_mesh, load_balance: bool = True) -> None:
     """Make `model` (an ember Transformer, or a pipeline stage of one) run on this rank's piece of
     the sequence. Feed it the pieces `shard_sequence` cuts; positions are filled in automatically."""
@@ -230,4 +251,7 @@ def apply_context_parallel(model: nn.Module, cp_mesh, load_balance: bool = True)
         attention.register_forward_pre_hook(_enter_mode)
         # always_call: pop the mode even when the forward raises, so it never leaks out
         attention.register_forward_hook(_exit_mode, always_call=True)
+        moe = getattr(block, "moe", None)
+        if moe is not None and moe.aux_loss_coef > 0:
+            moe._load_balancing_loss = _context_parallel_balancing_loss(moe, cp_mesh.get_group(), size)
     model._ember_context_parallel = True

@@ -13,13 +13,21 @@ Semantics, chosen to match Megatron-LM and a single-process run of the same micr
   micro-batch in one process. Dropless routing (capacity None) sends every assignment.
 - The load-balancing loss is the one `MoE.forward` computes on the rank's tokens (Megatron's
   "aux_loss": per micro-batch per data-parallel rank; the trainer averages it like the LM loss).
-  With sequence or context parallelism splitting a sequence's tokens over ranks, Megatron also
-  sums the expert counts over the TP x CP group; that reduction is not done here.
+  Under sequence parallelism the MoE block gathers whole sequences first (ember.parallel.tensor);
+  under context parallelism the counts are summed over the cp ranks (ember.parallel.context), as
+  Megatron sums them over its TP x CP group.
 
 Gradients: an expert's gradient on its owner is the sum over the EP group of every rank's loss
 gradient (the all-to-all backward brings them home). If the trainer averages the loss over D
 data-parallel ranks that include the EP group, expert gradients must be divided by D (not by the
 D / ep ranks that replicate an expert): FSDP's `gradient_divide_factor` or `scale_expert_grads`.
+
+With tensor parallelism (TP x EP): every expert's ffn dim is also split over the tp ranks
+(Megatron's expert tensor parallelism equal to tp), so the weights are 2-D DTensors on the
+(ep, tp) mesh, [Shard(0), Shard(ffn dim)]. The tp ranks of one ep group hold the same tokens
+(routing sees whole sequences), exchange them with their own ep peers, and all-reduce each
+expert's output over tp before it goes back (Megatron's f/g operators around the experts), so
+the router and its weights get whole numbers.
 
 All-to-all runs on NCCL, HCCL and gloo (gloo supports uneven `all_to_all_single` on CPU in torch
 2.13), so the same code path is tested on CPU.
@@ -57,6 +65,36 @@ class _AllToAll(torch.autograd.Function):
         return grad_in, None, None, None
 
 
+class _CopyToTensorParallel(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over tp (each tp rank's experts saw the
+    same tokens through their own slice of the ffn dim)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromTensorParallel(torch.autograd.Function):
+    """Sum over tp forward (partial expert outputs -> whole ones); identity backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
 def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
     """Rows x[sum(input_splits[:r]) : ...] go to rank r; rows from rank r arrive in output_splits[r]."""
     return _AllToAll.apply(x, output_splits, input_splits, group)
@@ -72,9 +110,10 @@ class ExpertParallelDispatch:
     tokens [N, dim], experts [N, k] (global expert ids), weights [N, k] -> combined output [N, dim].
     """
 
-    def __init__(self, moe: MoE, group, ep_size: int, ep_rank: int):
+    def __init__(self, moe: MoE, group, ep_size: int, ep_rank: int, tp_group=None):
         self.moe = moe
         self.group = group
+        self.tp_group = tp_group
         self.ep_size = ep_size
         self.ep_rank = ep_rank
         self.num_local = moe.num_experts // ep_size
@@ -115,6 +154,8 @@ class ExpertParallelDispatch:
         row_expert = torch.repeat_interleave(local_ids, received_counts.reshape(-1))
         by_expert = torch.argsort(row_expert, stable=True)
         grouped = received[by_expert]
+        if self.tp_group is not None:
+            grouped = _CopyToTensorParallel.apply(grouped, self.tp_group)
         per_expert = received_counts.sum(0).tolist()
         experts = self.moe.experts
         w1, w2 = _local(experts.w1), _local(experts.w2)
@@ -130,6 +171,8 @@ class ExpertParallelDispatch:
             outputs.append(F.linear(hidden, w2[expert]))
             start += count
         grouped_out = torch.cat(outputs)
+        if self.tp_group is not None:
+            grouped_out = _ReduceFromTensorParallel.apply(grouped_out, self.tp_group)
         return grouped_out[torch.argsort(by_expert)]
 
 
@@ -137,10 +180,13 @@ def moe_blocks(model: nn.Module) -> list[MoE]:
     return [module for module in model.modules() if isinstance(module, MoE)]
 
 
-def apply_expert_parallel(model: nn.Module, ep_mesh) -> None:
+def apply_expert_parallel(model: nn.Module, ep_mesh, expert_mesh=None) -> None:
     """Shard every MoE block's experts over the 1-D DeviceMesh `ep_mesh` and route tokens to
-    them with all-to-all. In place; a model without MoE blocks is left alone."""
-    from torch.distributed.tensor import Shard, distribute_tensor
+    them with all-to-all. In place; a model without MoE blocks is left alone.
+
+    After tensor parallelism (experts already DTensors sharded over tp on their ffn dim), pass
+    `expert_mesh`, the 2-D (ep, tp) mesh: the weights become [Shard(0), Shard(ffn)] on it."""
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
     if ep_mesh.ndim != 1:
         raise EmberError(f"expert parallelism needs a 1-D mesh, got {ep_mesh.ndim} dimensions {ep_mesh.mesh_dim_names}")
@@ -155,16 +201,26 @@ def apply_expert_parallel(model: nn.Module, ep_mesh) -> None:
     if ep_size == 1:
         return
     group = ep_mesh.get_group()
+    tp_group = None
     for moe in blocks:
         for name in EXPERT_WEIGHTS:
             weight = getattr(moe.experts, name)
             if weight is None:
                 continue
-            # src_data_rank=None: every rank keeps its own chunk (all ranks built the same
-            # model from the same seed, or will load a checkpoint), no broadcast needed.
-            sharded = distribute_tensor(weight.detach(), ep_mesh, [Shard(0)], src_data_rank=None)
+            if isinstance(weight, DTensor):  # tensor-parallel already: add the ep dimension
+                if expert_mesh is None or expert_mesh.ndim != 2:
+                    raise EmberError("expert parallelism after tensor parallelism needs the 2-D (ep, tp) mesh")
+                tp_group = expert_mesh.get_group(1)
+                local = weight.to_local()
+                chunk = local.shape[0] // ep_size
+                local = local.narrow(0, ep_rank * chunk, chunk)
+                sharded = DTensor.from_local(local, expert_mesh, [Shard(0), *weight.placements], run_check=False)
+            else:
+                # src_data_rank=None: every rank keeps its own chunk (all ranks built the same
+                # model from the same seed, or will load a checkpoint), no broadcast needed.
+                sharded = distribute_tensor(weight.detach(), ep_mesh, [Shard(0)], src_data_rank=None)
             setattr(moe.experts, name, nn.Parameter(sharded, requires_grad=weight.requires_grad))
-        moe._dispatch = ExpertParallelDispatch(moe, group, ep_size, ep_rank)
+        moe._dispatch = ExpertParallelDispatch(moe, group, ep_size, ep_rank, tp_group)
 
 
 def expert_parameters(model: nn.Module) -> list[nn.Parameter]:

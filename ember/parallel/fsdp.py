@@ -12,26 +12,31 @@ One mechanism gives all three modes, on NCCL, HCCL and gloo alike:
 Blocks are wrapped one by one when their gradient reduction should overlap the backward pass
 (`--overlap-grad-reduce`, and always for fsdp, whose per-block all-gathers need it); otherwise the
 whole model is one group, reduced once the backward pass has finished.
+
+With context parallelism the shard dimension spans dp_shard x cp (see `ember.parallel.mesh`).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from ember.parallel.mesh import ParallelDims
 
+def apply_data_parallel(model: nn.Module, fsdp_mesh, mode: str, overlap_grad_reduce: bool,
+                        ignored_params: set[nn.Parameter] | None = None) -> None:
+    """Wrap `model` (which has `model.layers`) in place for data parallelism over the 2-D
+    (replicate, shard) `fsdp_mesh`.
 
-def apply_data_parallel(model: nn.Module, mesh, mode: str, overlap_grad_reduce: bool) -> None:
-    """Wrap `model` (which has `model.layers`) in place for data parallelism over `mesh`."""
+    `ignored_params` (expert-parallel weights, sharded over ranks that FSDP also spans) are left
+    to the caller, who reduces their gradients over the expert data-parallel ranks.
+    """
     from torch.distributed.fsdp import fully_shard
 
-    dp_mesh = ParallelDims.dp_mesh(mesh)
     reshard = mode == "fsdp"
     if mode == "fsdp" or overlap_grad_reduce:
         for block in model.layers.values():
-            fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard)
+            fully_shard(block, mesh=fsdp_mesh, reshard_after_forward=reshard, ignored_params=ignored_params)
     # The root group holds what no block owns: embeddings, final norm, output layer.
-    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard)
+    fully_shard(model, mesh=fsdp_mesh, reshard_after_forward=reshard, ignored_params=ignored_params)
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:

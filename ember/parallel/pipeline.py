@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from ember.errors import EmberError
@@ -176,6 +175,9 @@ class TiedEmbeddings:
         if self.local is None:
             return
         param = self.local()
+        if param.grad is not None and hasattr(param.grad, "placements") and param.grad.placements != param.placements:
+            # e.g. a vocab-parallel embedding's gradient comes out Partial: make it this rank's shard
+            param.grad = param.grad.redistribute(param.device_mesh, param.placements)
         grad = _local_tensor(param.grad) if param.grad is not None else torch.zeros_like(_local_tensor(param))
         other = self._exchange(grad)
         if param.grad is None:
@@ -245,6 +247,30 @@ class PipelineParts:
         if self.tied is not None and self.has_last_stage:
             skip = self.modules[self.stage_ids.index(self.num_stages - 1)].output.weight
         return [p for p in self.parameters() if p is not skip]
+
+
+class RankStages(nn.Module):
+    """This rank's pipeline stages seen as one model, under the whole model's parameter names:
+    `tok_embeddings` / `norm` / `output` where a stage here has them, and every layer here in
+    `layers`. The submodules are the stages' own (shared, not copied). It is never run; it is
+    what the optimizer, state dicts (DCP checkpoints reshard by these names) and gradient
+    clipping see."""
+
+    _OWNED = ("tok_embeddings", "pos_embeddings", "embedding_norm", "norm", "output")
+
+    def __init__(self, modules: Sequence[Transformer]):
+        super().__init__()
+        self.args = modules[0].args
+        self.layers = nn.ModuleDict()
+        for module in modules:
+            for name in self._OWNED:
+                if getattr(module, name, None) is not None:
+                    setattr(self, name, getattr(module, name))
+            for key, layer in module.layers.items():
+                self.layers[key] = layer
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("pipeline stages run through their schedule, not as one module")
 
 
 def build_pipeline_stages(
@@ -319,10 +345,12 @@ def pipeline_loss(output: torch.Tensor, target: torch.Tensor, *, scale: torch.Te
     """One micro-batch's share of the objective: CE summed over loss tokens, times `scale`.
 
     `target` holds the labels with IGNORE_INDEX outside the loss mask. Same arithmetic as
-    `Trainer._loss_sum` (fp32 logits, per-token losses summed), so the numbers are the same.
+    `Trainer._loss_sum` (fp32 logits, per-token losses summed), so the numbers are the same;
+    vocab-sharded logits (tensor parallelism's loss_parallel) are reduced without gathering.
     """
-    losses = F.cross_entropy(output.float().flatten(0, 1), target.flatten(), reduction="none")
-    return losses.sum() * scale
+    from ember.parallel.loss import cross_entropy_sum
+
+    return cross_entropy_sum(output, target, target != IGNORE_INDEX) * scale
 
 
 @dataclass

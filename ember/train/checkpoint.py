@@ -9,9 +9,14 @@ Layout under `--save DIR`:
     DIR/iter_0000100/rng/rank_00000.pt  each rank's RNG states (torch, numpy, python)
 
 A checkpoint is written to `DIR/.iter_0000100.tmp` and renamed when every rank has finished, then
-`latest` is replaced atomically; a crash at any point leaves the previous checkpoint intact. Loading
-reshards: a checkpoint saved by N data-parallel ranks loads on M. Nothing is unpickled
-(`weights_only=True`; DCP stores tensors, the rest is JSON).
+`latest` is replaced atomically; a crash at any point leaves the previous checkpoint intact. Nothing
+is unpickled (`weights_only=True`; DCP stores tensors, the rest is JSON).
+
+Checkpoints are layout-independent: every tensor is stored under the whole model's parameter name
+(pipeline stages keep full names), model and optimizer state alike (the optimizer's flattened:
+`state.<name>.exp_avg`, `param_groups.<name>.lr`), and DTensor shards (FSDP, tensor and expert
+parallelism) are stored as pieces of the global tensor. So a checkpoint saved by one layout (say
+TP2 x PP2) loads under any other (TP1 x PP4, DP4, one process): DCP reshards on load.
 """
 
 from __future__ import annotations
@@ -159,22 +164,47 @@ def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model)
 
 
+def _options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # flattened optimizer state is keyed by parameter name, not by position in param_groups,
+    # which differ between layouts
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
 def training_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     """{"model": ..., "optimizer": ...} keyed by parameter names, sharded as the model is."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     if optimizer is None:
         return {"model": model_state_dict(model)}
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
     return {"model": model_sd, "optimizer": optim_sd}
 
 
-def load_training_state(ref: CheckpointRef, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-    """Load model (and optimizer, when given) from a DCP checkpoint, resharding as needed."""
+def _rename_optimizer_keys(optim_state: dict[str, Any], old: str, new: str) -> dict[str, Any]:
+    renamed = {}
+    for key, value in optim_state.items():
+        kind, _, rest = key.partition(".")
+        if rest == old or rest.startswith(old + "."):
+            key = f"{kind}.{new}{rest[len(old):]}"
+        renamed[key] = value
+    return renamed
+
+
+def load_training_state(ref: CheckpointRef, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                        tied_output_copy: bool = False) -> None:
+    """Load model (and optimizer, when given) from a DCP checkpoint, resharding as needed.
+
+    `tied_output_copy`: this rank's `output.weight` is a pipeline stage's copy of the tied
+    embedding (held by another rank); its optimizer state is read from the embedding's, which
+    every checkpoint of a tied model has (only pipeline runs also save the copy's)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     state = training_state_dict(model, optimizer)
+    if tied_output_copy and "optimizer" in state:
+        state["optimizer"] = _rename_optimizer_keys(state["optimizer"], "output.weight", "tok_embeddings.weight")
     try:
         dcp.load(state, checkpoint_id=str(ref.path), no_dist=not _distributed())
     except Exception as err:  # DCP raises CheckpointException with every rank's traceback
@@ -183,23 +213,31 @@ def load_training_state(ref: CheckpointRef, model: nn.Module, optimizer: torch.o
                          f"saved for a different model?") from None
     if optimizer is None:
         set_model_state_dict(model, state["model"])
-    else:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        return
+    if tied_output_copy:
+        state["optimizer"] = _rename_optimizer_keys(state["optimizer"], "tok_embeddings.weight", "output.weight")
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=_options())
 
 
-def load_full_weights(model: nn.Module, weights: dict[str, torch.Tensor], from_rank0: bool = False) -> None:
+def load_full_weights(model: nn.Module, weights: dict[str, torch.Tensor], from_rank0: bool = False,
+                      partial: bool = False) -> None:
     """Copy full (unsharded) weights into a possibly sharded model; missing or extra keys fail.
 
     With `from_rank0`, only rank 0 passes the weights (the others pass {}) and each rank receives
-    its shards by broadcast: one full copy in host memory per job, not one per rank.
+    its shards by broadcast: one full copy in host memory per job, not one per rank. `partial`:
+    the model is part of the whole (pipeline stages), so weights it does not hold are skipped,
+    and only missing ones fail.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    options = StateDictOptions(full_state_dict=True, strict=True, broadcast_from_rank0=from_rank0)
+    options = StateDictOptions(full_state_dict=True, strict=not partial, broadcast_from_rank0=from_rank0)
     try:
-        set_model_state_dict(model, weights, options=options)
+        result = set_model_state_dict(model, weights, options=options)
     except RuntimeError as err:
         raise EmberError(f"the loaded weights do not fit the model: {str(err).splitlines()[0]}") from None
+    if partial and result.missing_keys:
+        raise EmberError(f"the loaded weights do not fit the model: missing {list(result.missing_keys)[:3]}")
 
 
 # --------------------------------------------------------------------------- saving

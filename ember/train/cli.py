@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     launch.add_argument("--master-addr", default="127.0.0.1", help="address of node 0")
     launch.add_argument("--master-port", type=int, default=29500)
     add_config_arguments(parser)
+    from ember.mindformers import add_arguments as add_mindformers_arguments
+
+    add_mindformers_arguments(parser)
 
 
 def _launched_by_torchrun() -> bool:
@@ -61,6 +64,10 @@ def _print_config(resolved: Config) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    if getattr(args, "run_mode", None) == "predict":  # MindFormers: generate from the checkpoint
+        from ember.mindformers import predict
+
+        return predict(config, args)
     nproc = args.nproc_per_node or 1
     spawn = not _launched_by_torchrun() and (nproc > 1 or args.nnodes > 1)
     world_size = nproc * args.nnodes if spawn else int(os.environ.get("WORLD_SIZE", "1"))

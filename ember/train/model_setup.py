@@ -4,14 +4,17 @@ The architecture comes from, in order of precedence: Megatron architecture flags
 name (`--model`), the checkpoint given to `--load` (converted weights or a training checkpoint),
 and, when nothing else names a model, Megatron's defaults for the flags not given.
 
-The model is built on the meta device, recomputation, compilation and data parallelism are
-applied from outside (the torchtitan order), and only then is memory allocated — already sharded.
-Random initialisation always happens on the CPU with the run's seed, so every layout and every
-device type starts from the same weights.
+The model is built on the meta device and, with pipeline parallelism, cut into this rank's stages;
+then, from outside and in the torchtitan order, tensor (+ sequence) parallelism, expert
+parallelism, context parallelism, recomputation, compilation and data parallelism (FSDP2) are
+applied to each stage, and only then is memory allocated — already sharded. Random
+initialisation always happens on the CPU with the run's seed, for the whole model, so every
+layout and every device type starts from the same weights.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -21,6 +24,7 @@ from ember.config import Config
 from ember.errors import EmberError
 from ember.models import ModelArgs, Transformer, get_model_args
 from ember.parallel.fsdp import apply_data_parallel
+from ember.parallel.mesh import ParallelMeshes
 from ember.parallel.recompute import apply_recompute
 from ember.train.checkpoint import CheckpointRef, load_full_weights
 
@@ -145,23 +149,85 @@ def resolve_model_args(config: Config, ref: CheckpointRef | None) -> ModelArgs:
     return args
 
 
-def build_model(args: ModelArgs, config: Config, device: torch.device, mesh=None) -> nn.Module:
+@dataclass
+class ParallelModel:
+    """What this rank trains.
+
+    `model`: the whole model, or (pipeline parallelism) this rank's stages as one module under
+    the whole model's parameter names (`RankStages`): what the optimizer and checkpoints see.
+    `modules`: what runs (the model, or the stages). `pipeline`: the stages' `PipelineParts`.
+    `expert_params`: expert-parallel weights, whose gradients the trainer finishes itself.
+    """
+
+    model: nn.Module
+    modules: list[nn.Module]
+    pipeline: Any = None
+    expert_params: list[nn.Parameter] = field(default_factory=list)
+
+
+def build_model(args: ModelArgs, config: Config, device: torch.device,
+                meshes: ParallelMeshes | None = None) -> ParallelModel:
     """Allocate the model on `device`, parallelized; weights are left uninitialised."""
-    t, p = config.train, config.parallel
+    p = config.parallel
     with torch.device("meta"):
         model = Transformer(args)
+    pipeline = None
+    modules = [model]
+    if meshes is not None and meshes.pp is not None:
+        from ember.parallel.pipeline import build_pipeline_stages, virtual_stages_per_rank
+
+        virtual = virtual_stages_per_rank(args.n_layers, meshes.dims.pp, p.num_layers_per_virtual_pipeline_stage)
+        pipeline = build_pipeline_stages(model, meshes.pp, virtual_stages=virtual,
+                                         first_stage_layers=p.decoder_first_pipeline_num_layers,
+                                         last_stage_layers=p.decoder_last_pipeline_num_layers, device=device)
+        modules = pipeline.modules
+    for module in modules:
+        parallelize(module, config, device, meshes)
+    experts = []
+    for module in modules:
+        module.to_empty(device=device)
+        # to_empty gives each module a new Parameter, which unties a shared embedding/output matrix
+        # (FSDP keeps it shared); tie it again, or the two copies would train apart.
+        module.tie_weights()
+        module.init_buffers(device)
+        if meshes is not None and meshes.ep is not None:
+            from ember.parallel.experts import expert_parameters
+
+            experts.extend(expert_parameters(module))
+    if pipeline is not None:
+        from ember.parallel.pipeline import RankStages
+
+        return ParallelModel(RankStages(modules), modules, pipeline, experts)
+    return ParallelModel(model, modules, None, experts)
+
+
+def parallelize(model: nn.Module, config: Config, device: torch.device, meshes: ParallelMeshes | None) -> None:
+    """TP -> EP -> CP -> recompute -> compile -> FSDP on one model or pipeline stage, in place."""
+    t, p = config.train, config.parallel
+    if meshes is not None and meshes.tp is not None:
+        from ember.parallel.tensor import apply_tensor_parallel
+
+        # loss_parallel: logits stay split over the vocabulary; ember.parallel.loss reduces them
+        apply_tensor_parallel(model, meshes.tp, sequence_parallel=meshes.dims.sequence_parallel, loss_parallel=True)
+    if meshes is not None and meshes.ep is not None:
+        from ember.parallel.experts import apply_expert_parallel
+
+        apply_expert_parallel(model, meshes.ep, meshes.expert if meshes.tp is not None else None)
+    if meshes is not None and meshes.cp is not None:
+        from ember.parallel.context import apply_context_parallel
+
+        apply_context_parallel(model, meshes.cp, load_balance=True)
     apply_recompute(model, t.recompute_granularity, t.recompute_method, t.recompute_num_layers)
     if compile_enabled(config, device):
         for block in model.layers.values():
             block.compile()
-    if mesh is not None:
-        apply_data_parallel(model, mesh, p.dp_mode, p.overlap_grad_reduce)
-    model.to_empty(device=device)
-    # to_empty gives each module a new Parameter, which unties a shared embedding/output matrix
-    # (FSDP keeps it shared); tie it again, or the two copies would train apart.
-    model.tie_weights()
-    model.init_buffers(device)
-    return model
+    if meshes is not None and meshes.fsdp is not None:
+        ignored = None
+        if meshes.ep is not None:
+            from ember.parallel.experts import expert_parameters
+
+            ignored = set(expert_parameters(model))
+        apply_data_parallel(model, meshes.fsdp, p.dp_mode, p.overlap_grad_reduce, ignored)
 
 
 def compile_enabled(config: Config, device: torch.device) -> bool:
@@ -190,12 +256,13 @@ def converted_weights(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     return state
 
 
-def initialize(model: nn.Module, make_weights: Callable[[], dict[str, torch.Tensor]]) -> None:
-    """Fill the model with `make_weights()`: made on rank 0 only and broadcast when distributed."""
+def initialize(model: nn.Module, make_weights: Callable[[], dict[str, torch.Tensor]], partial: bool = False) -> None:
+    """Fill the model with `make_weights()` (the whole model's weights): made on rank 0 only and
+    broadcast when distributed. `partial`: the model holds only some of them (pipeline stages)."""
     import torch.distributed as dist
 
     if dist.is_initialized() and dist.get_world_size() > 1:
-        load_full_weights(model, make_weights() if dist.get_rank() == 0 else {}, from_rank0=True)
+        load_full_weights(model, make_weights() if dist.get_rank() == 0 else {}, from_rank0=True, partial=partial)
         return
     missing, unexpected = model.load_state_dict(make_weights(), strict=False)
     if missing or unexpected:

@@ -5,7 +5,8 @@
 
 The loss of a step is the token-level cross-entropy summed over the loss mask and divided by the
 number of loss tokens in the whole global batch, so it is the same number however the batch is
-split into micro-batches and data-parallel ranks. A step performs no host sync of its own: losses,
+split into micro-batches, data-parallel ranks, context-parallel pieces of sequences, tensor-parallel
+slices of the vocabulary or pipeline stages (`ember.parallel.mesh` describes the layouts). A step performs no host sync of its own: losses,
 gradient norms and skip flags stay on the device until the log interval reads them (besides, the
 loop reads the NaN-streak counter every `min(log interval, max skips)` iterations, and ranks vote
 on SIGTERM through a small CPU collective after each iteration).
@@ -23,16 +24,17 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ember.config import Config, validate
 from ember.errors import EmberError
 from ember.parallel.fsdp import accumulates_locally, set_gradient_sync
+from ember.parallel import gradients
+from ember.parallel.loss import cross_entropy_sum
 from ember.parallel.mesh import ParallelDims, default_backend, default_device
 from ember.train import checkpoint as ckpt
 from ember.train import model_setup
 from ember.train.metrics import MetricsLogger, format_train_line, memory_gib, peak_tflops
-from ember.train.optim import build_optimizer, clip_and_step, set_lr
+from ember.train.optim import build_optimizer, set_lr
 from ember.train.precision import LossScaler, autocast
 from ember.train.schedule import build_schedule
 
@@ -82,7 +84,8 @@ class Trainer:
         self.config = validate(config, self.world_size)
         self.dims = ParallelDims.from_config(config, self.world_size)
         self.device = default_device()
-        self.mesh = None
+        self.meshes = None
+        self.pipeline = None  # the pipeline schedule, with pipeline parallelism
         self._owns_process_group = False
         self.stream = stream
         self.state = TrainState()
@@ -93,26 +96,41 @@ class Trainer:
 
     def setup(self) -> Trainer:
         c = self.config
-        self._init_distributed()
-        seed_everything(c.train.seed)
-        if self.mesh is not None:
-            self.dp_rank, self.dp_size = self.dp_mesh.get_local_rank(), self.dp_mesh.size()
-            self.dp_group = self.dp_mesh.get_group()
-        else:
-            self.dp_rank, self.dp_size, self.dp_group = 0, 1, None
         self.metrics = MetricsLogger(c.output_dir, enabled=self.rank == 0, tensorboard=c.logging.tensorboard,
                                      tensorboard_dir=c.logging.tensorboard_dir, stream=self.stream)
         ref, self.resuming_own_run = self._checkpoint_to_start_from()
         self.model_args = model_setup.resolve_model_args(c, ref)
         if ref is not None and ref.kind == "training" and c.model.name:
             _check_same_architecture(self.model_args, model_setup.args_from_checkpoint(ref), ref)
-        self.model = model_setup.build_model(self.model_args, c, self.device, self.mesh)
+        # the model against the layout (heads, layers, experts, sequence): still no process group
+        self.dims.check_model(self.model_args, c)
+        self._init_distributed()
+        seed_everything(c.train.seed)
+        if self.meshes is not None:
+            dp, loss = self.meshes.dp, self.meshes.loss
+            self.dp_rank, self.dp_size = dp.get_local_rank(), dp.size()
+            # losses and loss-token counts are summed over data- and context-parallel ranks
+            self.loss_group = loss.get_group() if loss.size() > 1 else None
+        else:
+            self.dp_rank, self.dp_size, self.loss_group = 0, 1, None
+        built = model_setup.build_model(self.model_args, c, self.device, self.meshes)
+        self.model, self.modules, self.parts, self.expert_params = (
+            built.model, built.modules, built.pipeline, built.expert_params)
         self.optimizer = build_optimizer(self.model, c.optim, c.train.lr, self.device)
+        if self.expert_params:
+            gradients.split_param_groups_by_mesh(self.optimizer)
         self.scaler = LossScaler.for_precision(
             c.train.precision, self.device, loss_scale=c.train.loss_scale,
             initial_scale=c.train.initial_loss_scale, min_scale=c.train.min_loss_scale,
             window=c.train.loss_scale_window)
         self._load_or_initialize(ref)
+        if self.parts is not None:
+            from ember.config import pipeline_schedule_name
+            from ember.parallel.pipeline import build_schedule as build_pipeline_schedule
+
+            t = c.train
+            micro_batches = t.global_batch_size // (t.micro_batch_size * self.dp_size)
+            self.pipeline = build_pipeline_schedule(self.parts, pipeline_schedule_name(c.parallel), micro_batches)
         self._build_data()
         self.schedule = build_schedule(c, self.train_iters)
         if c.checkpoint.save:
@@ -149,7 +167,7 @@ class Trainer:
                 backend = f"cpu:gloo,{self.device.type}:{backend}"
             dist.init_process_group(backend=backend)
             self._owns_process_group = True
-        self.mesh, self.dp_mesh = self.dims.build_mesh(self.device.type)
+        self.meshes = self.dims.build_meshes(self.device.type)
 
     def _load_or_initialize(self, ref: ckpt.CheckpointRef | None) -> None:
         c = self.config
@@ -158,7 +176,9 @@ class Trainer:
             resume = self.resuming_own_run or not c.train.finetune
             # a checkpoint saved with --no-save-optim resumes with a fresh optimizer
             load_optimizer = resume and c.checkpoint.load_optim and saved.get("has_optimizer", True)
-            ckpt.load_training_state(ref, self.model, self.optimizer if load_optimizer else None)
+            ckpt.load_training_state(ref, self.model, self.optimizer if load_optimizer else None,
+                                     tied_output_copy=self._holds_tied_output_copy())
+            self._after_weights_set()
             what = "resumed from" if resume else "fine-tuning from the weights of"
             self.metrics.print(f"{what} {ref.path}")
             if resume:
@@ -169,11 +189,22 @@ class Trainer:
                 if c.checkpoint.load_rng:
                     self._restore_rng(ref)
             return
+        partial = self.parts is not None  # pipeline stages hold part of the weights
         if ref is not None:  # converted weights: a fresh start from them (continued pretraining, SFT)
             self.metrics.print(f"starting from the converted weights in {ref.path}")
-            model_setup.initialize(self.model, lambda: model_setup.converted_weights(ref))
+            model_setup.initialize(self.model, lambda: model_setup.converted_weights(ref), partial=partial)
         else:
-            model_setup.initialize(self.model, lambda: model_setup.initial_weights(self.model_args, c.train.seed))
+            model_setup.initialize(self.model, lambda: model_setup.initial_weights(self.model_args, c.train.seed),
+                                   partial=partial)
+        self._after_weights_set()
+
+    def _holds_tied_output_copy(self) -> bool:
+        return self.parts is not None and self.parts.tied is not None and self.parts.has_last_stage
+
+    def _after_weights_set(self) -> None:
+        if self.parts is not None and self.parts.tied is not None:
+            # the last stage's output head must equal the first stage's embedding, bit for bit
+            self.parts.tied.copy_weights_to_last()
 
     def _restore_rng(self, ref: ckpt.CheckpointRef) -> None:
         path = ref.path / "rng" / f"rank_{self.rank:05d}.pt"
@@ -239,22 +270,32 @@ class Trainer:
             except StopIteration:
                 raise EmberError("the training data ran out before --train-iters; this is a bug in the "
                                  "sample counts, please report it") from None
-            out.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()
+            out.append({k: self._local_piece(v.to(self.device, non_blocking=True)) for k, v in batch.items()
                         if k in ("input_ids", "labels", "loss_mask")})
         return out
 
+    def _local_piece(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's piece of a [batch, seq] tensor: with context parallelism, its chunks of
+        every sequence (Megatron's load-balanced order), else the whole."""
+        if self.meshes is None or self.meshes.cp is None:
+            return tensor
+        from ember.parallel.context import shard_sequence
+
+        return shard_sequence(tensor, self.meshes.cp, load_balance=True)
+
     # ------------------------------------------------------------------ one step
 
-    def _dp_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.dp_group is not None:
-            dist.all_reduce(tensor, group=self.dp_group)
+    def _global_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over the ranks that hold different tokens (data- and context-parallel ones)."""
+        if self.loss_group is not None:
+            dist.all_reduce(tensor, group=self.loss_group)
         return tensor
 
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with autocast(self.config.train.precision, self.device):
             logits = self.model(batch["input_ids"])
-        losses = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), reduction="none")
-        return (losses * batch["loss_mask"].flatten().float()).sum()
+        # fp32 cross-entropy; logits split over the vocabulary by tensor parallelism stay split
+        return cross_entropy_sum(logits, batch["labels"], batch["loss_mask"])
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]):
         """Forward/backward over the global batch, then the optimizer step (or a counted skip).
@@ -263,12 +304,31 @@ class Trainer:
         norm, whether the step was skipped, and whether that skip counts as bad (a NaN/Inf that
         lowering the fp16 loss scale can no longer cure).
         """
+        tokens = self._global_sum(sum(mb["loss_mask"].sum() for mb in micro_batches).float())
+        # FSDP averages gradients over data- (and context-) parallel ranks; the loss is already a
+        # global mean, so scale by their number to turn that average back into the sum over ranks.
+        average = self.dims.grad_average_size if self.meshes is not None and self.meshes.fsdp is not None else 1
+        if self.pipeline is not None:
+            loss_sum = self._pipeline_backward(micro_batches, tokens, average)
+        else:
+            loss_sum = self._backward(micro_batches, tokens, average)
+        params = self.model.parameters()
+        gradients.make_partial_grads_whole(params)
+        if self.expert_params:
+            edp = self.meshes.edp.get_group() if self.meshes.edp is not None else None
+            gradients.reduce_expert_grads(self.expert_params, edp, average)
+        norm_params = self.parts.parameters_for_grad_norm() if self.parts is not None else list(self.model.parameters())
+        outcome = gradients.clip_and_step(self.optimizer, self.config.optim.clip_grad, self.scaler.scale, norm_params,
+                                          self.parts.pp_group if self.parts is not None else None)
+        bad = outcome.found_inf * self.scaler.at_minimum().float()
+        self.scaler.update(outcome.found_inf)
+        return loss_sum, tokens, outcome.grad_norm, outcome.found_inf, bad
+
+    def _backward(self, micro_batches: list[dict[str, torch.Tensor]], tokens: torch.Tensor,
+                  average: int) -> torch.Tensor:
+        """Gradient accumulation over the micro-batches; returns this rank's summed loss."""
         mode = self.config.parallel.dp_mode
-        tokens = self._dp_sum(sum(mb["loss_mask"].sum() for mb in micro_batches).float())
-        denominator = tokens.clamp(min=1.0)
-        # FSDP averages gradients over data-parallel ranks; the loss is already a global mean, so
-        # scale by dp to turn that average back into the sum over ranks.
-        scale = self.scaler.scale * self.dp_size / denominator
+        scale = self.scaler.scale * average / tokens.clamp(min=1.0)
         loss_sum = torch.zeros((), device=self.device)
         last = len(micro_batches) - 1
         for index, batch in enumerate(micro_batches):
@@ -280,10 +340,21 @@ class Trainer:
                 objective = objective + self.model.aux_loss() * self.scaler.scale / len(micro_batches)
             objective.backward()
             loss_sum += micro_loss.detach()
-        outcome = clip_and_step(self.optimizer, self.config.optim.clip_grad, self.scaler.scale)
-        bad = outcome.found_inf * self.scaler.at_minimum().float()
-        self.scaler.update(outcome.found_inf)
-        return loss_sum, tokens, outcome.grad_norm, outcome.found_inf, bad
+        return loss_sum
+
+    def _pipeline_backward(self, micro_batches: list[dict[str, torch.Tensor]], tokens: torch.Tensor,
+                           average: int) -> torch.Tensor:
+        """One pass of the pipeline schedule over this rank's micro-batches (the same objective
+        as `_backward`, micro-batch by micro-batch); returns this rank's summed loss, shared by
+        every stage so that any rank can log it."""
+        from ember.parallel.pipeline import pipeline_train_step
+
+        batch = {k: torch.cat([mb[k] for mb in micro_batches]) for k in micro_batches[0]}
+        with autocast(self.config.train.precision, self.device):
+            share = pipeline_train_step(self.pipeline, batch["input_ids"], batch["labels"], batch["loss_mask"],
+                                        num_tokens=tokens, loss_scale=self.scaler.scale, dp_average_size=average,
+                                        broadcast_loss=True)
+        return share * tokens.clamp(min=1.0)
 
     # ------------------------------------------------------------------ the loop
 
@@ -297,7 +368,7 @@ class Trainer:
         check_every = min(c.logging.log_interval, t.max_consecutive_skips)
         interval_start = time.perf_counter()
         self.metrics.print(self._banner())
-        self.model.train()
+        self._set_training(True)
         while self.state.iteration < self.train_iters:
             micro_batches = self._next_micro_batches(self.train_batches)
             self.state.iteration += 1
@@ -364,6 +435,7 @@ class Trainer:
             "config": self.config.to_dict(),
             "world_size": self.world_size,
             "dp_size": self.dp_size,
+            "layout": self.dims.degrees() | {"ep": self.dims.ep},
         }
         path = self.checkpointer.save(self.state.iteration, self.model,
                                       self.optimizer if self.config.checkpoint.save_optim else None, state)
@@ -373,7 +445,7 @@ class Trainer:
 
     def _log(self, pending: list[tuple], skipped: torch.Tensor, elapsed: float, result: TrainResult) -> None:
         t = self.config.train
-        loss_sums = self._dp_sum(torch.stack([p[2] for p in pending]))
+        loss_sums = self._global_sum(torch.stack([p[2] for p in pending]))
         counts = torch.stack([p[3] for p in pending]).clamp(min=1.0)
         host = torch.stack([loss_sums / counts, torch.stack([p[4] for p in pending]),
                             torch.stack([p[5] for p in pending])]).cpu().tolist()
@@ -415,17 +487,21 @@ class Trainer:
         iters = min(t.eval_iters, len(self.valid_ds) // t.global_batch_size)
         if iters == 0:
             return {}
-        self.model.eval()
+        self._set_training(False)
         loader = self._loader(self.valid_ds, 0)
         total = torch.zeros((), device=self.device)
         tokens = torch.zeros((), device=self.device)
         for _ in range(iters):
-            for batch in self._next_micro_batches(loader):
-                total += self._loss_sum(batch)
-                tokens += batch["loss_mask"].sum()
+            micro_batches = self._next_micro_batches(loader)
+            if self.pipeline is not None:
+                total += self._pipeline_eval(micro_batches)
+            else:
+                for batch in micro_batches:
+                    total += self._loss_sum(batch)
+            tokens += sum(batch["loss_mask"].sum() for batch in micro_batches)
         loader.close()
-        totals = self._dp_sum(torch.stack([total, tokens.float()])).tolist()
-        self.model.train()
+        totals = self._global_sum(torch.stack([total, tokens.float()])).tolist()
+        self._set_training(True)
         loss = totals[0] / max(totals[1], 1.0)
         ppl = math.exp(min(loss, 700.0))
         record = {"iteration": self.state.iteration, "eval_loss": loss, "eval_ppl": ppl}
@@ -433,12 +509,25 @@ class Trainer:
                                  f"lm loss PPL: {ppl:.6E}")
         return record
 
+    def _pipeline_eval(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        from ember.parallel.pipeline import pipeline_eval_step
+
+        batch = {k: torch.cat([mb[k] for mb in micro_batches]) for k in micro_batches[0]}
+        with autocast(self.config.train.precision, self.device):
+            return pipeline_eval_step(self.pipeline, batch["input_ids"], batch["labels"], batch["loss_mask"],
+                                      broadcast_loss=True)
+
+    def _set_training(self, mode: bool) -> None:
+        self.model.train(mode)
+        for module in self.modules:
+            module.train(mode)
+
     def _banner(self) -> str:
         c = self.config
         a = self.model_args
         return (f"training {c.model.name or 'model'}: {a.num_params() / 1e6:.2f}M parameters, "
                 f"{self.world_size} process(es) on {self.device.type} "
-                f"(dp {self.dp_size}, {c.parallel.dp_mode}), global batch {c.train.global_batch_size} x "
+                f"({self.dims.describe()}, {c.parallel.dp_mode}), global batch {c.train.global_batch_size} x "
                 f"{c.data.seq_length} tokens, {self.train_iters} iterations, from iteration {self.state.iteration}")
 
     # ------------------------------------------------------------------ teardown
