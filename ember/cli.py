@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
     "convert": ("ember.models.convert", "convert weights between Hugging Face and ember folders"),
     "generate": ("ember.generate", "generate text from an ember weight folder (greedy or sampled, KV cache)"),
     "plot": ("ember.train.plot", "plot a run's loss curve (logs/metrics.jsonl) to a PNG"),
+    "tiny": ("ember.tiny", "prepare the EMBER_TINY assets (built-in corpus, tiny tokenizer, datasets); print paths"),
     "plan": ("ember.parallel.plan", "estimate memory and communication per device; check or search parallel layouts"),
     "tokenizer": {
         "train": ("ember.data.tokenizer_train", "train a byte-level BPE tokenizer on a corpus"),
