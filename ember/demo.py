@@ -3,7 +3,9 @@
 Each stage is the same `ember` subcommand a user would run by hand, printed before it runs:
 
     built-in corpus (standard-library docstrings) -> byte-level BPE tokenizer trained on it
-    -> ember preprocess (Megatron .bin/.idx) -> ember data inspect
+    -> ember preprocess (Megatron .bin/.idx) -> ember data inspect -> ember train (a small Llama,
+    CPU, a few minutes) -> ember generate (from the checkpoint) -> ember convert (to Hugging Face)
+    -> ember plot (loss curve PNG)
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ def add_arguments(parser) -> None:
                         help="limit the built-in corpus to about this many MB (default: all docstrings, ~2 MB)")
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--train-iters", type=int, default=300,
+                        help="training iterations (300 take a few minutes on 2 CPU cores)")
+    parser.add_argument("--prompt", default="Return the", help="prompt for the generated sample")
 
 
 def run(args) -> int:
@@ -46,5 +51,24 @@ def run(args) -> int:
             "--tokenizer-name-or-path", str(tokenizer), "--append-eod", "--workers", str(args.workers),
             "--log-interval", "500", "--overwrite"])
     _ember(["data", "inspect", f"{prefix}_text_document", "--tokenizer-name-or-path", str(tokenizer)])
-    print(f"\ndemo finished in {time.perf_counter() - start:.0f}s; everything is under {out}/", file=sys.stderr)
+    checkpoints, hf = out / "checkpoints", out / "hf"
+    every = max(args.train_iters // 3, 1)
+    _ember(["train", "--model", "tiny-llama",
+            # a little wider and deeper than the test-sized tiny-llama: about 4M parameters
+            "--hidden-size", "256", "--num-layers", "4", "--num-attention-heads", "8", "--num-query-groups", "4",
+            "--ffn-hidden-size", "704",
+            "--data-path", f"{prefix}_text_document", "--split", "98,2,0",
+            "--tokenizer-name-or-path", str(tokenizer), "--seq-length", "256",
+            "--micro-batch-size", "8", "--global-batch-size", "16", "--train-iters", str(args.train_iters),
+            "--lr", "3e-3", "--min-lr", "3e-4", "--lr-decay-style", "cosine",
+            "--lr-warmup-iters", str(max(args.train_iters // 20, 1)), "--weight-decay", "0.1", "--clip-grad", "1.0",
+            "--save", str(checkpoints), "--save-interval", str(every), "--eval-interval", str(every),
+            "--eval-iters", "4", "--log-interval", str(max(args.train_iters // 30, 1)), "--seed", "1234"])
+    _ember(["generate", "--load", str(checkpoints), "--prompt", args.prompt, "--max-new-tokens", "48",
+            "--temperature", "0.8", "--top-k", "40", "--seed", "0"])
+    _ember(["convert", "--from", "ember", "--to", "hf", str(checkpoints), str(hf), "--force"])
+    _ember(["plot", str(checkpoints / "logs" / "metrics.jsonl"), "--output", str(out / "loss.png"),
+            "--title", "ember demo: tiny Llama on standard-library docstrings"])
+    print(f"\ndemo finished in {time.perf_counter() - start:.0f}s; everything is under {out}/ "
+          f"(checkpoints/, hf/ loads with transformers, loss.png)", file=sys.stderr)
     return 0

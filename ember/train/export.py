@@ -8,6 +8,7 @@ architecture and the tokenizer come from the checkpoint's train_state.json.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -69,7 +70,9 @@ def read_training_checkpoint(path: str | Path) -> tuple[ModelArgs, dict[str, tor
     model.tie_weights()
     state = {"model": model.state_dict()}
     try:
-        dcp.load(state, checkpoint_id=str(ref.path), no_dist=True)
+        with warnings.catch_warnings():  # DCP warns that it loads in one process: that is the intent
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(ref.path), no_dist=True)
     except Exception as err:  # DCP wraps every failure in CheckpointException
         lines = str(err).strip().splitlines()
         raise EmberError(f"cannot read model weights from {ref.path}: {lines[-1] if lines else err}") from None
