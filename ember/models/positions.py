@@ -8,6 +8,7 @@ with the second half), so q/k projection weights convert without permutation.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -48,10 +49,50 @@ def rope_tables(args: ModelArgs, device: torch.device | str | None = None) -> tu
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, T, H, D]; cos/sin: [B or 1, T, 1, D] already in x's dtype."""
+    """x * cos + rotate_half(x) * sin. x: [B, T, H, D]; cos/sin: [B or 1, T, 1, D] in x's dtype
+    or a wider one (bf16 queries under autocast meet fp32 tables; the result is then fp32)."""
+    if is_plain_tensor(x) and not torch.compiler.is_compiling():
+        return _RotateHalf.apply(x, cos, sin)
+    # DTensors, and graphs torch.compile fuses itself, take the composite form
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def is_plain_tensor(x: torch.Tensor) -> bool:
+    """Not a DTensor (tensor parallelism hands some modules DTensors; they keep composite ops)."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is None or not isinstance(x, dtensor.DTensor)
+
+
+class _RotateHalf(torch.autograd.Function):
+    """RoPE in four fused multiply-adds per half instead of neg, cat, two multiplies and an add
+    (and their backward: zero-filled slices, another cat). The rotation is linear in x, so the
+    gradient is the transposed rotation: g * cos - rotate_half^T(g * sin)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        ctx.input_dtype = x.dtype
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        # the composite form's type promotion: bf16 q/k (autocast) with fp32 tables give fp32
+        out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, cos.dtype), device=x.device)
+        # rotate_half(x) = [-x2, x1], written half by half straight into `out`
+        torch.mul(x1, cos[..., :half], out=out[..., :half]).addcmul_(x2, sin[..., :half], value=-1.0)
+        torch.mul(x2, cos[..., half:], out=out[..., half:]).addcmul_(x1, sin[..., half:])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        half = grad.shape[-1] // 2
+        g1, g2 = grad[..., :half], grad[..., half:]
+        out = torch.empty_like(grad)
+        # d/dx1 = g1 * cos1 + g2 * sin2; d/dx2 = g2 * cos2 - g1 * sin1
+        torch.mul(g1, cos[..., :half], out=out[..., :half]).addcmul_(g2, sin[..., half:])
+        torch.mul(g2, cos[..., half:], out=out[..., half:]).addcmul_(g1, sin[..., :half], value=-1.0)
+        return out.to(ctx.input_dtype), None, None
 
 
 def alibi_slopes(n_heads: int, device: torch.device | str | None = None) -> torch.Tensor:

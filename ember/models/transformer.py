@@ -8,6 +8,7 @@ and feeds hidden states instead of tokens (the torchtitan pattern). No distribut
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -136,10 +137,17 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,
         positions: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        *,
+        head: Callable[[torch.Tensor, nn.Linear], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """tokens: LongTensor [B, T] (or hidden states [B, T, dim] when tok_embeddings is None).
         positions: [T] or [B, T]; default start..start+T-1 where start is the cache length.
-        Returns logits [B, T, vocab] (hidden states when output is None)."""
+        Returns logits [B, T, vocab] (hidden states when output is None).
+
+        `head(hidden, output_layer)`, when given, replaces the output layer: the model returns
+        what it returns, from the final hidden states (output multiplier applied). A loss that
+        applies the output layer itself (ember.train.fused_loss) goes through it, inside this
+        forward, where data parallelism has the output weight gathered."""
         batch, seq = tokens.shape[:2]
         start = kv_cache.length if kv_cache is not None else 0
         if positions is None:
@@ -156,6 +164,10 @@ class Transformer(nn.Module):
             kv_cache.advance(seq)
         if self.norm is not None:
             h = self.norm(h)
+        if self.output is not None and head is not None:
+            if self.args.output_multiplier != 1.0:
+                h = h * self.args.output_multiplier  # (m h) W^T = m (h W^T)
+            return head(h, self.output)
         if self.output is not None:
             h = self.output(h)
             if self.args.output_multiplier != 1.0:
