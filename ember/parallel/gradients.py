@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ember.train import optim
 from ember.train.optim import StepOutcome
 
 
@@ -94,25 +95,8 @@ def split_param_groups_by_mesh(optimizer: torch.optim.Optimizer) -> None:
 
 def clip_and_step(optimizer: torch.optim.Optimizer, max_norm: float, loss_scale: torch.Tensor,
                   norm_params: list[nn.Parameter], pp_group=None) -> StepOutcome:
-    """Unscale, clip to `max_norm` (0 = off) by the global norm of `norm_params`' gradients and
-    step, or skip on the device when the gradients are not finite.
-
-    `ember.train.optim.clip_and_step` for any layout: the norm is taken over meshes and pipeline
-    stages, the gradients of every parameter the optimizer holds (tied copies included) are scaled.
-    """
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    norm = global_grad_norm(norm_params, pp_group) / loss_scale
-    found_inf = (~torch.isfinite(norm)).float()
-    factor = 1.0 / loss_scale
-    if max_norm > 0:
-        factor = factor * torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    local_grads = [_local(g) for g in grads]
-    if local_grads:
-        torch._foreach_mul_(local_grads, factor.to(local_grads[0].device))
-    if optimizer.defaults.get("fused"):
-        optimizer.found_inf = found_inf
-        optimizer.step()
-    elif not bool(found_inf):  # no fused kernel: the decision needs the host
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return StepOutcome(grad_norm=norm, found_inf=found_inf)
+    """`ember.train.optim.clip_and_step` for any layout: the clipping norm is the global norm of
+    `norm_params`' gradients over meshes and pipeline stages; the gradients of every parameter the
+    optimizer holds (tied copies included) are scaled."""
+    return optim.clip_and_step(optimizer, max_norm, loss_scale,
+                               scaled_norm=global_grad_norm(norm_params, pp_group))

@@ -72,10 +72,16 @@ class StepOutcome:
     found_inf: torch.Tensor  # 0-dim float: 1.0 when the step was skipped
 
 
-def clip_and_step(optimizer: torch.optim.Optimizer, max_norm: float, loss_scale: torch.Tensor) -> StepOutcome:
-    """Unscale, clip to `max_norm` (0 = off) and step, or skip when the gradients are not finite."""
+def clip_and_step(optimizer: torch.optim.Optimizer, max_norm: float, loss_scale: torch.Tensor,
+                  scaled_norm: torch.Tensor | None = None) -> StepOutcome:
+    """Unscale, clip to `max_norm` (0 = off) and step, or skip when the gradients are not finite.
+
+    `scaled_norm` is the (still loss-scaled) global gradient norm when the caller computed it over
+    a parallel layout (ember.parallel.gradients); by default it is the optimizer's gradients' norm.
+    """
     grads = gradients(optimizer)
-    scaled_norm = global_grad_norm(grads)
+    if scaled_norm is None:
+        scaled_norm = global_grad_norm(grads)
     norm = scaled_norm / loss_scale
     found_inf = (~torch.isfinite(norm)).float()
     factor = 1.0 / loss_scale
