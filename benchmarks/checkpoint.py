@@ -26,6 +26,7 @@ import shutil
 import statistics
 import sys
 import time
+import warnings
 
 import torch
 
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP, once per call
     for name in SHAPES if args.shape == "all" else [args.shape]:
         with scratch_dir("ember-checkpoint-bench-") as workdir:
             r = measure(name, args, workdir)

@@ -109,23 +109,18 @@ def take_batches(trainer: Trainer, steps: int) -> list[list[dict[str, torch.Tens
     return out
 
 
-def trainer_uses_fused_loss() -> bool:
-    """Whether Trainer._loss_sum already goes through ember.train.fused_loss."""
-    import inspect
-
-    return "lm_loss_sum" in inspect.getsource(Trainer._loss_sum)
-
-
-def use_fused_loss(trainer: Trainer) -> None:
-    """The proposed one-line trainer change, on this instance only: the micro-batch loss through
-    `ember.train.fused_loss.lm_loss_sum` (output layer and cross-entropy fused) instead of
-    `cross_entropy_sum(model(tokens), ...)`. The rest of `train_step` is untouched."""
-    from ember.train.fused_loss import lm_loss_sum
+def use_plain_loss(trainer: Trainer) -> None:
+    """On this instance only, the micro-batch loss through the full logits,
+    `cross_entropy_sum(model(tokens), ...)`, instead of the trainer's fused output layer and
+    cross-entropy (`ember.train.fused_loss`): what the fused loss gains. The rest of `train_step`
+    is untouched."""
+    from ember.parallel.loss import cross_entropy_sum
     from ember.train.precision import autocast
 
     def loss_sum(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with autocast(trainer.config.train.precision, trainer.device):
-            return lm_loss_sum(trainer.model, batch["input_ids"], batch["labels"], batch["loss_mask"])
+            logits = trainer.model(batch["input_ids"])
+        return cross_entropy_sum(logits, batch["labels"], batch["loss_mask"])
 
     trainer._loss_sum = loss_sum
 

@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from compare_training import (  # noqa: E402
-    ember_step, ember_trainer, hf_step, hf_twin, initial_state, scratch_dir, take_batches, use_fused_loss,
+    ember_step, ember_trainer, hf_step, hf_twin, initial_state, scratch_dir, take_batches, use_plain_loss,
 )
 from train_cpu import SHAPES  # noqa: E402
 
@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--loss", choices=["trainer", "fused"], default="trainer",
-                        help="fused: the proposed trainer change (see train_cpu.py --loss)")
+    parser.add_argument("--loss", choices=["fused", "plain"], default="fused",
+                        help="plain: ember's loss through the full logits (see train_cpu.py --loss)")
     parser.add_argument("--shapes", action="store_true", help="group the table by input shapes")
     parser.add_argument("--trace", help="also write a chrome trace here")
     args = parser.parse_args(argv)
@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     with scratch_dir("ember-profile-") as workdir:
         trainer = ember_trainer(shape, workdir, warmup + args.steps, precision=args.precision, compile=args.compile)
         try:
-            if args.loss == "fused":
-                use_fused_loss(trainer)
+            if args.loss == "plain":
+                use_plain_loss(trainer)
             if args.side == "ember":
                 step = ember_step(trainer)
             else:

@@ -1,8 +1,9 @@
 """Training speed on this CPU: ember's training step vs a plain Hugging Face transformers loop.
 
-    python benchmarks/train_cpu.py                          # both shapes, fp32, all cores
-    python benchmarks/train_cpu.py --shape 56m --steps 24 --per-round 3
-    python benchmarks/train_cpu.py --shape tiny --compile   # ember with torch.compile'd blocks
+    python benchmarks/train_cpu.py                          # both shapes, fp32, all cores, wall time
+    python benchmarks/train_cpu.py --loss plain             # ember's loss through the full logits
+    python benchmarks/train_cpu.py --threads 1 --clock cpu  # steadier on a busy machine
+    python benchmarks/train_cpu.py --shape 56m --compile    # ember with torch.compile'd blocks
 
 Same Llama model, same initial weights, same batches, same dtype; the two sides take turns
 (`--per-round` steps each) so that other work on a shared machine slows both alike, and the
@@ -10,10 +11,14 @@ figures are medians of per-step times. MFU counts 6 x non-embedding parameters (
 included) + attention FLOPs per token (`ModelArgs.flops_per_token`), against this CPU's fp32
 (or bf16) matmul peak measured at the start. Per shape it prints one comparable line:
 
-    train_cpu shape=56m dtype=fp32 threads=2 steps=... ember_tokens_per_s=... hf_tokens_per_s=...
-              ratio=... ember_mfu=... hf_mfu=... peak_gflops=... loss_max_diff=... load1=...
+    train_cpu shape=56m params=56.4M dtype=fp32 threads=2 compile=0 loss=plain clock=wall timed_steps=...
+              ember_tokens_per_s=... hf_tokens_per_s=... ratio=... paired_ratio=... ember_mfu=...
+              hf_mfu=... peak_gflops=... loss_max_diff=... load1=...
 
-and, with --curves, the two loss curves step by step.
+`ratio` compares median step times; `paired_ratio` is the median over turns of HF time / ember
+time for the same batches (steadier when the machine's load drifts). `loss=fused` is the trainer's
+loss (ember.train.fused_loss), `loss=plain` goes through the full logits. With --curves it also prints
+both loss curves step by step. Results and the machine they came from: RESULTS.md.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from compare_training import (  # noqa: E402
     Shape, alternate, ember_step, ember_trainer, hf_step, hf_twin, initial_state, load_average, loss_agreement,
-    scratch_dir, take_batches, trainer_uses_fused_loss, use_fused_loss,
+    scratch_dir, take_batches, use_plain_loss,
 )
 
 _LLAMA_OVERRIDES = dict(swiglu=True, normalization="RMSNorm", untie_embeddings_and_output_weights=True,
@@ -72,8 +77,8 @@ def run_shape(shape: Shape, args: argparse.Namespace, peak_gflops: float, clock)
     with scratch_dir("ember-train-cpu-") as workdir:
         trainer = ember_trainer(shape, workdir, steps, precision=args.precision, compile=args.compile)
         try:
-            if args.loss == "fused":
-                use_fused_loss(trainer)
+            if args.loss == "plain":
+                use_plain_loss(trainer)
             hf_model = hf_twin(trainer.model_args, initial_state(trainer), trainer.device)
             batches = take_batches(trainer, steps)
             sides = {"ember": ember_step(trainer), "hf": hf_step(hf_model, trainer.config, trainer.device)}
@@ -110,9 +115,9 @@ def main(argv: list[str] | None = None) -> None:
                              "use with --threads 1, as idle OpenMP threads spin)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--compile", action="store_true", help="torch.compile ember's blocks")
-    parser.add_argument("--loss", choices=["trainer", "fused"], default="trainer",
-                        help="ember's loss as Trainer._loss_sum computes it today, or through "
-                             "ember.train.fused_loss (the proposed trainer change)")
+    parser.add_argument("--loss", choices=["fused", "plain"], default="fused",
+                        help="ember's loss as the trainer computes it (output layer and cross-entropy "
+                             "fused), or through the full logits (to measure what fusing gains)")
     parser.add_argument("--curves", action="store_true", help="print both loss curves step by step")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -121,14 +126,13 @@ def main(argv: list[str] | None = None) -> None:
     peak = matmul_peak_gflops(dtype, clock=clock)
     print(f"# {args.precision} matmul peak on {args.threads} thread(s): {peak:.0f} GFLOP/s; "
           f"torch {torch.__version__}; load1 {load_average():.2f}", flush=True)
-    loss_name = "fused" if args.loss == "fused" or trainer_uses_fused_loss() else "plain"
     for name in SHAPES if args.shape == "all" else [args.shape]:
         r = run_shape(SHAPES[name], args, peak, clock)
         if args.curves:
             for step, (a, b) in enumerate(zip(r["losses"]["ember"], r["losses"]["hf"]), start=1):
                 print(f"loss shape={name} step={step} ember={a:.6f} hf={b:.6f} diff={a - b:+.2e}")
         print(f"train_cpu shape={name} params={r['params_m']:.1f}M dtype={args.precision} threads={args.threads} "
-              f"compile={int(args.compile)} loss={loss_name} clock={args.clock} timed_steps={r['timed_steps']} "
+              f"compile={int(args.compile)} loss={args.loss} clock={args.clock} timed_steps={r['timed_steps']} "
               f"ember_tokens_per_s={r['ember_tokens_per_s']:.0f} hf_tokens_per_s={r['hf_tokens_per_s']:.0f} "
               f"ratio={r['ratio']:.3f} paired_ratio={r['paired_ratio']:.3f} ember_mfu={r['ember_mfu']:.3f} hf_mfu={r['hf_mfu']:.3f} "
               f"peak_gflops={peak:.0f} loss_max_diff={r['loss_max_diff']:.2e} load1={r['load1']:.2f}", flush=True)

@@ -36,7 +36,6 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from compare_training import (  # noqa: E402
     Shape, ember_step, ember_trainer, hf_step, hf_twin, initial_state, scratch_dir, take_batches, time_steps,
-    trainer_uses_fused_loss, use_fused_loss,
 )
 
 from ember.train.metrics import device_name, peak_tflops  # noqa: E402
@@ -174,8 +173,6 @@ def _build_side(side, shape, workdir, steps, options, model_args, state, config,
             import torchao.float8  # noqa: F401 (ImportError: skipped)
         trainer = ember_trainer(shape, os.path.join(workdir, side), steps, **options)
         trainer.model.load_state_dict(state)  # the same start as the other sides
-        if not trainer_uses_fused_loss():
-            use_fused_loss(trainer)  # the proposed trainer change (see compare_training.use_fused_loss)
         if side == "ember-fp8":
             apply_float8(trainer.model)
         return ember_step(trainer), trainer.close

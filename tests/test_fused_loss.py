@@ -153,7 +153,7 @@ def test_data_parallel_takes_the_fused_path_with_the_same_gradients():
 
 
 def test_a_trainer_with_the_fused_loss_trains_like_the_plain_one(tmp_path):
-    """The proposed Trainer._loss_sum (through lm_loss_sum) against cross_entropy_sum of the logits:
+    """The trainer's loss (through lm_loss_sum) against cross_entropy_sum of the full logits:
     same losses over a few steps of the real training step (clipping, fused AdamW, accumulation)."""
     from ember.parallel.loss import cross_entropy_sum
     from ember.train.precision import autocast
@@ -166,13 +166,14 @@ def test_a_trainer_with_the_fused_loss_trains_like_the_plain_one(tmp_path):
     for name in ("plain", "fused"):
         trainer = Trainer(train_config(argv), stream=io.StringIO()).setup()
 
-        def loss_sum(batch, trainer=trainer, fused=name == "fused"):
+        def plain_loss_sum(batch, trainer=trainer):
             with autocast(trainer.config.train.precision, trainer.device):
-                if fused:
-                    return lm_loss_sum(trainer.model, batch["input_ids"], batch["labels"], batch["loss_mask"])
                 return cross_entropy_sum(trainer.model(batch["input_ids"]), batch["labels"], batch["loss_mask"])
 
-        trainer._loss_sum = loss_sum
+        if name == "plain":
+            trainer._loss_sum = plain_loss_sum
+        else:
+            assert fused_loss_applies(trainer.model)
         try:
             losses[name] = trainer.train().losses
         finally:

@@ -43,6 +43,21 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
     return dtensor is not None and isinstance(tensor, dtensor.DTensor)
 
 
+def _accumulate_weight_grad(grad_weight: torch.Tensor, grad_logits_t: torch.Tensor, hidden: torch.Tensor,
+                            first: bool) -> None:
+    """grad_weight (fp32) += grad_logits^T @ hidden, or = for the first block."""
+    if grad_logits_t.dtype != torch.float32:  # bf16/fp16 products, summed over blocks in fp32
+        block = torch.mm(grad_logits_t, hidden)
+        if first:
+            grad_weight.copy_(block)
+        else:
+            grad_weight.add_(block)
+    elif first:
+        torch.mm(grad_logits_t, hidden, out=grad_weight)
+    else:
+        grad_weight.addmm_(grad_logits_t, hidden)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum_i token_weight_i * CE(hidden_i @ weight^T, label_i), gradients made in forward."""
 
@@ -51,57 +66,50 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 token_weights: torch.Tensor, chunk_rows: int, compute_dtype: torch.dtype,
                 need_grad: bool) -> torch.Tensor:
         rows, vocab = hidden.shape[0], weight.shape[0]
-        h = hidden.to(compute_dtype)
-        w = weight.to(compute_dtype)
+        device = hidden.device
         low_precision = compute_dtype != torch.float32
         need_hidden_grad = need_grad and ctx.needs_input_grad[0]
         need_weight_grad = need_grad and ctx.needs_input_grad[1]
-        grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden_grad else None
-        # filled by the first block's matmul (no zero-fill pass over [vocab, dim])
-        grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if need_weight_grad else None
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
         chunk_rows = max(1, min(chunk_rows, rows))
-        in_place = hidden.device.type == "cpu"
-        logits_buffer = torch.empty(chunk_rows, vocab, dtype=compute_dtype, device=hidden.device)
+        # in place on the CPU (no second block in cache); elsewhere out of place, since the caching
+        # allocator makes that free and accelerator kernels need not support aliasing
+        in_place = device.type == "cpu"
+        logits_buffer = torch.empty(chunk_rows, vocab, dtype=compute_dtype, device=device)
         # the softmax runs in fp32 whatever the matmul dtype, as in the plain path
-        fp32_buffer = torch.empty(chunk_rows, vocab, device=hidden.device) if low_precision else logits_buffer
+        fp32_buffer = torch.empty(chunk_rows, vocab, device=device) if low_precision else logits_buffer
+        targets = labels[:, None]
+        picked = torch.empty(rows, 1, device=device)  # log p(label) of every token
+        minus_one = torch.full((chunk_rows, 1), -1.0, device=device)
+        grad_hidden = torch.empty(hidden.shape, dtype=compute_dtype, device=device) if need_hidden_grad else None
+        # filled by the first block's matmul (no zero-fill pass over [vocab, dim])
+        grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=device) if need_weight_grad else None
+        # token weights scale rows of [rows, dim] tensors, once, instead of every [rows, vocab] block
+        weighted_h = h * token_weights[:, None].to(compute_dtype) if need_weight_grad else None
         for start in range(0, rows, chunk_rows):
             end = min(rows, start + chunk_rows)
-            h_chunk, targets, scale = h[start:end], labels[start:end], token_weights[start:end]
-            logits = torch.mm(h_chunk, w.t(), out=logits_buffer[: end - start])
+            logits = torch.mm(h[start:end], w.t(), out=logits_buffer[: end - start])
             log_probs = fp32_buffer[: end - start]
             if low_precision:
                 log_probs.copy_(logits)
-            # in place on the CPU (no second block in cache); elsewhere out of place, since the
-            # caching allocator makes that free and accelerator kernels need not support aliasing
-            log_probs = torch.log_softmax(log_probs, dim=-1, out=log_probs) if in_place else log_probs.log_softmax(-1)
-            picked = log_probs.gather(1, targets[:, None]).squeeze(1)
-            loss -= (picked * scale).sum()
+            log_probs = torch.log_softmax(log_probs, -1, out=log_probs) if in_place else log_probs.log_softmax(-1)
+            torch.gather(log_probs, 1, targets[start:end], out=picked[start:end])
             if not (need_hidden_grad or need_weight_grad):
                 continue
-            # d CE / d logits = softmax - one_hot(target), made in place over the block
-            grad_logits = log_probs.exp_()
-            grad_logits[torch.arange(end - start, device=hidden.device), targets] -= 1.0
-            grad_logits = grad_logits.to(compute_dtype)
+            # d CE / d logits = softmax - one_hot(label), made in place over the block
+            grad_logits = log_probs.exp_().scatter_add_(1, targets[start:end], minus_one[: end - start])
+            if low_precision:
+                grad_logits = grad_logits.to(compute_dtype)
             if need_hidden_grad:
-                # token weights scale rows: cheaper on [rows, dim] than on [rows, vocab]
-                grad_hidden[start:end] = torch.mm(grad_logits, w).mul_(scale[:, None])
+                torch.mm(grad_logits, w, out=grad_hidden[start:end])
             if need_weight_grad:
-                weighted = h_chunk * scale[:, None].to(compute_dtype)
-                if low_precision:  # bf16/fp16 products, summed over blocks in fp32
-                    block = torch.mm(grad_logits.t(), weighted)
-                    if start == 0:
-                        grad_weight.copy_(block)
-                    else:
-                        grad_weight.add_(block)
-                elif start == 0:
-                    torch.mm(grad_logits.t(), weighted, out=grad_weight)
-                else:
-                    grad_weight.addmm_(grad_logits.t(), weighted)
+                _accumulate_weight_grad(grad_weight, grad_logits.t(), weighted_h[start:end], first=start == 0)
+        if need_hidden_grad:
+            grad_hidden = grad_hidden.float().mul_(token_weights[:, None])
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         ctx.used = False
-        return loss
+        return -torch.dot(picked.view(-1), token_weights)
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
@@ -154,7 +162,7 @@ def fused_loss_applies(model: nn.Module) -> bool:
     if not isinstance(model, Transformer) or getattr(model, "_ember_tensor_parallel", False):
         return False
     output = model.output
-    return (model.tok_embeddings is not None and type(output) is nn.Linear and output.bias is None)
+    return model.tok_embeddings is not None and type(output) is nn.Linear and output.bias is None
 
 
 def lm_loss_sum(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,

@@ -29,10 +29,10 @@ from ember.config import Config, validate
 from ember.errors import EmberError
 from ember.parallel.fsdp import accumulates_locally, set_gradient_sync
 from ember.parallel import gradients
-from ember.parallel.loss import cross_entropy_sum
 from ember.parallel.mesh import ParallelDims, default_backend, default_device
 from ember.train import checkpoint as ckpt
 from ember.train import model_setup
+from ember.train.fused_loss import lm_loss_sum
 from ember.train.metrics import MetricsLogger, format_train_line, memory_gib, peak_tflops
 from ember.train.optim import build_optimizer, set_lr
 from ember.train.precision import LossScaler, autocast
@@ -292,10 +292,10 @@ class Trainer:
         return tensor
 
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        # The output layer and the fp32 cross-entropy fused block by block (the full logits never
+        # exist); tensor-parallel models keep the plain path, with logits split over the vocabulary.
         with autocast(self.config.train.precision, self.device):
-            logits = self.model(batch["input_ids"])
-        # fp32 cross-entropy; logits split over the vocabulary by tensor parallelism stay split
-        return cross_entropy_sum(logits, batch["labels"], batch["loss_mask"])
+            return lm_loss_sum(self.model, batch["input_ids"], batch["labels"], batch["loss_mask"])
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]):
         """Forward/backward over the global batch, then the optimizer step (or a counted skip).

@@ -1,0 +1,52 @@
+"""The benchmark scripts run end to end (tiny sizes), and their two sides train the same model:
+ember's Trainer and the Hugging Face loop give the same loss curve from the same weights."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _run(script: str, *args: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def _fields(line: str) -> dict[str, str]:
+    return dict(re.findall(r"(\w+)=(\S+)", line))
+
+
+@pytest.mark.parametrize("loss", ["fused", "plain"])
+def test_train_cpu_sides_agree(loss):
+    out = _run("train_cpu.py", "--shape", "tiny", "--steps", "4", "--per-round", "2", "--warmup", "1",
+               "--threads", "1", "--loss", loss)
+    (line,) = [line for line in out.splitlines() if line.startswith("train_cpu ")]
+    fields = _fields(line)
+    assert float(fields["ember_tokens_per_s"]) > 0 and float(fields["hf_tokens_per_s"]) > 0
+    assert float(fields["loss_max_diff"]) < 1e-4  # fp32: both sides train the same model
+    assert fields["loss"] == loss
+
+
+def test_train_gpu_smoke_runs_on_this_machine():
+    out = _run("train_gpu.py", "--smoke", "--steps", "2", "--warmup", "1", "--sides", "ember", "hf", "ember-fp8")
+    sides = {_fields(line).get("side") for line in out.splitlines() if line.startswith("train_gpu ")}
+    assert {"ember", "hf"} <= sides
+    (agreement,) = [line for line in out.splitlines() if "loss_max_diff side=hf" in line]
+    assert float(re.search(r"ember: (\S+)", agreement).group(1)) < 1e-2  # bf16 autocast on both sides
+
+
+def test_checkpoint_benchmark_runs():
+    out = _run("checkpoint.py", "--shape", "tiny", "--repeats", "1", "--async-steps", "1", "--threads", "1")
+    (line,) = [line for line in out.splitlines() if line.startswith("checkpoint ")]
+    fields = _fields(line)
+    assert float(fields["size_mb"]) > 0 and float(fields["save_s"]) > 0 and float(fields["load_s"]) > 0
