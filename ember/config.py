@@ -120,6 +120,8 @@ class TrainConfig:
     recompute_num_layers: int | None = None
     # None: compile where it pays off (GPU), eager on CPU where compiling costs more than it saves.
     compile: bool | None = None
+    # CPU only. None: torch's thread count, less the cores other work keeps busy at start.
+    cpu_threads: int | None = None
     finetune: bool = False
     # Steps with a NaN/Inf loss or gradient are skipped; this many in a row stops the run.
     max_consecutive_skips: int = 10
@@ -468,6 +470,8 @@ def _flags() -> list[Flag]:
         Flag(("--recompute-num-layers",), t + "recompute_num_layers"),
         Flag(("--compile",), t + "compile", "torch.compile the transformer blocks", const=True),
         Flag(("--no-compile",), t + "compile", const=False),
+        Flag(("--cpu-threads",), t + "cpu_threads", "torch threads when training on the CPU (default: the cores "
+                                                    "not busy with other work at start)"),
         Flag(("--finetune",), t + "finetune", "load weights only: fresh optimizer, iteration 0", const=True),
         Flag(("--max-consecutive-skips",), t + "max_consecutive_skips"),
         Flag(("--exit-interval",), t + "exit_interval", "save and stop after an iteration divisible by this"),
@@ -636,6 +640,7 @@ def validate(config: Config, world_size: int = 1, check_paths: bool = True) -> C
         raise EmberError(f"train.eval_iters must be >= 0, got {t.eval_iters}")
     _positive(t.max_consecutive_skips, "train.max_consecutive_skips")
     _positive(t.exit_interval, "train.exit_interval (--exit-interval)", allow_none=True)
+    _positive(t.cpu_threads, "train.cpu_threads (--cpu-threads)", allow_none=True)
     _validate_checkpointing(config)
     if t.precision == "fp16":
         _positive(t.initial_loss_scale, "train.initial_loss_scale")

@@ -28,13 +28,14 @@ from torch import nn
 from ember.parallel.loss import cross_entropy_sum
 
 
-def default_chunk_rows(device: torch.device, vocab_size: int, dim: int) -> int:
-    """Tokens per block. CPU: about dim/2 rows (at least 128): the logits block then stays in
-    the large caches while the weight-gradient accumulation, a [vocab, dim] read-modify-write per
-    block, is paid rarely enough (measured on 56M and 2.4M Llama shapes, see
-    benchmarks/RESULTS.md). GPU: blocks of up to 1 GiB of fp32 logits, so each matmul is large."""
+def default_chunk_rows(device: torch.device, vocab_size: int) -> int:
+    """Tokens per block. CPU: about 256 rows per thread, so each thread's share of the logits
+    block stays in its caches while the weight-gradient accumulation, a [vocab, dim]
+    read-modify-write per block, is paid rarely enough (measured on 56M and 2.4M Llama shapes with
+    1 and 2 threads, see benchmarks/RESULTS.md), and no more than 256 MiB of fp32 logits. GPU:
+    blocks of up to 1 GiB of fp32 logits, so each matmul is large."""
     if device.type == "cpu":
-        return max(128, dim // 2)
+        return max(128, min(256 * torch.get_num_threads(), (256 << 20) // (4 * vocab_size)))
     return max(256, (1 << 30) // (4 * vocab_size))
 
 
@@ -148,7 +149,7 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
         token_weights = loss_mask.reshape(-1).to(torch.float32)
     device_type = flat.device.type
     compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
-    rows = chunk_rows or default_chunk_rows(flat.device, vocab, dim)
+    rows = chunk_rows or default_chunk_rows(flat.device, vocab)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     with torch.autocast(device_type, enabled=False):
         return _LinearCrossEntropy.apply(flat, weight, targets, token_weights, rows, compute_dtype, need_grad)

@@ -32,6 +32,7 @@ from ember.parallel import gradients
 from ember.parallel.mesh import ParallelDims, default_backend, default_device
 from ember.train import checkpoint as ckpt
 from ember.train import model_setup
+from ember.train.cpu_threads import set_cpu_threads
 from ember.train.fused_loss import lm_loss_sum
 from ember.train.metrics import MetricsLogger, format_train_line, memory_gib, peak_tflops
 from ember.train.optim import build_optimizer, set_lr
@@ -96,6 +97,7 @@ class Trainer:
 
     def setup(self) -> Trainer:
         c = self.config
+        self.cpu_threads = set_cpu_threads(c.train.cpu_threads) if self.device.type == "cpu" else None
         self.metrics = MetricsLogger(c.output_dir, enabled=self.rank == 0, tensorboard=c.logging.tensorboard,
                                      tensorboard_dir=c.logging.tensorboard_dir, stream=self.stream)
         ref, self.resuming_own_run = self._checkpoint_to_start_from()
@@ -525,8 +527,11 @@ class Trainer:
     def _banner(self) -> str:
         c = self.config
         a = self.model_args
+        device = self.device.type
+        if self.cpu_threads is not None:
+            device += f", {self.cpu_threads.threads} thread(s): {self.cpu_threads.reason}"
         return (f"training {c.model.name or 'model'}: {a.num_params() / 1e6:.2f}M parameters, "
-                f"{self.world_size} process(es) on {self.device.type} "
+                f"{self.world_size} process(es) on {device} "
                 f"({self.dims.describe()}, {c.parallel.dp_mode}), global batch {c.train.global_batch_size} x "
                 f"{c.data.seq_length} tokens, {self.train_iters} iterations, from iteration {self.state.iteration}")
 
