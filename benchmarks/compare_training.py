@@ -92,6 +92,7 @@ def ember_trainer(shape: Shape, workdir: str, steps: int, **options) -> Trainer:
     prefix = write_random_tokens(os.path.join(workdir, "tokens"), tokens, vocab)
     config = ember_config(shape, prefix, steps, **options)
     config.data.data_cache_path = os.path.join(workdir, "cache")
+    config.train.cpu_threads = torch.get_num_threads()  # the count the benchmark set, for both sides
     return Trainer(config, stream=io.StringIO()).setup()
 
 
