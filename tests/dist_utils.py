@@ -140,14 +140,17 @@ def write_token_dataset(prefix: str | os.PathLike, documents: int = 120, vocab: 
 
 
 def read_metrics(output_dir: str | os.PathLike) -> tuple[dict[int, dict], dict[int, dict]]:
-    """(training records, evaluation records) of a run's logs/metrics.jsonl, by iteration; a
-    resumed run's later record of an iteration wins."""
+    """(training records, validation records) of a run's logs/metrics.jsonl, by iteration; a
+    resumed run's later record of an iteration wins (the final validation, after training, wins
+    over the one at the same iteration in the loop). The test-split record is left out."""
     import json
 
     train, evals = {}, {}
     path = Path(output_dir) / "logs" / "metrics.jsonl"
     for line in path.read_text().splitlines():
         record = json.loads(line)
+        if "test_loss" in record:
+            continue
         (evals if "eval_loss" in record else train)[record["iteration"]] = record
     return train, evals
 

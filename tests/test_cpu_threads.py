@@ -84,7 +84,7 @@ def test_trainer_leaves_out_busy_cores(tmp_path, monkeypatch, restore_threads):
     trainer = _trainer(tmp_path).setup()
     try:
         assert torch.get_num_threads() == 1
-        assert "1 thread(s): other work keeps" in trainer._banner()
+        assert "1 thread(s) each (other work keeps" in trainer._banner()
     finally:
         trainer.close()
 

@@ -278,3 +278,42 @@ def test_a_relaunched_finetune_continues_from_its_own_checkpoint(data, tmp_path)
     assert again.state.iteration == 2 and again.optimizer.state
     assert again.train().iteration == 4
     again.close()
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def test_each_validation_takes_the_next_samples_then_the_test_split(tmp_path, data):
+    """Megatron's evaluation: every validation continues through the validation split where the
+    previous one stopped (the split is sized for each evaluation plus a final one after training),
+    then the test split once. With lr 0 the weights stay at their start, so the logged losses must be
+    the plain cross-entropy of those weights over exactly those samples."""
+    out = tmp_path / "out"
+    argv = _argv(data, out, "--eval-interval", "2", "--eval-iters", "1", "--split", "60,30,10", iters=4)
+    argv[argv.index("--lr") + 1] = "0"
+    trainer = _trainer(argv)
+    try:
+        start = _plain_state(trainer.model)
+        trainer.train()
+        valid, test = trainer.valid_ds, trainer.test_ds
+    finally:
+        trainer.close()
+    model = Transformer(trainer.model_args)
+    model.load_state_dict(start)
+    model.eval()
+
+    def mean_loss(dataset, first, count=4):
+        sequences = torch.stack([torch.as_tensor(dataset[i]["tokens"].astype(np.int64))
+                                 for i in range(first, first + count)])  # seq-length + 1 tokens each
+        with torch.no_grad():
+            logits = model(sequences[:, :-1])
+        return float(F.cross_entropy(logits.flatten(0, 1).float(), sequences[:, 1:].flatten()))
+
+    records = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    evals = [(r["iteration"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    tests = [(r["iteration"], r["test_loss"]) for r in records if "test_loss" in r]
+    assert [it for it, _ in evals] == [2, 4, 4]  # at iterations 2 and 4, then once more after training
+    for k, (_, loss) in enumerate(evals):
+        assert loss == pytest.approx(mean_loss(valid, 4 * k), rel=1e-5), k
+    assert len({loss for _, loss in evals}) == 3  # three different batches
+    assert tests == [(4, pytest.approx(mean_loss(test, 0), rel=1e-5))]

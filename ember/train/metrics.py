@@ -2,7 +2,9 @@
 
 `metrics.jsonl` has one JSON object per line: per logged iteration at least `iteration`, `loss`,
 `lr`, `grad_norm`, `tokens_per_s` (all devices), `tokens_per_s_per_device`, `mfu` (null where the
-device's peak is unknown); per evaluation `iteration`, `eval_loss`, `eval_ppl`. Values that are not
+device's peak is unknown); per evaluation `iteration`, `eval_loss`, `eval_ppl` (and, once after
+training, `test_loss`, `test_ppl`; as in Megatron, the validation then runs once more at the last
+iteration, on the next samples). Values that are not
 finite are written as null. A resumed run appends; readers take the last record of an iteration.
 Only rank 0 writes.
 """

@@ -48,10 +48,20 @@ class TrainState:
     consumed_samples: int = 0
     consumed_tokens: int = 0
     skipped_iterations: int = 0
+    # validation samples evaluated so far: each evaluation takes the next ones, as in Megatron
+    consumed_valid_samples: int = 0
 
     def to_dict(self) -> dict[str, int]:
         return {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
-                "consumed_tokens": self.consumed_tokens, "skipped_iterations": self.skipped_iterations}
+                "consumed_tokens": self.consumed_tokens, "skipped_iterations": self.skipped_iterations,
+                "consumed_valid_samples": self.consumed_valid_samples}
+
+    @classmethod
+    def from_saved(cls, saved: dict, eval_interval: int, eval_iters: int, global_batch_size: int) -> TrainState:
+        state = cls(**{k: saved[k] for k in cls().to_dict() if k in saved})
+        if "consumed_valid_samples" not in saved:  # saved before ember counted them: Megatron's estimate
+            state.consumed_valid_samples = (state.iteration // eval_interval) * eval_iters * global_batch_size
+        return state
 
 
 @dataclass
@@ -184,7 +194,8 @@ class Trainer:
             what = "resumed from" if resume else "fine-tuning from the weights of"
             self.metrics.print(f"{what} {ref.path}")
             if resume:
-                self.state = TrainState(**{k: saved["state"][k] for k in TrainState().to_dict()})
+                self.state = TrainState.from_saved(saved["state"], c.train.eval_interval, c.train.eval_iters,
+                                                   c.train.global_batch_size)
                 if load_optimizer and "loss_scaler" in saved:
                     self.scaler.load_state_dict(saved["loss_scaler"])
                 self._loader_state = saved.get("loader")
@@ -227,7 +238,7 @@ class Trainer:
             train_iters, global_batch_size=t.global_batch_size, eval_interval=t.eval_interval,
             eval_iters=t.eval_iters)
         barrier = (lambda: dist.barrier()) if dist.is_initialized() else (lambda: None)
-        self.train_ds, self.valid_ds, _ = build_datasets(
+        self.train_ds, self.valid_ds, self.test_ds = build_datasets(
             d.data_path or None, d.split if d.data_path else None, d.seq_length, t.seed, num_samples,
             train_data_path=d.train_data_path or None, valid_data_path=d.valid_data_path or None,
             test_data_path=d.test_data_path or None, cache_dir=d.data_cache_path,
@@ -402,6 +413,11 @@ class Trainer:
                 break
         result.iteration = self.state.iteration
         self.state.skipped_iterations = int(skipped.item())
+        if result.reason == "finished" and t.eval_iters > 0:  # as Megatron: after the last save
+            if self.valid_ds is not None:
+                self.evaluate()
+            if self.test_ds is not None:
+                self.evaluate(split="test")
         if self.checkpointer is not None:
             self.checkpointer.wait()
         return result
@@ -479,18 +495,28 @@ class Trainer:
         self.metrics.log(record, format_train_line(record, self.train_iters))
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Loss and perplexity over the first `--eval-iters` global batches of the validation split.
+    def evaluate(self, split: str = "valid") -> dict[str, float]:
+        """Loss and perplexity over `--eval-iters` global batches of the validation (or test) split.
 
-        The same batches every time, so evaluations are comparable and a resumed run evaluates
-        exactly as an uninterrupted one.
+        As in Megatron, each validation takes the samples after the previous one's (the split is
+        sized for every evaluation of the run; past its end it starts over), and the position is
+        saved with the checkpoint, so a resumed run evaluates exactly as an uninterrupted one.
+        The test split is evaluated once, from its start, after training.
         """
         t = self.config.train
-        iters = min(t.eval_iters, len(self.valid_ds) // t.global_batch_size)
+        dataset = self.valid_ds if split == "valid" else self.test_ds
+        iters = min(t.eval_iters, len(dataset) // t.global_batch_size)
         if iters == 0:
             return {}
+        samples = iters * t.global_batch_size
+        start = 0
+        if split == "valid":
+            start = self.state.consumed_valid_samples
+            if start + samples > len(dataset):
+                start = 0
+            self.state.consumed_valid_samples = start + samples
         self._set_training(False)
-        loader = self._loader(self.valid_ds, 0)
+        loader = self._loader(dataset, start)
         total = torch.zeros((), device=self.device)
         tokens = torch.zeros((), device=self.device)
         for _ in range(iters):
@@ -506,8 +532,10 @@ class Trainer:
         self._set_training(True)
         loss = totals[0] / max(totals[1], 1.0)
         ppl = math.exp(min(loss, 700.0))
-        record = {"iteration": self.state.iteration, "eval_loss": loss, "eval_ppl": ppl}
-        self.metrics.log(record, f"validation at iteration {self.state.iteration} | lm loss: {loss:.6E} | "
+        name = "eval" if split == "valid" else "test"
+        record = {"iteration": self.state.iteration, f"{name}_loss": loss, f"{name}_ppl": ppl}
+        where = "validation" if split == "valid" else "test"
+        self.metrics.log(record, f"{where} at iteration {self.state.iteration} | lm loss: {loss:.6E} | "
                                  f"lm loss PPL: {ppl:.6E}")
         return record
 
@@ -527,12 +555,12 @@ class Trainer:
     def _banner(self) -> str:
         c = self.config
         a = self.model_args
-        device = self.device.type
+        threads = ""
         if self.cpu_threads is not None:
-            device += f", {self.cpu_threads.threads} thread(s): {self.cpu_threads.reason}"
+            threads = f", {self.cpu_threads.threads} thread(s) each ({self.cpu_threads.reason})"
         return (f"training {c.model.name or 'model'}: {a.num_params() / 1e6:.2f}M parameters, "
-                f"{self.world_size} process(es) on {device} "
-                f"({self.dims.describe()}, {c.parallel.dp_mode}), global batch {c.train.global_batch_size} x "
+                f"{self.world_size} process(es) on {self.device.type} "
+                f"({self.dims.describe()}, {c.parallel.dp_mode}){threads}, global batch {c.train.global_batch_size} x "
                 f"{c.data.seq_length} tokens, {self.train_iters} iterations, from iteration {self.state.iteration}")
 
     # ------------------------------------------------------------------ teardown
