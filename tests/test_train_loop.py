@@ -317,3 +317,23 @@ def test_each_validation_takes_the_next_samples_then_the_test_split(tmp_path, da
         assert loss == pytest.approx(mean_loss(valid, 4 * k), rel=1e-5), k
     assert len({loss for _, loss in evals}) == 3  # three different batches
     assert tests == [(4, pytest.approx(mean_loss(test, 0), rel=1e-5))]
+
+
+def test_fp16_skipped_steps_do_not_advance_the_lr_schedule(data, tmp_path):
+    """Megatron steps its LR scheduler only after a successful update: with the first fp16 steps
+    skipped (loss scale too high), step k gets the schedule's lr for k minus the skips before it."""
+    from ember.train.schedule import build_schedule
+
+    argv = _argv(data, tmp_path, "--fp16", "--initial-loss-scale", str(2.0**24), "--lr-warmup-iters", "2",
+                 "--lr-decay-style", "linear", "--min-lr", "1e-4", iters=8)
+    config = train_config(argv)
+    run_training(config, stream=io.StringIO())
+    train, _ = read_metrics(tmp_path)
+    skipped = [0] + [train[i]["skipped_iterations"] for i in range(1, 9)]  # skipped[k]: after step k
+    assert 1 <= skipped[8] <= 5, skipped  # some skips while the scale comes down, then updates
+    schedule = build_schedule(config, 8)
+    for k in range(1, 9):
+        assert train[k]["lr"] == pytest.approx(schedule.lr_at(schedule.progress_of(k - skipped[k - 1], 0))), k
+    first_update = skipped[8] + 1
+    assert skipped[first_update] == skipped[first_update - 1]  # the skips came first
+    assert train[first_update]["lr"] == pytest.approx(schedule.lr_at(1))  # warm-up's first lr

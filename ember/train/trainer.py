@@ -379,6 +379,11 @@ class Trainer:
         consecutive_bad = torch.zeros((), device=self.device)
         skipped = torch.full((), float(self.state.skipped_iterations), device=self.device)
         check_every = min(c.logging.log_interval, t.max_consecutive_skips)
+        # fp16, as Megatron: a step skipped because the loss scale overflowed does not advance the
+        # learning-rate schedule. That needs the skip on the host: one sync per step, fp16 only.
+        hold_schedule = t.precision == "fp16"
+        held_steps = self.state.skipped_iterations if hold_schedule else 0
+        tokens_per_iter = t.global_batch_size * c.data.seq_length
         interval_start = time.perf_counter()
         self.metrics.print(self._banner())
         self._set_training(True)
@@ -386,12 +391,15 @@ class Trainer:
             micro_batches = self._next_micro_batches(self.train_batches)
             self.state.iteration += 1
             self.state.consumed_samples += t.global_batch_size
-            self.state.consumed_tokens += t.global_batch_size * c.data.seq_length
-            lr = self.schedule.lr_at(self.schedule.progress_of(self.state.iteration, self.state.consumed_tokens))
+            self.state.consumed_tokens += tokens_per_iter
+            lr = self.schedule.lr_at(self.schedule.progress_of(
+                self.state.iteration - held_steps, self.state.consumed_tokens - held_steps * tokens_per_iter))
             set_lr(self.optimizer, lr)
             loss_sum, tokens, grad_norm, found_inf, bad = self.train_step(micro_batches)
             consecutive_bad = (consecutive_bad + 1.0) * bad
             skipped = skipped + found_inf
+            if hold_schedule:
+                held_steps += int(found_inf.item())
             pending.append((self.state.iteration, lr, loss_sum, tokens, grad_norm, found_inf))
             it = self.state.iteration
             if it % c.logging.log_interval == 0 or it == self.train_iters:
