@@ -50,3 +50,14 @@ def test_checkpoint_benchmark_runs():
     (line,) = [line for line in out.splitlines() if line.startswith("checkpoint ")]
     fields = _fields(line)
     assert float(fields["size_mb"]) > 0 and float(fields["save_s"]) > 0 and float(fields["load_s"]) > 0
+
+
+def test_cpu_threads_benchmark_times_both_counts():
+    out = _run("cpu_threads.py", "--steps", "2", "--busy", "0", "1")
+    lines = [_fields(line) for line in out.splitlines() if line.startswith("cpu_threads ")]
+    cores = int(lines[0]["cores"])
+    assert {line["busy_cores"] for line in lines} == {"0", "1"}
+    assert all(float(line["step_ms"]) > 0 for line in lines)
+    if cores == 2:  # one core spinning: the choice is one thread, timed beside two
+        busy = [line for line in lines if line["busy_cores"] == "1"]
+        assert {(line["threads"], line["chosen"]) for line in busy} == {("2", "0"), ("1", "1")}
