@@ -1,5 +1,5 @@
 """Checkpoints reshard across layouts: a run trained at TP2 x PP2 (4 processes, sequence parallel)
-and saved with DCP resumes at TP1 x PP4, at DP4 (ZeRO-1) and in one process, and the next step's
+and saved with DCP (asynchronously) resumes at TP1 x PP4, at DP4 (ZeRO-1) and in one process, and the next step's
 loss, gradient norm and evaluation loss are those of the TP2 x PP2 run that went on uninterrupted.
 
 The model is a tiny Qwen3 with 4 layers: tied embeddings (the pipeline's last stage holds a copy
@@ -43,11 +43,11 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def saved_run(data, tmp_path_factory):
-    """TP2 x PP2 for 3 iterations, saving at 2 (and 3): the uninterrupted reference."""
+    """TP2 x PP2 for 3 iterations, saving at 2 (and 3), asynchronously: the uninterrupted reference."""
     out = tmp_path_factory.mktemp("tp2pp2")
     save = out / "ckpt"
     result = run_ranks(["-m", "ember.train", *_argv(data, out, [*TP2_PP2, "--save", str(save), "--save-interval",
-                                                                  str(SAVED_AT)])], 4, timeout=300)
+                                                                  str(SAVED_AT), "--async-save"])], 4, timeout=300)
     assert result.returncode == 0, result.output[-4000:]
     checkpoint = save / f"iter_{SAVED_AT:07d}"
     assert (checkpoint / ".metadata").is_file()
