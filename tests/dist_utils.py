@@ -179,3 +179,36 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def seeded_stages(model_name: str, overrides: dict, cut: bool, seed: int):
+    """A tiny ember model initialised from `seed`, whole ([model]) or cut as two pipeline stages
+    ([layer 0 with the embeddings, layer 1 with the final norm and output layer]); the parallel
+    tests' common starting point."""
+    import copy
+
+    import torch
+
+    from ember.models import Transformer, get_model_args
+
+    torch.manual_seed(seed)
+    model = Transformer(get_model_args(model_name, **overrides))
+    model.init_weights(seed=seed)
+    if not cut:
+        return [model]
+    first, last = copy.deepcopy(model), copy.deepcopy(model)
+    first.norm = first.output = None
+    del first.layers["1"]
+    last.tok_embeddings = last.pos_embeddings = last.embedding_norm = None
+    del last.layers["0"]
+    return [first, last]
+
+
+def masked_batch(vocab: int, seed: int, batch: int, seq: int):
+    """(inputs, labels, loss_mask) of random tokens, about a quarter of the loss mask off."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (batch, seq + 1), generator=generator)
+    loss_mask = (torch.rand(batch, seq, generator=generator) > 0.25).float()
+    return tokens[:, :-1], tokens[:, 1:], loss_mask

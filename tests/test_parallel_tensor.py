@@ -24,7 +24,6 @@ This file is also the rank worker: `python tests/test_parallel_tensor.py OUT_DIR
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 from pathlib import Path
@@ -37,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ember.errors import EmberError  # noqa: E402
+from dist_utils import masked_batch, seeded_stages  # noqa: E402
 from ember.models import Transformer, get_model_args  # noqa: E402
 
 TP = 2
@@ -68,26 +68,11 @@ CASES = {
 
 
 def build_stages(model_name: str, overrides: dict, cut: bool) -> list[Transformer]:
-    torch.manual_seed(SEED)
-    model = Transformer(get_model_args(model_name, **overrides))
-    model.init_weights(seed=SEED)
-    if not cut:
-        return [model]
-    # two pipeline stages, as pipeline parallelism cuts them: layer 0 with the embeddings, layer 1
-    # with the final norm and output layer
-    first, last = copy.deepcopy(model), copy.deepcopy(model)
-    first.norm = first.output = None
-    del first.layers["1"]
-    last.tok_embeddings = last.pos_embeddings = last.embedding_norm = None
-    del last.layers["0"]
-    return [first, last]
+    return seeded_stages(model_name, overrides, cut, SEED)
 
 
 def batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(SEED + 1)
-    tokens = torch.randint(0, vocab, (BATCH, SEQ + 1), generator=generator)
-    loss_mask = (torch.rand(BATCH, SEQ, generator=generator) > 0.25).float()
-    return tokens[:, :-1], tokens[:, 1:], loss_mask
+    return masked_batch(vocab, SEED + 1, BATCH, SEQ)
 
 
 def run_steps(stages: list[Transformer], loss_fn) -> dict:
