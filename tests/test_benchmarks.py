@@ -61,3 +61,10 @@ def test_cpu_threads_benchmark_times_both_counts():
     if cores == 2:  # one core spinning: the choice is one thread, timed beside two
         busy = [line for line in lines if line["busy_cores"] == "1"]
         assert {(line["threads"], line["chosen"]) for line in busy} == {("2", "0"), ("1", "1")}
+
+
+def test_init_memory_benchmark_runs():
+    out = _run("init_memory.py", "--layers", "2", "--dim", "128")
+    lines = {_fields(line)["way"]: _fields(line) for line in out.splitlines() if line.startswith("init_memory ")}
+    assert set(lines) == {"whole", "parts"}
+    assert all(float(line["peak_rss_mb"]) > 0 for line in lines.values())

@@ -337,3 +337,30 @@ def test_fp16_skipped_steps_do_not_advance_the_lr_schedule(data, tmp_path):
     first_update = skipped[8] + 1
     assert skipped[first_update] == skipped[first_update - 1]  # the skips came first
     assert train[first_update]["lr"] == pytest.approx(schedule.lr_at(1))  # warm-up's first lr
+
+
+# --------------------------------------------------------------------------- initialisation
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3", "tiny-mixtral", "tiny-grok1", "tiny-bloom", "tiny-gpt2"])
+def test_initial_weights_come_part_by_part_with_init_weights_values(name):
+    """The trainer's initialisation, one part at a time, is Transformer.init_weights(seed) value
+    for value (same draws, same order; tied output included), and no part holds more than one
+    layer or embedding."""
+    from ember.train.model_setup import initial_weight_chunks
+
+    args = get_model_args(name, n_layers=3)
+    reference = Transformer(args)
+    reference.init_weights(seed=77)
+    expected = reference.state_dict()
+    chunks = list(initial_weight_chunks(args, 77))
+    got = {k: v for chunk in chunks for k, v in chunk.items()}
+    assert sorted(got) == sorted(expected)
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+    layer_chunks = [chunk for chunk in chunks if any(k.startswith("layers.") for k in chunk)]
+    assert len(layer_chunks) == 3
+    assert all(len({k.split(".")[1] for k in chunk}) == 1 for chunk in layer_chunks)
+    names_only = list(initial_weight_chunks(args, 77, materialize=False))
+    assert [sorted(c) for c in names_only] == [sorted(c) for c in chunks]
+    assert all(v is None for c in names_only for v in c.values())

@@ -111,25 +111,36 @@ class Transformer(nn.Module):
             self._init_parameters()
 
     def _init_parameters(self) -> None:
+        for name, module in self.named_modules():
+            if self.initialises(name, module):
+                self.init_module(name, module)
+
+    def initialises(self, name: str, module: nn.Module) -> bool:
+        """Whether `init_module` gives `module` (named `name` in this model) its values. In
+        `named_modules()` order these calls draw the random numbers of `init_weights`."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            return not (module is self.output and self.args.tie_embeddings)  # shares the embedding's weight
+        return isinstance(module, (nn.LayerNorm, RMSNorm, GroupedExperts))
+
+    def init_module(self, name: str, module: nn.Module, generator: torch.Generator | None = None) -> None:
+        """The reference initialisation of one module's own parameters, from `generator` (a CPU
+        generator seeded with s draws what the global RNG does after torch.manual_seed(s))."""
         args = self.args
         std = args.init_std
         residual_std = std / math.sqrt(2 * args.n_layers) if args.init_scaled_residual else std
-        for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                if module is self.output and args.tie_embeddings:
-                    continue  # shares the embedding's weight
-                leaf = name.rsplit(".", 1)[-1]
-                scaled = leaf in ("wo", "w2") and name.startswith("layers.")
-                nn.init.normal_(module.weight, mean=0.0, std=residual_std if scaled else std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
-                module.reset_parameters()
-            elif isinstance(module, GroupedExperts):
-                nn.init.normal_(module.w1, mean=0.0, std=std)
-                nn.init.normal_(module.w2, mean=0.0, std=residual_std)
-                if module.w3 is not None:
-                    nn.init.normal_(module.w3, mean=0.0, std=std)
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            leaf = name.rsplit(".", 1)[-1]
+            scaled = leaf in ("wo", "w2") and name.startswith("layers.")
+            nn.init.normal_(module.weight, mean=0.0, std=residual_std if scaled else std, generator=generator)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+            module.reset_parameters()
+        elif isinstance(module, GroupedExperts):
+            nn.init.normal_(module.w1, mean=0.0, std=std, generator=generator)
+            nn.init.normal_(module.w2, mean=0.0, std=residual_std, generator=generator)
+            if module.w3 is not None:
+                nn.init.normal_(module.w3, mean=0.0, std=std, generator=generator)
 
     # -- forward ------------------------------------------------------------------------------
     def forward(

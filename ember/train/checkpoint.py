@@ -220,24 +220,21 @@ def load_training_state(ref: CheckpointRef, model: nn.Module, optimizer: torch.o
                    options=_options())
 
 
-def load_full_weights(model: nn.Module, weights: dict[str, torch.Tensor], from_rank0: bool = False,
-                      partial: bool = False) -> None:
-    """Copy full (unsharded) weights into a possibly sharded model; missing or extra keys fail.
+def load_full_weights(model: nn.Module, weights: dict[str, torch.Tensor], from_rank0: bool = False) -> None:
+    """Copy full (unsharded) weights into a possibly sharded model: the names in `weights`, and
+    the model's other parameters left as they are; names the model does not hold (another
+    pipeline stage's) are skipped. The caller checks that every parameter got a value.
 
     With `from_rank0`, only rank 0 passes the weights (the others pass {}) and each rank receives
-    its shards by broadcast: one full copy in host memory per job, not one per rank. `partial`:
-    the model is part of the whole (pipeline stages), so weights it does not hold are skipped,
-    and only missing ones fail.
+    its shards by broadcast, tensor by tensor.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    options = StateDictOptions(full_state_dict=True, strict=not partial, broadcast_from_rank0=from_rank0)
+    options = StateDictOptions(full_state_dict=True, strict=False, broadcast_from_rank0=from_rank0)
     try:
-        result = set_model_state_dict(model, weights, options=options)
+        set_model_state_dict(model, weights, options=options)
     except RuntimeError as err:
         raise EmberError(f"the loaded weights do not fit the model: {str(err).splitlines()[0]}") from None
-    if partial and result.missing_keys:
-        raise EmberError(f"the loaded weights do not fit the model: missing {list(result.missing_keys)[:3]}")
 
 
 # --------------------------------------------------------------------------- saving

@@ -8,14 +8,15 @@ The model is built on the meta device and, with pipeline parallelism, cut into t
 then, from outside and in the torchtitan order, tensor (+ sequence) parallelism, expert
 parallelism, context parallelism, recomputation, compilation and data parallelism (FSDP2) are
 applied to each stage, and only then is memory allocated — already sharded. Random
-initialisation always happens on the CPU with the run's seed, for the whole model, so every
-layout and every device type starts from the same weights.
+initialisation always happens on the CPU with the run's seed, so every layout and every device
+type starts from the same weights; it is made part by part (embeddings, each layer, ...) on rank 0
+and broadcast, so no process ever holds a full copy beside its shard.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -236,13 +237,50 @@ def compile_enabled(config: Config, device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def initial_weights(args: ModelArgs, seed: int) -> dict[str, torch.Tensor]:
-    """The run's random initialisation, made on the CPU so it is the same for every layout."""
+def initial_weight_chunks(args: ModelArgs, seed: int, materialize: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """The run's random initialisation, one part of the model at a time (the embeddings, each
+    layer, the final norm, the output layer), made on the CPU so it is the same for every layout.
+
+    The values are `Transformer.init_weights(seed)`'s, drawn in the same order, but only one part
+    is ever in memory: a 70B model does not need 280 GB of host memory on rank 0 to start.
+    `materialize=False` yields the same parts with the same names and no tensors ({name: None}),
+    for the ranks that receive the weights by broadcast.
+    """
     with torch.device("meta"):
         reference = Transformer(args)
-    reference.to_empty(device="cpu")
-    reference.init_weights(seed=seed)
-    return reference.state_dict()
+    parts: dict[str, list[tuple[str, nn.Module]]] = {}
+    for name, module in reference.named_modules():
+        if reference.initialises(name, module):
+            top = name.split(".")[0]
+            parts.setdefault(f"layers.{name.split('.')[1]}" if top == "layers" else top, []).append((name, module))
+    expected = set(reference.state_dict())
+    seen: set[str] = set()
+    generator = torch.Generator().manual_seed(seed)  # private: the global RNG is left alone
+    for modules in parts.values():
+        chunk: dict[str, torch.Tensor | None] = {}
+        for name, module in modules:
+            if materialize:
+                module.to_empty(device="cpu", recurse=False)
+                reference.init_module(name, module, generator)
+            for param_name, param in module.named_parameters(recurse=False):
+                chunk[f"{name}.{param_name}" if name else param_name] = param.detach() if materialize else None
+        if args.tie_embeddings and "tok_embeddings.weight" in chunk:
+            chunk["output.weight"] = chunk["tok_embeddings.weight"]  # one matrix, both names
+        seen.update(chunk)
+        yield chunk
+        if materialize:
+            for _, module in modules:  # give the memory back before the next part
+                module.to_empty(device="meta", recurse=False)
+    if seen != expected:
+        raise EmberError(f"initialisation left out {sorted(expected - seen)[:3]}; this is a bug in ember")
+
+
+def initial_weights(args: ModelArgs, seed: int) -> dict[str, torch.Tensor]:
+    """All of `initial_weight_chunks` in one dict (small models, tests)."""
+    weights: dict[str, torch.Tensor] = {}
+    for chunk in initial_weight_chunks(args, seed):
+        weights.update(chunk)
+    return weights
 
 
 def converted_weights(ref: CheckpointRef) -> dict[str, torch.Tensor]:
@@ -256,14 +294,31 @@ def converted_weights(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     return state
 
 
-def initialize(model: nn.Module, make_weights: Callable[[], dict[str, torch.Tensor]], partial: bool = False) -> None:
-    """Fill the model with `make_weights()` (the whole model's weights): made on rank 0 only and
-    broadcast when distributed. `partial`: the model holds only some of them (pipeline stages)."""
+def initialize(model: nn.Module, weight_chunks: Callable[[bool], Iterable[dict[str, torch.Tensor]]],
+               partial: bool = False) -> None:
+    """Fill the model with the whole model's weights, given part by part: `weight_chunks(materialize)`
+    yields dicts of names to full tensors (with `materialize=False`, the same names and no
+    tensors). Distributed, rank 0 makes each part and broadcasts it, so no rank ever holds more than
+    one part of the full weights. `partial`: the model holds only some of them (pipeline stages)."""
     import torch.distributed as dist
 
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        load_full_weights(model, make_weights() if dist.get_rank() == 0 else {}, from_rank0=True, partial=partial)
-        return
-    missing, unexpected = model.load_state_dict(make_weights(), strict=False)
-    if missing or unexpected:
-        raise EmberError(f"the weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    rank0 = not distributed or dist.get_rank() == 0
+    names: set[str] = set()
+    for chunk in weight_chunks(rank0):
+        names.update(chunk)
+        if distributed:
+            load_full_weights(model, chunk if rank0 else {}, from_rank0=True)
+        else:
+            _, unexpected = model.load_state_dict(chunk, strict=False)
+            if unexpected and not partial:
+                raise EmberError(f"the weights do not fit the model: unexpected {unexpected[:3]}")
+    if distributed:  # the ranks that received the weights check them against rank 0's names
+        shared = [names]
+        dist.broadcast_object_list(shared, src=0)
+        names = shared[0]
+    model_names = {name.replace("._checkpoint_wrapped_module", "") for name in model.state_dict()}
+    missing = sorted(model_names - names)
+    extra = [] if partial else sorted(names - model_names)
+    if missing or extra:
+        raise EmberError(f"the weights do not fit the model: missing {missing[:3]}, unexpected {extra[:3]}")
