@@ -41,7 +41,7 @@ def run_one(way: str, layers: int, dim: int) -> None:
         model.load_state_dict(reference.state_dict(), strict=False)
         del reference
     else:
-        model_setup.initialize(model, lambda rank0: model_setup.initial_weight_chunks(args, 1, rank0))
+        model_setup.initialize(model, lambda: model_setup.initial_weight_chunks(args, 1))
     seconds = time.perf_counter() - start
     with open("/proc/self/status") as f:
         peak_kb = int(f.read().split("VmHWM:")[1].split()[0])

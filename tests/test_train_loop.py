@@ -246,7 +246,9 @@ def test_load_converted_weights_starts_fresh_from_them(data, tmp_path, finetune)
     args = get_model_args("tiny-qwen3", vocab_size=512)  # tied embeddings: stored once
     source = Transformer(args)
     source.init_weights(seed=123)
-    folder = save_ember_weights(source, args, tmp_path / "converted", family="qwen3")
+    # small files: the weights reach the model one file at a time
+    folder = save_ember_weights(source, args, tmp_path / "converted", family="qwen3", max_shard_bytes=40_000)
+    assert len(list(folder.glob("*.safetensors"))) > 3
     argv = [a for a in _argv(data, tmp_path, "--load", str(folder)) if a not in ("--model", "tiny-llama")]
     trainer = _trainer(argv + (["--finetune"] if finetune else []))
     assert trainer.model_args.to_dict() == args.to_dict()
@@ -361,6 +363,3 @@ def test_initial_weights_come_part_by_part_with_init_weights_values(name):
     layer_chunks = [chunk for chunk in chunks if any(k.startswith("layers.") for k in chunk)]
     assert len(layer_chunks) == 3
     assert all(len({k.split(".")[1] for k in chunk}) == 1 for chunk in layer_chunks)
-    names_only = list(initial_weight_chunks(args, 77, materialize=False))
-    assert [sorted(c) for c in names_only] == [sorted(c) for c in chunks]
-    assert all(v is None for c in names_only for v in c.values())

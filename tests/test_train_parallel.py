@@ -93,3 +93,24 @@ def _assert_same_run(run, reference):
     assert sorted(evals) == sorted(ref_evals) == [2, 4]
     for it in evals:
         assert evals[it]["eval_loss"] == pytest.approx(ref_evals[it]["eval_loss"], rel=2e-5), it
+
+
+def test_sharded_converted_weights_reach_every_rank(data, tmp_path):
+    """`--load CONVERTED` on 2 ranks (full sharding, tied embeddings): rank 0 reads the weight
+    files one at a time and broadcasts each, and the run's losses are those of one process
+    started from the same folder."""
+    from ember.models import Transformer, get_model_args
+    from ember.models.checkpoint_io import save_ember_weights
+
+    args = get_model_args("tiny-qwen3", vocab_size=512)
+    source = Transformer(args)
+    source.init_weights(seed=321)
+    folder = save_ember_weights(source, args, tmp_path / "converted", family="qwen3", max_shard_bytes=40_000)
+    assert len(list(folder.glob("*.safetensors"))) > 3  # several files, the embedding in its own
+    load = ["--load", str(folder), "--finetune"]
+    argv = [a for a in _argv(data, tmp_path / "one", load) if a not in ("--model", "tiny-llama")]
+    run_training(train_config(argv))
+    argv = [a for a in _argv(data, tmp_path / "two", [*load, "--use-torch-fsdp2"]) if a not in ("--model", "tiny-llama")]
+    result = run_ranks(["-m", "ember.train", *argv], 2, timeout=240)
+    assert result.returncode == 0, result.output[-3000:]
+    _assert_same_run(read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one"))

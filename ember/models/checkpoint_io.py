@@ -418,8 +418,9 @@ def save_ember_weights(
     return out_dir
 
 
-def load_ember_weights(folder: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    """(ModelArgs, state_dict) of an ember weight folder; the state_dict has no tied output."""
+def iter_ember_weight_files(folder: str | Path) -> Iterator[tuple[ModelArgs, dict[str, torch.Tensor]]]:
+    """(ModelArgs, that file's tensors) for each weight file of an ember weight folder, after
+    checking every name, shape and dtype from the files' headers (no tied output is stored)."""
     from safetensors.torch import load_file
 
     from ember.models.hf import ember_state_shapes
@@ -427,11 +428,20 @@ def load_ember_weights(folder: str | Path) -> tuple[ModelArgs, dict[str, torch.T
     folder = Path(folder)
     manifest = read_manifest(folder)
     args = ModelArgs.from_dict(manifest["model_args"])
-    state: dict[str, torch.Tensor] = {}
-    for path in WeightFiles(folder).files:
-        state.update(load_file(path))
-    found = {name: (tuple(t.shape), t.dtype) for name, t in state.items()}
+    files = WeightFiles(folder).files
+    found = {entry.name: (entry.shape, entry.dtype) for path in files for entry in read_safetensors_header(path)}
     check_tensor_set(found, ember_state_shapes(args), where=str(folder))
+    for path in files:
+        yield args, load_file(path)
+
+
+def load_ember_weights(folder: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """(ModelArgs, state_dict) of an ember weight folder; the state_dict has no tied output."""
+    args, state = None, {}
+    for args, tensors in iter_ember_weight_files(folder):
+        state.update(tensors)
+    if args is None:
+        args = ModelArgs.from_dict(read_manifest(Path(folder))["model_args"])
     return args, state
 
 

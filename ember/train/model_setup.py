@@ -237,14 +237,12 @@ def compile_enabled(config: Config, device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def initial_weight_chunks(args: ModelArgs, seed: int, materialize: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+def initial_weight_chunks(args: ModelArgs, seed: int) -> Iterator[dict[str, torch.Tensor]]:
     """The run's random initialisation, one part of the model at a time (the embeddings, each
     layer, the final norm, the output layer), made on the CPU so it is the same for every layout.
 
     The values are `Transformer.init_weights(seed)`'s, drawn in the same order, but only one part
     is ever in memory: a 70B model does not need 280 GB of host memory on rank 0 to start.
-    `materialize=False` yields the same parts with the same names and no tensors ({name: None}),
-    for the ranks that receive the weights by broadcast.
     """
     with torch.device("meta"):
         reference = Transformer(args)
@@ -257,20 +255,18 @@ def initial_weight_chunks(args: ModelArgs, seed: int, materialize: bool = True) 
     seen: set[str] = set()
     generator = torch.Generator().manual_seed(seed)  # private: the global RNG is left alone
     for modules in parts.values():
-        chunk: dict[str, torch.Tensor | None] = {}
+        chunk: dict[str, torch.Tensor] = {}
         for name, module in modules:
-            if materialize:
-                module.to_empty(device="cpu", recurse=False)
-                reference.init_module(name, module, generator)
+            module.to_empty(device="cpu", recurse=False)
+            reference.init_module(name, module, generator)
             for param_name, param in module.named_parameters(recurse=False):
-                chunk[f"{name}.{param_name}" if name else param_name] = param.detach() if materialize else None
+                chunk[f"{name}.{param_name}" if name else param_name] = param.detach()
         if args.tie_embeddings and "tok_embeddings.weight" in chunk:
             chunk["output.weight"] = chunk["tok_embeddings.weight"]  # one matrix, both names
         seen.update(chunk)
         yield chunk
-        if materialize:
-            for _, module in modules:  # give the memory back before the next part
-                module.to_empty(device="meta", recurse=False)
+        for _, module in modules:  # give the memory back before the next part
+            module.to_empty(device="meta", recurse=False)
     if seen != expected:
         raise EmberError(f"initialisation left out {sorted(expected - seen)[:3]}; this is a bug in ember")
 
@@ -283,37 +279,47 @@ def initial_weights(args: ModelArgs, seed: int) -> dict[str, torch.Tensor]:
     return weights
 
 
-def converted_weights(ref: CheckpointRef) -> dict[str, torch.Tensor]:
-    from ember.models.checkpoint_io import load_ember_weights
+def converted_weight_chunks(ref: CheckpointRef) -> Iterator[dict[str, torch.Tensor]]:
+    """The weights of an ember weight folder (converted from Hugging Face), one safetensors file
+    at a time, as fp32 (training keeps fp32 parameters whatever the checkpoint's dtype; bf16
+    autocast computes). Names and shapes are checked against the architecture first."""
+    from ember.models.checkpoint_io import iter_ember_weight_files
 
-    args, state = load_ember_weights(ref.path)
-    # Training keeps fp32 parameters whatever the checkpoint's dtype (bf16 autocast computes).
-    state = {name: t.float() if t.is_floating_point() else t for name, t in state.items()}
-    if args.tie_embeddings:  # the folder stores the shared matrix once
-        state["output.weight"] = state["tok_embeddings.weight"]
-    return state
+    for args, state in iter_ember_weight_files(ref.path):
+        state = {name: t.float() if t.is_floating_point() else t for name, t in state.items()}
+        if args.tie_embeddings and "tok_embeddings.weight" in state:  # the folder stores it once
+            state["output.weight"] = state["tok_embeddings.weight"]
+        yield state
 
 
-def initialize(model: nn.Module, weight_chunks: Callable[[bool], Iterable[dict[str, torch.Tensor]]],
+def initialize(model: nn.Module, weight_chunks: Callable[[], Iterable[dict[str, torch.Tensor]]],
                partial: bool = False) -> None:
-    """Fill the model with the whole model's weights, given part by part: `weight_chunks(materialize)`
-    yields dicts of names to full tensors (with `materialize=False`, the same names and no
-    tensors). Distributed, rank 0 makes each part and broadcasts it, so no rank ever holds more than
-    one part of the full weights. `partial`: the model holds only some of them (pipeline stages)."""
+    """Fill the model with the whole model's weights, given part by part: `weight_chunks()`
+    yields dicts of names to full tensors. Distributed, only rank 0 calls it and broadcasts each
+    part, so no process ever holds more than one part of the full weights (and only rank 0 needs
+    to see the files). `partial`: the model holds only some of them (pipeline stages)."""
     import torch.distributed as dist
 
     distributed = dist.is_initialized() and dist.get_world_size() > 1
     rank0 = not distributed or dist.get_rank() == 0
+    chunks = iter(weight_chunks()) if rank0 else None
     names: set[str] = set()
-    for chunk in weight_chunks(rank0):
-        names.update(chunk)
-        if distributed:
-            load_full_weights(model, chunk if rank0 else {}, from_rank0=True)
+    while True:
+        chunk = next(chunks, None) if rank0 else {}
+        if distributed:  # rank 0 says whether a part follows
+            more = [chunk is not None]
+            dist.broadcast_object_list(more, src=0)
+            if not more[0]:
+                break
+            load_full_weights(model, chunk, from_rank0=True)
+        elif chunk is None:
+            break
         else:
             _, unexpected = model.load_state_dict(chunk, strict=False)
             if unexpected and not partial:
                 raise EmberError(f"the weights do not fit the model: unexpected {unexpected[:3]}")
-    if distributed:  # the ranks that received the weights check them against rank 0's names
+        names.update(chunk)
+    if distributed:  # every rank checks what it holds against rank 0's names
         shared = [names]
         dist.broadcast_object_list(shared, src=0)
         names = shared[0]

@@ -205,12 +205,10 @@ class Trainer:
         partial = self.parts is not None  # pipeline stages hold part of the weights
         if ref is not None:  # converted weights: a fresh start from them (continued pretraining, SFT)
             self.metrics.print(f"starting from the converted weights in {ref.path}")
-            model_setup.initialize(self.model, lambda rank0: [model_setup.converted_weights(ref) if rank0 else {}],
-                                   partial=partial)
+            model_setup.initialize(self.model, lambda: model_setup.converted_weight_chunks(ref), partial=partial)
         else:
-            model_setup.initialize(
-                self.model, lambda rank0: model_setup.initial_weight_chunks(self.model_args, c.train.seed, rank0),
-                partial=partial)
+            model_setup.initialize(self.model, lambda: model_setup.initial_weight_chunks(self.model_args, c.train.seed),
+                                   partial=partial)
         self._after_weights_set()
 
     def _holds_tied_output_copy(self) -> bool:
