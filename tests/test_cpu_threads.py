@@ -80,6 +80,7 @@ def test_trainer_leaves_out_busy_cores(tmp_path, monkeypatch, restore_threads):
     torch.set_num_threads(2)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(cpu_threads, "cgroup_cpu_quota", lambda: None)
     monkeypatch.setattr(cpu_threads, "busy_cpus", lambda: float(cores - 1))  # one core left free
     trainer = _trainer(tmp_path).setup()
     try:
@@ -109,3 +110,29 @@ def test_trainer_respects_cpu_threads_and_omp_num_threads(tmp_path, monkeypatch,
 def test_cpu_threads_must_be_positive(tmp_path):
     with pytest.raises(EmberError, match="cpu-threads"):
         _trainer(tmp_path, "--cpu-threads", "0")
+
+
+@pytest.mark.parametrize("files, quota", [
+    ({"cpu.max": "200000 100000\n"}, 2.0),                                   # cgroup v2, 2 cores
+    ({"cpu.max": "max 100000\n"}, None),                                     # v2, no limit
+    ({"cpu/cpu.cfs_quota_us": "150000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1.5),  # v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({}, None),                                                              # no cgroup files
+])
+def test_cgroup_cpu_quota(tmp_path, files, quota):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cpu_threads.cgroup_cpu_quota(str(tmp_path)) == quota
+
+
+def test_trainer_keeps_to_a_container_cpu_quota(tmp_path, monkeypatch, restore_threads):
+    torch.set_num_threads(4)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cpu_threads, "cgroup_cpu_quota", lambda: 1.5)
+    monkeypatch.setattr(cpu_threads, "busy_cpus", lambda: pytest.fail("the host's load counted under a quota"))
+    trainer = _trainer(tmp_path).setup()
+    try:
+        assert torch.get_num_threads() == 1 and "CPU quota of 1.5" in trainer._banner()
+    finally:
+        trainer.close()

@@ -6,7 +6,8 @@ descheduled thread: measured on a 2-core machine with one core busy, a step of s
 164-192 ms on 2 threads against 37 ms on 1 (20 ms on 2 threads with both cores free). So, unless
 told otherwise (--cpu-threads, or OMP_NUM_THREADS in the environment, which `ember launch` sets to 1
 for several ranks per node), the trainer leaves out the cores that other work keeps busy when it
-starts.
+starts. In a container with a CPU quota (docker --cpus, a Kubernetes CPU limit) torch still sees
+every core of the host; there the quota sets the count instead.
 """
 
 from __future__ import annotations
@@ -51,6 +52,27 @@ def busy_cpus(window_s: float = 0.1, stat_path: str = "/proc/stat") -> float | N
     return busy
 
 
+def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
+    """The CPU quota of this process's cgroup in cores (cgroup v2 `cpu.max`, or v1
+    `cpu.cfs_quota_us` / `cpu.cfs_period_us`), or None when there is none."""
+    try:
+        with open(os.path.join(root, "cpu.max")) as f:
+            quota, period = f.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    for folder in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+        try:
+            with open(os.path.join(root, folder, "cpu.cfs_quota_us")) as f:
+                quota = int(f.read())
+            with open(os.path.join(root, folder, "cpu.cfs_period_us")) as f:
+                period = int(f.read())
+        except (OSError, ValueError):
+            continue
+        return None if quota <= 0 or period <= 0 else quota / period
+    return None
+
+
 @dataclass
 class ThreadChoice:
     threads: int
@@ -84,6 +106,11 @@ def set_cpu_threads(requested: int | None) -> ThreadChoice:
     current = torch.get_num_threads()
     if requested is None and "OMP_NUM_THREADS" in os.environ:
         return ThreadChoice(current, "OMP_NUM_THREADS")
+    quota = cgroup_cpu_quota() if requested is None else None
+    if quota is not None and quota < current:  # the host's load is not ours to count here
+        threads = max(1, int(quota))
+        torch.set_num_threads(threads)
+        return ThreadChoice(threads, f"a CPU quota of {quota:g} core(s); --cpu-threads overrides")
     measure = requested is None and current > 1  # one thread never waits for another
     choice = choose_cpu_threads(requested, current, busy_cpus() if measure else None)
     if choice.threads != current:
