@@ -423,9 +423,9 @@ class Trainer:
         self.state.skipped_iterations = int(skipped.item())
         if result.reason == "finished" and t.eval_iters > 0:  # as Megatron: after the last save
             if self.valid_ds is not None:
-                self.evaluate()
+                self.evaluate(after_training=True)
             if self.test_ds is not None:
-                self.evaluate(split="test")
+                self.evaluate(split="test", after_training=True)
         if self.checkpointer is not None:
             self.checkpointer.wait()
         return result
@@ -503,7 +503,7 @@ class Trainer:
         self.metrics.log(record, format_train_line(record, self.train_iters))
 
     @torch.no_grad()
-    def evaluate(self, split: str = "valid") -> dict[str, float]:
+    def evaluate(self, split: str = "valid", after_training: bool = False) -> dict[str, float]:
         """Loss and perplexity over `--eval-iters` global batches of the validation (or test) split.
 
         As in Megatron, each validation takes the samples after the previous one's (the split is
@@ -543,7 +543,8 @@ class Trainer:
         name = "eval" if split == "valid" else "test"
         record = {"iteration": self.state.iteration, f"{name}_loss": loss, f"{name}_ppl": ppl}
         where = "validation" if split == "valid" else "test"
-        self.metrics.log(record, f"{where} at iteration {self.state.iteration} | lm loss: {loss:.6E} | "
+        when = ", after training" if after_training else ""
+        self.metrics.log(record, f"{where} at iteration {self.state.iteration}{when} | lm loss: {loss:.6E} | "
                                  f"lm loss PPL: {ppl:.6E}")
         return record
 
