@@ -112,9 +112,11 @@ class TrainConfig:
     precision: str = "fp32"
     # fp16 only: a fixed scale when set, else dynamic scaling starting here.
     loss_scale: float | None = None
-    initial_loss_scale: float = 65536.0
+    initial_loss_scale: float = 2.0**32  # Megatron's defaults
     min_loss_scale: float = 1.0
     loss_scale_window: int = 1000
+    # overflows (since the scale last grew) before the scale drops; MindFormers' scaler drops at once
+    hysteresis: int = 2
     recompute_granularity: str | None = None
     recompute_method: str | None = None
     recompute_num_layers: int | None = None
@@ -465,6 +467,7 @@ def _flags() -> list[Flag]:
         Flag(("--initial-loss-scale",), t + "initial_loss_scale"),
         Flag(("--min-loss-scale",), t + "min_loss_scale"),
         Flag(("--loss-scale-window",), t + "loss_scale_window"),
+        Flag(("--hysteresis",), t + "hysteresis", "fp16: overflows before the loss scale drops"),
         Flag(("--recompute-granularity",), t + "recompute_granularity", "full or selective"),
         Flag(("--recompute-method",), t + "recompute_method", "uniform or block (with full)"),
         Flag(("--recompute-num-layers",), t + "recompute_num_layers"),
@@ -644,6 +647,7 @@ def validate(config: Config, world_size: int = 1, check_paths: bool = True) -> C
     _validate_checkpointing(config)
     if t.precision == "fp16":
         _positive(t.initial_loss_scale, "train.initial_loss_scale")
+        _positive(t.hysteresis, "train.hysteresis (--hysteresis)")
         _positive(t.loss_scale, "train.loss_scale (--loss-scale)", allow_none=True)
     if config.model.name is None and not c.load and config.model.num_layers is None:
         raise EmberError("no model given: pass --model NAME (see `ember models`), architecture flags "

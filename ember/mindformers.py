@@ -242,6 +242,7 @@ def _apply_training(config, values: dict, source: str) -> None:
     if isinstance(scale, dict):
         t.initial_loss_scale = float(scale.get("loss_scale_value", t.initial_loss_scale))
         t.loss_scale_window = int(scale.get("scale_window", t.loss_scale_window))
+        t.hysteresis = 1  # MindSpore's DynamicLossScaleUpdateCell lowers the scale at the first overflow
     elif isinstance(scale, (int, float)) and t.precision == "fp16":
         t.loss_scale = float(scale)
     output_dir = values.get("output_dir") or "./output"

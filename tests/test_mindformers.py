@@ -70,7 +70,9 @@ def _settings(pipeline_stage: int) -> dict:
         "optimizer": {"type": "AdamW", "betas": [0.8, 0.9], "eps": 1.0e-6, "weight_decay": 0.1},
         "lr_schedule": {"type": "LinearWithWarmUpLR", "learning_rate": 3.0e-4, "lr_end": 1.0e-5,
                         "warmup_steps": 10, "total_steps": 100},
-        "runner_wrapper": {"use_clip_grad": True},
+        "runner_wrapper": {"use_clip_grad": True,
+                           "scale_sense": {"type": "DynamicLossScaleUpdateCell", "loss_scale_value": 4096,
+                                           "scale_factor": 2, "scale_window": 500}},
         "callbacks": [{"type": "MFLossMonitor"},
                       {"type": "CheckpointMonitor", "save_checkpoint_steps": 50, "keep_checkpoint_max": 3}],
         "train_dataset": {"data_loader": {"type": "MindDataset", "dataset_dir": "d_text_document"}},
@@ -98,6 +100,8 @@ def test_batch_parallel_schedule_and_outputs_follow_mindformers(tmp_path, pipeli
     assert (c.train.recompute_granularity, c.train.precision, c.train.seed) == ("full", "bf16", 3)
     assert (c.checkpoint.save, c.checkpoint.save_interval, c.checkpoint.keep_last) == ("out/checkpoint", 50, 3)
     assert (c.logging.output_dir, c.logging.log_interval) == ("./out", 5)
+    # MindSpore's dynamic loss scale: no hysteresis, the scale drops at the first overflow
+    assert (c.train.initial_loss_scale, c.train.loss_scale_window, c.train.hysteresis) == (4096.0, 500, 1)
 
 
 def test_command_line_flags_of_run_mindformer(tmp_path):

@@ -84,8 +84,9 @@ def test_non_finite_gradients_skip_the_step(fused, bad):
     assert not torch.equal(params[0], next(model.parameters()))
 
 
-def test_dynamic_loss_scale_follows_gradscaler_kernel():
-    ours = LossScaler.for_precision("fp16", CPU, loss_scale=None, initial_scale=2.0**10, min_scale=1.0, window=3)
+def test_dynamic_loss_scale_without_hysteresis_follows_gradscaler_kernel():
+    ours = LossScaler.for_precision("fp16", CPU, loss_scale=None, initial_scale=2.0**10, min_scale=1.0, window=3,
+                                    hysteresis=1)
     scale, tracker = torch.tensor(2.0**10), torch.zeros((), dtype=torch.int32)
     pattern = [0, 0, 0, 1, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 1]
     for overflow in pattern:
@@ -93,6 +94,43 @@ def test_dynamic_loss_scale_follows_gradscaler_kernel():
         ours.update(found)
         torch._amp_update_scale_(scale, tracker, found, 2.0, 0.5, 3)
         assert ours.scale.item() == scale.item()
+
+
+def _megatron_scaler(initial: float, min_scale: float, window: int, hysteresis: int):
+    """megatron-core's DynamicGradScaler with its state on the CPU (its constructor puts it on
+    CUDA); `update` is Megatron's own code."""
+    from megatron.core.optimizer.grad_scaler import DynamicGradScaler
+
+    scaler = object.__new__(DynamicGradScaler)
+    scaler._scale = torch.tensor([initial])
+    scaler.min_scale = torch.tensor([min_scale])
+    scaler.growth_factor, scaler.backoff_factor = torch.tensor([2.0]), torch.tensor([0.5])
+    scaler.growth_interval, scaler.hysteresis = window, hysteresis
+    scaler._growth_tracker, scaler._hysteresis_tracker = 0, hysteresis
+    return scaler
+
+
+@pytest.mark.parametrize("hysteresis", [1, 2, 3])
+def test_dynamic_loss_scale_follows_megatron_with_hysteresis(hysteresis):
+    pytest.importorskip("megatron.core")
+    generator = torch.Generator().manual_seed(hysteresis)
+    pattern = (torch.rand(400, generator=generator) < 0.15).tolist() + [True] * 12 + [False] * 20
+    ours = LossScaler.for_precision("fp16", CPU, loss_scale=None, initial_scale=2.0**12, min_scale=2.0, window=7,
+                                    hysteresis=hysteresis)
+    megatron = _megatron_scaler(2.0**12, 2.0, 7, hysteresis)
+    changes = 0
+    for step, overflow in enumerate(pattern):
+        before = ours.scale.item()
+        ours.update(torch.tensor(float(overflow)))
+        megatron.update(overflow)
+        assert ours.scale.item() == megatron._scale.item(), step
+        changes += ours.scale.item() != before
+        if step == 200:  # a resumed run continues the same way
+            state = ours.state_dict()
+            ours = LossScaler.for_precision("fp16", CPU, loss_scale=None, initial_scale=1.0, min_scale=2.0, window=7,
+                                            hysteresis=hysteresis)
+            ours.load_state_dict(state)
+    assert changes > 10  # the pattern exercised both directions
 
 
 def test_loss_scale_never_below_minimum_and_static_and_other_precisions():

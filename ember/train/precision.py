@@ -24,39 +24,49 @@ def autocast(precision: str, device: torch.device):
 class LossScaler:
     """Dynamic loss scaling for fp16 (static when `growth_interval` is 0); scale 1 otherwise.
 
-    After an overflow the scale halves (not below `min_scale`); after `growth_interval` clean steps
-    in a row it doubles.
+    Megatron's DynamicGradScaler, step for step: an overflow skips the step and counts down a
+    hysteresis tracker, and the scale drops by `backoff` (not below `min_scale`) once the tracker
+    reaches 0; after `growth_interval` clean steps in a row the scale grows by `growth` and the
+    tracker is reset to `hysteresis`. (So, as in Megatron, the tracker is not reset by clean steps
+    alone: after the first `hysteresis` overflows every overflow lowers the scale until it grows.)
     """
 
     def __init__(self, device: torch.device, initial_scale: float = 1.0, *, dynamic: bool = False,
-                 growth_interval: int = 1000, min_scale: float = 1.0, backoff: float = 0.5, growth: float = 2.0):
+                 growth_interval: int = 1000, min_scale: float = 1.0, backoff: float = 0.5, growth: float = 2.0,
+                 hysteresis: int = 2):
         self.dynamic = dynamic
         self.growth_interval = growth_interval
         self.min_scale = min_scale
         self.backoff = backoff
         self.growth = growth
+        self.hysteresis = hysteresis
         self.scale = torch.tensor(float(initial_scale), device=device)
         self.clean_steps = torch.zeros((), dtype=torch.int64, device=device)
+        self.hysteresis_left = torch.full((), hysteresis, dtype=torch.int64, device=device)
 
     @classmethod
     def for_precision(cls, precision: str, device: torch.device, *, loss_scale: float | None,
-                      initial_scale: float, min_scale: float, window: int) -> LossScaler:
+                      initial_scale: float, min_scale: float, window: int, hysteresis: int = 2) -> LossScaler:
         if precision != "fp16":
             return cls(device)
         if loss_scale is not None:
             return cls(device, loss_scale)
-        return cls(device, initial_scale, dynamic=True, growth_interval=window, min_scale=min_scale)
+        return cls(device, initial_scale, dynamic=True, growth_interval=window, min_scale=min_scale,
+                   hysteresis=hysteresis)
 
     def update(self, found_inf: torch.Tensor) -> None:
         """Adjust the scale after a step; `found_inf` is a 0-dim float tensor (1.0 = overflow)."""
         if not self.dynamic:
             return
         overflow = found_inf > 0
+        left = torch.where(overflow, self.hysteresis_left - 1, self.hysteresis_left)
         clean = torch.where(overflow, torch.zeros_like(self.clean_steps), self.clean_steps + 1)
         grow = clean >= self.growth_interval
+        lower = overflow & (left <= 0)
         shrunk = torch.clamp(self.scale * self.backoff, min=self.min_scale)
-        self.scale = torch.where(overflow, shrunk, torch.where(grow, self.scale * self.growth, self.scale))
+        self.scale = torch.where(lower, shrunk, torch.where(grow, self.scale * self.growth, self.scale))
         self.clean_steps = torch.where(grow, torch.zeros_like(clean), clean)
+        self.hysteresis_left = torch.where(grow, torch.full_like(left, self.hysteresis), left)
 
     def at_minimum(self) -> torch.Tensor:
         """True (as a tensor) when an overflow can no longer be fixed by lowering the scale."""
@@ -65,8 +75,10 @@ class LossScaler:
         return self.scale <= self.min_scale
 
     def state_dict(self) -> dict:
-        return {"scale": float(self.scale), "clean_steps": int(self.clean_steps)}
+        return {"scale": float(self.scale), "clean_steps": int(self.clean_steps),
+                "hysteresis_left": int(self.hysteresis_left)}
 
     def load_state_dict(self, state: dict) -> None:
         self.scale.fill_(float(state["scale"]))
         self.clean_steps.fill_(int(state["clean_steps"]))
+        self.hysteresis_left.fill_(int(state.get("hysteresis_left", self.hysteresis)))

@@ -134,7 +134,7 @@ class Trainer:
         self.scaler = LossScaler.for_precision(
             c.train.precision, self.device, loss_scale=c.train.loss_scale,
             initial_scale=c.train.initial_loss_scale, min_scale=c.train.min_loss_scale,
-            window=c.train.loss_scale_window)
+            window=c.train.loss_scale_window, hysteresis=c.train.hysteresis)
         self._load_or_initialize(ref)
         if self.parts is not None:
             from ember.config import pipeline_schedule_name
