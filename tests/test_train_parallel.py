@@ -114,3 +114,20 @@ def test_sharded_converted_weights_reach_every_rank(data, tmp_path):
     result = run_ranks(["-m", "ember.train", *argv], 2, timeout=240)
     assert result.returncode == 0, result.output[-3000:]
     _assert_same_run(read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one"))
+
+
+def test_a_broken_converted_folder_stops_every_rank(data, tmp_path):
+    """Rank 0 alone reads converted weights; when a file is missing, every rank stops with the
+    same one-line error instead of waiting for weights that never come."""
+    from ember.models import Transformer, get_model_args
+    from ember.models.checkpoint_io import save_ember_weights
+
+    args = get_model_args("tiny-qwen3", vocab_size=512)
+    source = Transformer(args)
+    folder = save_ember_weights(source, args, tmp_path / "converted", family="qwen3", max_shard_bytes=40_000)
+    sorted(folder.glob("*.safetensors"))[-1].unlink()
+    argv = [a for a in _argv(data, tmp_path / "two", ["--load", str(folder), "--finetune"])
+            if a not in ("--model", "tiny-llama")]
+    result = run_ranks(["-m", "ember.train", *argv], 2, timeout=120)
+    assert result.returncode != 0 and not result.killed, result.output[-3000:]
+    assert all("safetensors" in out and "Traceback" not in out for out in result.outputs), result.output[-3000:]

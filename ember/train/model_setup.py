@@ -305,11 +305,20 @@ def initialize(model: nn.Module, weight_chunks: Callable[[], Iterable[dict[str, 
     chunks = iter(weight_chunks()) if rank0 else None
     names: set[str] = set()
     while True:
-        chunk = next(chunks, None) if rank0 else {}
-        if distributed:  # rank 0 says whether a part follows
-            more = [chunk is not None]
-            dist.broadcast_object_list(more, src=0)
-            if not more[0]:
+        chunk, failure = {}, None
+        if rank0:
+            try:
+                chunk = next(chunks, None)
+            except EmberError as err:  # every rank stops with it, none waits for a part that never comes
+                if not distributed:
+                    raise
+                failure = str(err)
+        if distributed:  # rank 0 says whether a part follows, or why none will
+            news = [failure if failure is not None else chunk is not None]
+            dist.broadcast_object_list(news, src=0)
+            if isinstance(news[0], str):
+                raise EmberError(news[0])
+            if not news[0]:
                 break
             load_full_weights(model, chunk, from_rank0=True)
         elif chunk is None:
