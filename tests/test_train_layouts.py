@@ -72,7 +72,8 @@ def argv(data, out, model: str, extra=()) -> list[str]:
             "--seq-length", "32", "--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", str(ITERS),
             "--lr", "3e-3", "--lr-warmup-iters", "1", "--min-lr", "3e-4", "--weight-decay", "0.1",
             "--clip-grad", "0.5", "--log-interval", "1", "--eval-interval", str(ITERS), "--eval-iters", "1",
-            "--split", "90,10,0", "--output-dir", str(out), "--no-tensorboard", "--no-compile", *extra]
+            "--split", "90,10,0", "--output-dir", str(out), "--no-tensorboard", "--no-compile",
+            "--initial-loss-scale", "4096", *extra]  # fp16: a scale that does not overflow here
 
 
 def _model_and_flags(key: str, extra: list[str]) -> tuple[str, list[str]]:
