@@ -1,6 +1,5 @@
 """Blends, splits and sample counts against Megatron (megatron-core's builder and C++ helpers)."""
 
-import warnings
 
 import numpy as np
 import pytest
@@ -18,41 +17,11 @@ from ember.data.blending import (
 )
 from ember.data.indexed import IndexedDatasetWriter
 from ember.errors import EmberError
+from megatron_reference import assert_same_samples, megatron_datasets
 
-megatron_builder = pytest.importorskip("megatron.core.datasets.blended_megatron_dataset_builder")
 megatron_config = pytest.importorskip("megatron.core.datasets.blended_megatron_dataset_config")
-megatron_gpt = pytest.importorskip("megatron.core.datasets.gpt_dataset")
 megatron_helpers = pytest.importorskip("megatron.core.datasets.helpers")
 megatron_utils = pytest.importorskip("megatron.core.datasets.utils")
-
-
-class _Tokenizer:
-    vocab_size = None
-    eod = 0
-    unique_identifiers = {"class": "TestTokenizer"}
-
-
-def megatron_datasets(blend, split, seq_length, seed, sizes, per_split=None):
-    config = megatron_gpt.GPTDatasetConfig(
-        random_seed=seed, sequence_length=seq_length, blend=blend, blend_per_split=per_split, split=split,
-        path_to_cache=None, tokenizer=_Tokenizer(), reset_position_ids=False, reset_attention_mask=False,
-        eod_mask_loss=False, create_attention_mask=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return megatron_builder.BlendedMegatronDatasetBuilder(
-            megatron_gpt.GPTDataset, sizes, lambda: True, config).build()
-
-
-def assert_same_samples(reference, ours):
-    for theirs, mine in zip(reference, ours):
-        if theirs is None:
-            assert mine is None
-            continue
-        assert len(mine) == len(theirs)
-        for i in range(len(theirs)):
-            sample = theirs[i]
-            expected = np.concatenate([sample["tokens"].numpy(), sample["labels"][-1:].numpy()])
-            np.testing.assert_array_equal(mine[i]["tokens"], expected, err_msg=f"sample {i}")
 
 
 def as_flag(prefixes, weights):

@@ -5,7 +5,6 @@ several ranks.
 """
 
 import threading
-import warnings
 
 import numpy as np
 import pytest
@@ -16,45 +15,10 @@ from ember.data.gpt_dataset import GPTDataset, build_sample_index, epochs_needed
 from ember.data.index_cache import IndexCache, build_on_one_rank_first
 from ember.data.indexed import IndexedDataset, IndexedDatasetWriter
 from ember.errors import EmberError
+from megatron_reference import assert_same_samples, megatron_datasets, megatron_tokens
 
-megatron_builder = pytest.importorskip("megatron.core.datasets.blended_megatron_dataset_builder")
-megatron_gpt = pytest.importorskip("megatron.core.datasets.gpt_dataset")
+pytest.importorskip("megatron.core.datasets.gpt_dataset")
 megatron_helpers = pytest.importorskip("megatron.core.datasets.helpers")
-
-
-class _Tokenizer:
-    """What Megatron's GPTDataset asks of a tokenizer when no masks are reset."""
-    vocab_size = None
-    eod = 0
-    unique_identifiers = {"class": "TestTokenizer"}
-
-
-def megatron_datasets(data_path, split, seq_length, seed, sizes, per_split=None):
-    """Megatron's train/valid/test datasets for a blend ([prefixes], weights|None)."""
-    config = megatron_gpt.GPTDatasetConfig(
-        random_seed=seed, sequence_length=seq_length, blend=data_path, blend_per_split=per_split,
-        split=split, path_to_cache=None, tokenizer=_Tokenizer(), reset_position_ids=False,
-        reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return megatron_builder.BlendedMegatronDatasetBuilder(
-            megatron_gpt.GPTDataset, sizes, lambda: True, config).build()
-
-
-def megatron_tokens(dataset, index):
-    """The seq_length + 1 tokens of a Megatron sample: its inputs plus the last label."""
-    sample = dataset[index]
-    return np.concatenate([sample["tokens"].numpy(), sample["labels"][-1:].numpy()])
-
-
-def assert_same_samples(reference, ours):
-    for theirs, mine in zip(reference, ours):
-        if theirs is None:
-            assert mine is None
-            continue
-        assert len(mine) == len(theirs)
-        for i in range(len(theirs)):
-            np.testing.assert_array_equal(mine[i]["tokens"], megatron_tokens(theirs, i), err_msg=f"sample {i}")
 
 
 def write_dataset(prefix, count, seed, max_length=60, dtype=np.uint16, empty_every=0):

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ember.errors import EmberError  # noqa: E402
 from dist_utils import masked_batch, seeded_stages  # noqa: E402
+from ember.errors import EmberError  # noqa: E402
 from ember.models import Transformer, get_model_args  # noqa: E402
 
 CP = 2
