@@ -17,6 +17,11 @@ import time
 from dataclasses import dataclass
 
 
+def _usable_cpus() -> set[int]:
+    """The CPUs this process may run on."""
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+
 def _cpu_times(cpus: set[int], stat_path: str) -> dict[int, tuple[int, int]]:
     """(busy, total) jiffies of each CPU in `cpus`, from /proc/stat."""
     times = {}
@@ -37,7 +42,7 @@ def _cpu_times(cpus: set[int], stat_path: str) -> dict[int, tuple[int, int]]:
 def busy_cpus(window_s: float = 0.1, stat_path: str = "/proc/stat") -> float | None:
     """How many of this process's CPUs other work keeps busy, measured over `window_s` while this
     process sleeps: 0.0 (all free) to the number of CPUs. None where /proc/stat is unavailable."""
-    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cpus = _usable_cpus()
     try:
         before = _cpu_times(cpus, stat_path)
         time.sleep(window_s)
@@ -79,10 +84,6 @@ class ThreadChoice:
     reason: str
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def choose_cpu_threads(requested: int | None, current: int, busy: float | None,
                        cores: int | None = None) -> ThreadChoice:
     """`requested` (--cpu-threads) when given; else torch's current count lowered by the cores
@@ -91,7 +92,7 @@ def choose_cpu_threads(requested: int | None, current: int, busy: float | None,
         return ThreadChoice(requested, "--cpu-threads")
     if busy is None:
         return ThreadChoice(current, "torch's setting")
-    cores = cores or _cores()
+    cores = cores or len(_usable_cpus())
     taken = min(cores, round(busy))
     free = max(1, cores - taken)
     if free >= current:
