@@ -5,7 +5,7 @@ and load, and how much training an asynchronous save blocks.
     python benchmarks/checkpoint.py --shape tiny --dir /fast/disk/tmp --repeats 3
 
 Uses the Trainer's own pieces: a set-up `Trainer` (model, fused AdamW with state after a few
-steps) and `ember.train.checkpoint.Checkpointer` / `load_training_state`, as `ember train --save`
+steps) and `ember.checkpoint.training.Checkpointer` / `load_training_state`, as `ember train --save`
 and `--load` do. Prints one comparable line per shape:
 
     checkpoint shape=56m params=56.4M size_mb=... save_s=... save_mb_per_s=... load_s=...
@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from compare_training import ember_step, ember_trainer, load_average, scratch_dir, take_batches  # noqa: E402
 from train_cpu import SHAPES  # noqa: E402
 
-from ember.train.checkpoint import Checkpointer, find_checkpoint, load_training_state  # noqa: E402
+from ember.checkpoint.training import Checkpointer, find_checkpoint, load_training_state  # noqa: E402
 
 
 def folder_mb(path: str) -> float:

@@ -39,12 +39,12 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ember.models.checkpoint_io import ShardedWriter, TensorEntry, WeightFiles, read_stored_tensor  # noqa: E402
+from ember.checkpoint.weights import ShardedWriter, TensorEntry, WeightFiles, read_stored_tensor  # noqa: E402
 
 _MEASURE = """
 import resource, sys
+from ember.commands import convert  # everything the conversion imports, before measuring
 from ember.cli import main
-from ember.models import convert  # everything the conversion imports, before measuring
 
 def status(key):
     with open("/proc/self/status") as f:

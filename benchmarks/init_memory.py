@@ -21,15 +21,16 @@ import time
 def run_one(way: str, layers: int, dim: int) -> None:
     import torch
 
+    from ember.checkpoint.initialize import initialize
     from ember.models import Transformer, get_model_args
-    from ember.train import model_setup
+    from ember.models.initialization import initial_weight_chunks
 
     torch.set_num_threads(1)
     args = get_model_args("tiny-llama", dim=dim, n_layers=layers, n_heads=dim // 64, n_kv_heads=dim // 128,
                           ffn_dim=dim * 11 // 4, vocab_size=32000)
     with torch.device("meta"):
         model = Transformer(args)
-    model.to_empty(device="cpu")
+    model.materialize("cpu")
     with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM: only the initialisation counts
         f.write("5")
     start = time.perf_counter()
@@ -41,7 +42,7 @@ def run_one(way: str, layers: int, dim: int) -> None:
         model.load_state_dict(reference.state_dict(), strict=False)
         del reference
     else:
-        model_setup.initialize(model, lambda: model_setup.initial_weight_chunks(args, 1))
+        initialize(model, lambda: initial_weight_chunks(args, 1))
     seconds = time.perf_counter() - start
     with open("/proc/self/status") as f:
         peak_kb = int(f.read().split("VmHWM:")[1].split()[0])

@@ -22,7 +22,7 @@ def corpus_jsonl(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory, corpus_jsonl):
     """A byte-level BPE tokenizer (2048 tokens) trained on the corpus, as a Hugging Face folder."""
-    from ember.data.sources import iter_texts
+    from ember.data.records import iter_texts
     from ember.data.tokenizer_train import train_bpe_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer") / "tok"

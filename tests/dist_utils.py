@@ -1,7 +1,7 @@
 """Run N gloo processes for a test: the environment torchrun would give them, a free port, a hard
 timeout, and no process left behind whatever happens.
 
-    result = run_ranks(["-m", "ember.train", "--model", "tiny-llama", ...], nprocs=2, timeout=120)
+    result = run_ranks(["-m", "ember.commands.train", "--model", "tiny-llama", ...], nprocs=2, timeout=120)
     assert result.returncode == 0, result.output
 
 Each rank is `python ARGS` with RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set, in its own
@@ -159,8 +159,8 @@ def train_config(argv: list[str]):
     """The Config `ember train ARGV` would run (for in-process runs of the trainer)."""
     import argparse
 
-    from ember.config import config_from_args
-    from ember.train.cli import add_arguments
+    from ember.commands.train import add_arguments
+    from ember.compat import config_from_args
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -4,13 +4,12 @@
 import numpy as np
 import pytest
 
+from ember.config.data_spec import normalize_weights, parse_data_path, parse_split
 from ember.data import blending
 from ember.data.blending import (
     blending_indices,
     build_datasets,
     exhaustive_blending_indices,
-    parse_data_path,
-    parse_split,
     split_document_ranges,
     split_matrix,
     train_valid_test_num_samples,
@@ -118,7 +117,7 @@ def test_blending_indices_match_megatron(weights, size):
     if isinstance(weights, str):
         count = int(weights.removeprefix("random"))
         weights = np.random.default_rng(count).random(count)
-    weights = blending.normalize_weights(weights)
+    weights = normalize_weights(weights)
     ours = blending_indices(weights, size)
     theirs = megatron_blending(weights, size)
     np.testing.assert_array_equal(ours[0], theirs[0])

@@ -144,7 +144,7 @@ def test_cli_prints_one_line_and_starts_no_process(data, capsys):
 
 
 def test_torchrun_module_entry_reports_errors_the_same_way(data):
-    proc = subprocess.run([sys.executable, "-m", "ember.train", *_base(data, "--bf16", "--fp16")],
+    proc = subprocess.run([sys.executable, "-m", "ember.commands.train", *_base(data, "--bf16", "--fp16")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "ember train: error: --bf16 and --fp16 both given; choose one precision"
@@ -157,3 +157,37 @@ def test_validation_is_idempotent_for_derived_values(data):
     once = validate(config)
     assert once.train.train_iters == 4000 // (4 * 32)
     assert validate(once).to_dict() == once.to_dict()
+
+
+def test_parsing_a_tiny_config_has_no_side_effects(tmp_path, monkeypatch, data):
+    """EMBER_TINY: translating the arguments neither builds the assets nor touches the environment;
+    the command's explicit step does (issue 13: parsing used to train a tokenizer and set
+    CUDA_VISIBLE_DEVICES)."""
+    import os
+
+    from ember.compat import config_from_args, tiny
+    from ember.compat.tiny_assets import TinyAssets
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("EMBER_TINY", "1")
+    monkeypatch.setenv("EMBER_TINY_CACHE", str(cache))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    config = train_config(_base(data, "--tensor-model-parallel-size", "2"))
+    assert config.model.name == "tiny-llama" and config.data.data_path == [data]  # untouched
+    assets = TinyAssets(tmp_path / "assets")  # paths only: nothing is built
+    with_tiny = config_from_args(_parsed(_base(data, "--tensor-model-parallel-size", "2")), assets)
+    assert with_tiny.data.data_path == [assets.pretrain] and with_tiny.parallel.backend == "gloo"
+    assert with_tiny.data.tokenizer_name_or_path == str(assets.tokenizer)
+    assert tiny.world_size(with_tiny) == 2
+    assert not cache.exists() and not (tmp_path / "assets").exists()
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ
+
+
+def _parsed(argv):
+    import argparse
+
+    from ember.commands.train import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(argv)

@@ -12,16 +12,16 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
-from ember.cli import main  # noqa: E402
-from ember.errors import EmberError  # noqa: E402
-from ember.models import Transformer, get_model_args  # noqa: E402
-from ember.models.checkpoint_io import (  # noqa: E402
+from ember.checkpoint.convert import convert_ember_to_hf, convert_hf_to_ember, parse_size  # noqa: E402
+from ember.checkpoint.weights import (  # noqa: E402
     load_ember_weights,
     load_model,
     read_safetensors_header,
     save_ember_weights,
 )
-from ember.models.convert import convert_ember_to_hf, convert_hf_to_ember, parse_size  # noqa: E402
+from ember.cli import main  # noqa: E402
+from ember.errors import EmberError  # noqa: E402
+from ember.models import Transformer, get_model_args  # noqa: E402
 
 VOCAB = 96
 _LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)

@@ -30,7 +30,7 @@ TIMEOUT = 300
 
 @pytest.fixture(scope="module")
 def tiny_cache(tmp_path_factory):
-    from ember.tiny import prepare
+    from ember.compat.tiny_assets import prepare
 
     root = tmp_path_factory.mktemp("tiny-cache")
     prepare(root / "v1")  # built once here; every script then finds it
@@ -243,7 +243,7 @@ def test_full_size_example_fits_its_cluster(name, tmp_path, monkeypatch):
     """The layout, batch, precision, sharding and recomputation each full-size example passes to
     `ember launch` fit its target cluster by `ember plan` (and its processes match the layout)."""
     from ember.cli import main
-    from ember.launch import add_arguments, plan_from_args, training_config
+    from ember.commands.launch import add_arguments, plan_from_args, training_config
 
     argv, env = _recorded_launch(name, tmp_path)
     for key in ("GPUS_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):

@@ -8,10 +8,10 @@ import torch
 
 from dist_utils import single_thread  # noqa: F401 (autouse fixture: one torch thread)
 from dist_utils import train_config, write_token_dataset
+from ember.checkpoint.export import infer_family, load_model_from_training_checkpoint, read_training_checkpoint
 from ember.cli import main as ember
 from ember.errors import EmberError
 from ember.train import run_training
-from ember.train.export import infer_family, load_model_from_training_checkpoint, read_training_checkpoint
 
 
 @pytest.fixture(scope="module")

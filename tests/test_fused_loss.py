@@ -96,7 +96,7 @@ def test_model_loss_through_the_fused_head_matches_the_logits(name):
 
 def test_models_the_fused_head_cannot_take_use_the_logits():
     model = Transformer(get_model_args("tiny-llama", vocab_size=64))
-    model._ember_tensor_parallel = True  # what apply_tensor_parallel marks: vocabulary-sharded logits
+    model.tensor_parallel_mesh = object()  # what apply_tensor_parallel records: vocabulary-sharded logits
     assert not fused_loss_applies(model)
     stage = Transformer(get_model_args("tiny-llama", vocab_size=64))
     stage.output = None  # a pipeline stage before the last

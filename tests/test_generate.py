@@ -11,12 +11,12 @@ import torch
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
+from ember.checkpoint.convert import convert_hf_to_ember  # noqa: E402
+from ember.checkpoint.weights import load_model  # noqa: E402
 from ember.cli import main  # noqa: E402
 from ember.errors import EmberError  # noqa: E402
-from ember.generate import TextCodec, generate, sample_next_token  # noqa: E402
+from ember.generation import TextCodec, generate, sample_next_token  # noqa: E402
 from ember.models import Transformer, get_model_args  # noqa: E402
-from ember.models.checkpoint_io import load_model  # noqa: E402
-from ember.models.convert import convert_hf_to_ember  # noqa: E402
 
 VOCAB = 128
 _LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)

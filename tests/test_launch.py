@@ -24,7 +24,7 @@ TIMEOUT = 240
 
 
 def _launch_parser() -> argparse.ArgumentParser:
-    from ember.launch import add_arguments
+    from ember.commands.launch import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -42,7 +42,7 @@ def _torchrun_view(plan):
 
 
 def test_seed_variables_give_the_torchrun_layout(monkeypatch):
-    from ember.launch import plan_from_args
+    from ember.commands.launch import plan_from_args
 
     seed = {"GPUS_PER_NODE": "8", "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "6001", "NNODES": "2", "NODE_RANK": "1"}
     for key, value in seed.items():
@@ -60,7 +60,7 @@ def test_seed_variables_give_the_torchrun_layout(monkeypatch):
 
 def test_msrun_positional_form():
     """MindFormers: "CMD" WORKER_NUM LOCAL_WORKER MASTER_ADDR MASTER_PORT NODE_RANK LOG_DIR JOIN TIMEOUT."""
-    from ember.launch import plan_from_args
+    from ember.commands.launch import plan_from_args
 
     command = "run_mindformer.py --config c.yaml --train_dataset_dir d --use_parallel True --run_mode train"
     args = _launch_parser().parse_args(["--msrun", command, "64", "8", "10.0.0.1", "8118", "3", "out/msrun_log",
@@ -82,7 +82,7 @@ def test_msrun_positional_form():
 ])
 def test_bad_layouts_are_reported(argv, message):
     from ember.errors import EmberError
-    from ember.launch import plan_from_args
+    from ember.commands.launch import plan_from_args
 
     with pytest.raises(EmberError, match=message):
         plan_from_args(_launch_parser().parse_args(argv))
@@ -311,7 +311,7 @@ def _env_worker(folder: str) -> None:
 def _crash_worker(train_argv: list[str]) -> int:
     """ember.train, except that on the first attempt rank 1 kills itself after logging KILL_AFTER."""
     from ember.train import trainer
-    from ember.train.cli import main
+    from ember.commands.train import main
 
     if os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
         original = trainer.Trainer._log

@@ -15,7 +15,7 @@ import yaml
 from dist_utils import single_thread  # noqa: F401 (autouse fixture: one torch thread)
 from dist_utils import train_config, write_token_dataset
 from ember.errors import EmberError
-from ember.mindformers import feed_forward_size, is_mindformers_config
+from ember.compat.mindformers import feed_forward_size, is_mindformers_config
 from ember.models.registry import get_model_args
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

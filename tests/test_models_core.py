@@ -180,6 +180,28 @@ def test_meta_device_construction_then_init(name):
         torch.testing.assert_close(model(tokens), reference(tokens), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-bloom"])
+def test_materialize_ties_and_computes_buffers_once(name):
+    args = get_model_args(name)
+    reference = Transformer(args)
+    reference.init_weights(seed=7)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.materialize("cpu")
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    if args.tie_embeddings:
+        assert model.output.weight is model.tok_embeddings.weight
+    for buffer in ("rope_cos", "rope_sin", "alibi_slopes"):
+        expected = getattr(reference, buffer)
+        assert (getattr(model, buffer) is None) == (expected is None), buffer
+        if expected is not None:
+            assert torch.equal(getattr(model, buffer), expected), buffer
+    model.load_state_dict(reference.state_dict())
+    tokens = torch.randint(0, args.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), reference(tokens), rtol=0, atol=0)
+
+
 def test_init_weights_seed_leaves_global_rng_alone():
     model = Transformer(get_model_args("tiny-llama"))
     torch.manual_seed(123)

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
+from ember.checkpoint.weights import load_model  # noqa: E402
 from ember.cli import main  # noqa: E402
-from ember.models.checkpoint_io import load_model  # noqa: E402
 from ember.models.hf import TensorMapper  # noqa: E402
 
 VOCAB = 160

@@ -224,7 +224,8 @@ def test_unsupported_attention_is_refused(model_name, overrides, message):
 
 
 def test_sequence_split_checks():
-    from ember.parallel.context import check_context_parallel, shard_positions
+    from ember.config.layout import check_context_parallel
+    from ember.parallel.context import shard_positions
 
     with pytest.raises(EmberError, match="multiple of 4"):
         check_context_parallel(get_model_args("tiny-llama"), 2, seq_len=30, load_balance=True)

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ember.errors import EmberError  # noqa: E402
 from ember.models import Transformer, get_model_args  # noqa: E402
+from ember.models.moe import LocalDispatch  # noqa: E402
 
 EP = 2
 STEPS = 3
@@ -106,7 +107,7 @@ def routed_over_capacity(moe, x: torch.Tensor) -> int:
     """Assignments over capacity for one MoE block's input (0 when dropless), recomputed from the
     router so the test knows the capacity path was exercised."""
     tokens = x.reshape(-1, x.shape[-1])
-    capacity = moe._capacity(tokens.shape[0])
+    capacity = moe.capacity(tokens.shape[0])
     if capacity is None:
         return 0
     with torch.no_grad():
@@ -122,7 +123,8 @@ def rank_main(out_dir: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from ember.parallel.experts import apply_expert_parallel, expert_parameters, scale_expert_grads
+    from ember.parallel.experts import apply_expert_parallel, expert_parameters
+    from ember.train.gradients import reduce_expert_grads
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -140,12 +142,13 @@ def rank_main(out_dir: str) -> None:
             loss, logits, aux = lm_loss(model, inputs, labels)
             loss.backward()
             # What data parallelism over the EP group does: average replicated gradients; the
-            # expert gradients are already summed over both ranks by the all-to-all backward.
+            # expert gradients are already summed over both ranks by the all-to-all backward, and
+            # the trainer divides them by the data-parallel size (no other rank holds the same experts).
             for param in model.parameters():
                 if id(param) not in expert_ids:
                     dist.all_reduce(param.grad)
                     param.grad.div_(EP)
-            scale_expert_grads(model, 1.0 / EP)
+            reduce_expert_grads(expert_parameters(model), None, EP)
             losses = [torch.zeros(()) for _ in range(EP)]
             dist.all_gather(losses, loss.detach())
             result["losses"].append([x.item() for x in losses])
@@ -229,7 +232,7 @@ def test_dense_model_and_ep1_are_left_alone():
     before = {name: type(p) for name, p in model.named_parameters()}
     apply_expert_parallel(model, _FakeMesh(1))
     assert {name: type(p) for name, p in model.named_parameters()} == before
-    assert "_dispatch" not in vars(model.layers["0"].moe)
+    assert isinstance(model.layers["0"].moe.dispatcher, LocalDispatch)
 
 
 if __name__ == "__main__":

@@ -239,7 +239,7 @@ def test_impossible_layouts_are_refused(overrides, tp, message):
 
 
 def test_expert_ffn_and_sequence_length_checks():
-    from ember.parallel.tensor import check_tensor_parallel
+    from ember.config.layout import check_tensor_parallel
 
     with pytest.raises(EmberError, match="moe_ffn_dim 90"):
         check_tensor_parallel(get_model_args("tiny-mixtral", n_kv_heads=4, moe_ffn_dim=90), 4)

@@ -1,4 +1,4 @@
-"""`ember plan` and its memory model (ember/parallel/estimate.py).
+"""`ember plan` (ember/plan.py) and its memory model (ember/parallel/estimate.py).
 
 - Parameter counts per device come from ModelArgs arithmetic; they are checked against models
   built on the meta device: whole, cut into pipeline stages, and built at tensor-parallel local
@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from ember.cli import main
 from ember.errors import EmberError
 from ember.models import Transformer, get_model_args
-from ember.parallel.estimate import Layout, Workload, estimate_communication, estimate_memory, stage_params
-from ember.parallel.plan import check_layout, parse_memory
+from ember.config.layout import Layout
+from ember.parallel.estimate import Workload, estimate_communication, estimate_memory, stage_params
+from ember.plan import check_layout, parse_memory
 
 GIB = 2**30
 
@@ -234,10 +235,11 @@ def test_search_prints_fitting_layouts_and_refuses_when_none_fit(capsys):
 @pytest.mark.parametrize("model,layout,message", [
     ("llama2-7b", Layout(tp=3, dp=1), "32 attention heads are not divisible by tp 3"),
     ("llama3-70b", Layout(tp=16, dp=1), "8 key/value heads are not divisible by tp 16"),
-    ("llama2-7b", Layout(pp=3, dp=1), "32 layers do not divide into 3 pipeline stages"),
-    ("mixtral-8x7b", Layout(ep=3, dp=3), "8 experts are not divisible by ep 3"),
-    ("mixtral-8x7b", Layout(ep=4, dp=2), "ep 4 must divide dp x cp = 2"),
-    ("llama2-7b", Layout(dp=3), "global batch 64 is not divisible by micro-batch 1 x dp 3"),
+    ("llama2-7b", Layout(pp=3, dp=1), "32 layers do not split evenly over 3 pipeline stages"),
+    ("mixtral-8x7b", Layout(ep=3, cp=3), "expert parallel size 3 does not divide num_experts 8"),
+    ("mixtral-8x7b", Layout(ep=4, dp=2),
+     "--expert-model-parallel-size 4 must divide data-parallel x context-parallel size 2"),
+    ("llama2-7b", Layout(dp=3), "global batch size 64 is not divisible by micro batch size 1 x data-parallel size 3"),
     ("bloom-7b1", Layout(cp=2), "context parallelism does not support ALiBi"),
 ])
 def test_impossible_layouts_are_refused_in_one_line(model, layout, message):

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from ember.checkpoint.training import (Checkpointer, capture_rng_state, find_checkpoint, list_checkpoints,
+                                       load_training_state, restore_rng_state)
 from ember.errors import EmberError
-from ember.train.checkpoint import (Checkpointer, capture_rng_state, find_checkpoint, list_checkpoints,
-                                    load_training_state, restore_rng_state)
 
 
 def _model_and_optimizer(seed):

@@ -4,7 +4,7 @@ gradient norms (what clipping uses) and the evaluation loss of a single-process 
 global batches — for a tiny Llama (GQA), a tiny Qwen3 (q/k norms, tied embeddings) and a tiny
 Mixtral (MoE, top-2 of 4 experts, load-balancing loss).
 
-Each layout is one spawn of N processes running `ember.train`'s real entry (`ember.train.cli.main`:
+Each layout is one spawn of N processes running `ember train`'s real rank entry (`ember.commands.train.main`:
 flag parsing, validation, the trainer) once per model inside one process group, so the whole path
 is tested with one process start per layout. The single-process references run in this process.
 
@@ -197,7 +197,7 @@ def _drive(spec_path: str) -> int:
     import torch
     import torch.distributed as dist
 
-    from ember.train.cli import main
+    from ember.commands.train import main
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 
 from dist_utils import single_thread  # noqa: F401 (autouse fixture: one torch thread)
 from dist_utils import read_metrics, train_config, write_token_dataset
+from ember.checkpoint.training import find_checkpoint, load_training_state
 from ember.errors import EmberError
 from ember.models import Transformer, get_model_args
 from ember.parallel.recompute import apply_recompute
 from ember.train import Trainer, run_training
-from ember.train.checkpoint import find_checkpoint, load_training_state
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +243,7 @@ def test_nan_steps_in_a_row_stop_with_the_last_good_state_saved(data, tmp_path):
 def test_load_converted_weights_starts_fresh_from_them(data, tmp_path, finetune):
     """`--load CONVERTED --finetune` (or a converted folder without training state): those weights,
     a fresh optimizer, iteration 0 — continued pretraining and SFT as in the seeds."""
-    from ember.models.checkpoint_io import save_ember_weights
+    from ember.checkpoint.weights import save_ember_weights
 
     args = get_model_args("tiny-qwen3", vocab_size=512)  # tied embeddings: stored once
     source = Transformer(args)
@@ -269,7 +269,7 @@ def test_load_converted_weights_starts_fresh_from_them(data, tmp_path, finetune)
 def test_a_relaunched_finetune_continues_from_its_own_checkpoint(data, tmp_path):
     """The same `--load CONVERTED --finetune --save OUT` command run again after a stop resumes from
     OUT (what a preempted job needs) instead of starting over from the converted weights."""
-    from ember.models.checkpoint_io import save_ember_weights
+    from ember.checkpoint.weights import save_ember_weights
 
     args = get_model_args("tiny-llama", vocab_size=512)
     source = Transformer(args)
@@ -351,7 +351,7 @@ def test_initial_weights_come_part_by_part_with_init_weights_values(name):
     """The trainer's initialisation, one part at a time, is Transformer.init_weights(seed) value
     for value (same draws, same order; tied output included), and no part holds more than one
     layer or embedding."""
-    from ember.train.model_setup import initial_weight_chunks
+    from ember.models.initialization import initial_weight_chunks
 
     args = get_model_args(name, n_layers=3)
     reference = Transformer(args)

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from ember.config import OptimConfig
-from ember.train.optim import build_optimizer, clip_and_step, parameter_groups
+from ember.train.gradients import clip_and_step
+from ember.train.optim import build_optimizer, parameter_groups
 from ember.train.precision import LossScaler
 
 CPU = torch.device("cpu")

@@ -43,7 +43,7 @@ def reference(data, tmp_path_factory):
     (4, ["--use-torch-fsdp2"]),                                   # full sharding
 ])  # hybrid sharding (--dp-replicate) runs in test_train_resume, resuming on 4 ranks
 def test_data_parallel_losses_match_one_process(data, reference, tmp_path, nprocs, extra):
-    result = run_ranks(["-m", "ember.train", *_argv(data, tmp_path, extra)], nprocs, timeout=240)
+    result = run_ranks(["-m", "ember.commands.train", *_argv(data, tmp_path, extra)], nprocs, timeout=240)
     assert result.returncode == 0, result.output[-3000:]
     _assert_same_run(read_metrics(tmp_path), reference)
 
@@ -73,7 +73,7 @@ def test_moe_model_matches_one_process(data, tmp_path):
     """tiny-mixtral (load-balancing loss on): 2 ZeRO-1 ranks follow one process."""
     moe = ["--model", "tiny-mixtral"]
     run_training(train_config(_argv(data, tmp_path / "one", moe)))
-    result = run_ranks(["-m", "ember.train", *_argv(data, tmp_path / "two", [*moe, "--use-distributed-optimizer"])],
+    result = run_ranks(["-m", "ember.commands.train", *_argv(data, tmp_path / "two", [*moe, "--use-distributed-optimizer"])],
                        2, timeout=240)
     assert result.returncode == 0, result.output[-3000:]
     _assert_same_run(read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one"))
@@ -100,7 +100,7 @@ def test_sharded_converted_weights_reach_every_rank(data, tmp_path):
     files one at a time and broadcasts each, and the run's losses are those of one process
     started from the same folder."""
     from ember.models import Transformer, get_model_args
-    from ember.models.checkpoint_io import save_ember_weights
+    from ember.checkpoint.weights import save_ember_weights
 
     args = get_model_args("tiny-qwen3", vocab_size=512)
     source = Transformer(args)
@@ -111,7 +111,7 @@ def test_sharded_converted_weights_reach_every_rank(data, tmp_path):
     argv = [a for a in _argv(data, tmp_path / "one", load) if a not in ("--model", "tiny-llama")]
     run_training(train_config(argv))
     argv = [a for a in _argv(data, tmp_path / "two", [*load, "--use-torch-fsdp2"]) if a not in ("--model", "tiny-llama")]
-    result = run_ranks(["-m", "ember.train", *argv], 2, timeout=240)
+    result = run_ranks(["-m", "ember.commands.train", *argv], 2, timeout=240)
     assert result.returncode == 0, result.output[-3000:]
     _assert_same_run(read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one"))
 
@@ -120,7 +120,7 @@ def test_a_broken_converted_folder_stops_every_rank(data, tmp_path):
     """Rank 0 alone reads converted weights; when a file is missing, every rank stops with the
     same one-line error instead of waiting for weights that never come."""
     from ember.models import Transformer, get_model_args
-    from ember.models.checkpoint_io import save_ember_weights
+    from ember.checkpoint.weights import save_ember_weights
 
     args = get_model_args("tiny-qwen3", vocab_size=512)
     source = Transformer(args)
@@ -128,6 +128,6 @@ def test_a_broken_converted_folder_stops_every_rank(data, tmp_path):
     sorted(folder.glob("*.safetensors"))[-1].unlink()
     argv = [a for a in _argv(data, tmp_path / "two", ["--load", str(folder), "--finetune"])
             if a not in ("--model", "tiny-llama")]
-    result = run_ranks(["-m", "ember.train", *argv], 2, timeout=120)
+    result = run_ranks(["-m", "ember.commands.train", *argv], 2, timeout=120)
     assert result.returncode != 0 and not result.killed, result.output[-3000:]
     assert all("safetensors" in out and "Traceback" not in out for out in result.outputs), result.output[-3000:]

@@ -46,7 +46,7 @@ def saved_run(data, tmp_path_factory):
     """TP2 x PP2 for 3 iterations, saving at 2 (and 3), asynchronously: the uninterrupted reference."""
     out = tmp_path_factory.mktemp("tp2pp2")
     save = out / "ckpt"
-    result = run_ranks(["-m", "ember.train", *_argv(data, out, [*TP2_PP2, "--save", str(save), "--save-interval",
+    result = run_ranks(["-m", "ember.commands.train", *_argv(data, out, [*TP2_PP2, "--save", str(save), "--save-interval",
                                                                   str(SAVED_AT), "--async-save"])], 4, timeout=300)
     assert result.returncode == 0, result.output[-4000:]
     checkpoint = save / f"iter_{SAVED_AT:07d}"
@@ -74,7 +74,7 @@ def test_resume_on_another_layout_continues_the_run(data, saved_run, tmp_path, l
         finally:
             torch.set_num_threads(threads)
     else:
-        result = run_ranks(["-m", "ember.train", *argv], nprocs, timeout=300)
+        result = run_ranks(["-m", "ember.commands.train", *argv], nprocs, timeout=300)
         assert result.returncode == 0, result.output[-4000:]
         assert f"resumed from {checkpoint}" in result.outputs[0]
     resumed, resumed_evals = read_metrics(tmp_path)

@@ -9,8 +9,8 @@ import pytest
 
 from dist_utils import single_thread  # noqa: F401 (autouse fixture: one torch thread)
 from dist_utils import read_metrics, run_ranks, train_config, write_token_dataset
+from ember.checkpoint.training import find_checkpoint, list_checkpoints
 from ember.train import run_training
-from ember.train.checkpoint import find_checkpoint, list_checkpoints
 
 ITERS = 10
 LAYOUT = ["--use-distributed-optimizer"]  # 2 ranks, ZeRO-1: optimizer state sharded in the checkpoint
@@ -24,7 +24,7 @@ def _argv(data, out, extra=()):
 
 
 def _train(data, out, extra=(), nprocs=2, **kwargs):
-    return run_ranks(["-m", "ember.train", *_argv(data, out, extra)], nprocs, timeout=240, **kwargs)
+    return run_ranks(["-m", "ember.commands.train", *_argv(data, out, extra)], nprocs, timeout=240, **kwargs)
 
 
 def _latest_iteration(save: Path) -> int:

@@ -224,3 +224,11 @@ class GPTDataset:
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         return {"tokens": self.sample_tokens(index)}
+
+
+def samples_digest(dataset, count: int) -> str:
+    """sha256 over the first `count` samples' tokens as int64 little-endian."""
+    digest = hashlib.sha256()
+    for index in range(count):
+        digest.update(np.ascontiguousarray(dataset[index]["tokens"], dtype="<i8").tobytes())
+    return digest.hexdigest()

@@ -1,6 +1,6 @@
-"""`ember preprocess`: text files -> Megatron `PREFIX_<key>_document.bin/.idx`, in parallel, streaming.
+"""Text files -> Megatron `PREFIX_<key>_document.bin/.idx`, in parallel, streaming (`ember preprocess`).
 
-The same flags as Megatron-LM's / ModelLink's `tools/preprocess_data.py`, and the same bytes for
+The same options as Megatron-LM's / ModelLink's `tools/preprocess_data.py`, and the same bytes for
 the same input and tokenizer. The main process reads raw chunks of records in order and hands
 them to `--workers` processes, which parse, tokenize and return flat numpy arrays; results are
 written in input order, so any worker count gives identical output. `--n-subs N` cuts the input
@@ -11,22 +11,22 @@ Everything is written under temporary names and renamed only when complete.
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import os
 import sys
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ember.data.handlers import HANDLERS, PROMPT_TYPES, build_handler
+from ember.data.handlers import build_handler
 from ember.data.indexed import IndexedDataset, IndexedDatasetWriter, bin_path, idx_path, optimal_dtype
 from ember.data.records import Skip, decode_chunk
 from ember.data.sources import InputPart, file_format, iter_chunks, resolve_input_files, split_input
-from ember.data.tokenizers import add_tokenizer_arguments, build_tokenizer
+from ember.data.tokenizers import Tokenizer, build_tokenizer
 from ember.errors import EmberError
 
 MAX_SKIPS_SHOWN = 5
@@ -95,15 +95,15 @@ def _handle_chunk(job: PreprocessJob, chunk):
 class Progress:
     """Megatron-style progress lines every `interval` documents: rates and ETA."""
 
-    def __init__(self, interval: int, total_bytes: int | None, label: str = ""):
-        self.interval = max(1, interval)
+    def __init__(self, interval: int | None, total_bytes: int | None, label: str = ""):
+        self.interval = None if interval is None else max(1, interval)  # None: no progress lines
         self.total_bytes = total_bytes
         self.label = label
         self.start = time.perf_counter()
-        self.next_report = self.interval
+        self.next_report = self.interval or 0
 
     def update(self, totals: Totals, force: bool = False) -> None:
-        if not force and totals.documents < self.next_report:
+        if self.interval is None or (not force and totals.documents < self.next_report):
             return
         self.next_report = (totals.documents // self.interval + 1) * self.interval
         elapsed = max(time.perf_counter() - self.start, 1e-9)
@@ -271,107 +271,93 @@ def pack_dataset(source: str, target: str, length: int, seed: int | None) -> Non
         raise
 
 
-# ---- the command -------------------------------------------------------------------------------
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--input", required=True,
-                        help="a file or a folder of .jsonl/.json/.txt/.csv/.parquet/.arrow (jsonl may be .gz/.zst)")
-    parser.add_argument("--output-prefix", required=True,
-                        help="output path prefix; writes PREFIX_<key>_document.bin/.idx")
-    add_tokenizer_arguments(parser)
-    parser.add_argument("--handler-name", default="GeneralPretrainHandler", choices=HANDLERS)
-    parser.add_argument("--json-keys", nargs="+", default=["text"],
-                        help="columns to tokenize, each into its own dataset (pretraining handler)")
-    parser.add_argument("--append-eod", action="store_true", help="end every document with the EOD token")
-    parser.add_argument("--prompt-type", choices=PROMPT_TYPES, default=None,
-                        help="prompt template of the instruction handlers (default: alpaca / chatml)")
-    parser.add_argument("--workers", type=int, default=1, help="tokenizing processes")
-    parser.add_argument("--n-subs", type=int, default=1,
-                        help="cut the input into N parts processed in parallel and merged (same output)")
-    parser.add_argument("--log-interval", type=int, default=10000, help="progress line every N documents")
-    parser.add_argument("--pack", action="store_true",
-                        help="pack mode (pretrain_eod): documents joined with EOD into --seq-length samples")
-    parser.add_argument("--seq-length", type=int, default=None, help="sample length in pack mode")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="pack mode: shuffle the documents with this seed before packing (default: input order)")
-    parser.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing output datasets")
-    parser.add_argument("--no-fast-encoder", action="store_true",
-                        help="always tokenize through the Hugging Face library (slower, same ids)")
-    parser.add_argument("--chunk-size", type=int, default=1024, help=argparse.SUPPRESS)
-
+# ---- the whole step ----------------------------------------------------------------------------
 
 def output_prefixes(output_prefix: str, keys: list[str]) -> dict[str, str]:
     return {key: f"{output_prefix}_{key}_document" for key in keys}
 
 
-def _validate(args) -> tuple[PreprocessJob, list[Path], dict[str, str], dict[str, type], object]:
-    """Every check that can fail before work starts: input, tokenizer, outputs, flag combinations."""
-    files = resolve_input_files(args.input)
-    out_dir = Path(args.output_prefix).parent
+@dataclass
+class Prepared:
+    """A checked request, before any work: what `on_start` is shown."""
+
+    files: list[Path]
+    tokenizer: Tokenizer
+    fast_encoder: bool  # the fast exact BPE encoder (else the Hugging Face library) tokenizes
+    prefixes: dict[str, str]  # output key -> dataset prefix
+
+
+@dataclass
+class PreprocessResult:
+    totals: Totals
+    prefixes: dict[str, str]  # output key -> dataset prefix written (PREFIX.bin/.idx)
+    seconds: float
+
+
+def preprocess(*, input: str | os.PathLike, output_prefix: str, tokenizer_type: str = "PretrainedFromHF",
+               tokenizer_name_or_path: str | None = None, tokenizer_model: str | None = None,
+               vocab_file: str | None = None, merge_file: str | None = None,
+               handler_name: str = "GeneralPretrainHandler", json_keys: Sequence[str] = ("text",),
+               append_eod: bool = False, prompt_type: str | None = None, workers: int = 1, n_subs: int = 1,
+               pack: bool = False, seq_length: int | None = None, seed: int | None = None,
+               strict: bool = False, overwrite: bool = False, fast_encoder: bool = True,
+               chunk_size: int = 1024, log_interval: int | None = None,
+               on_start: Callable[[Prepared], None] | None = None) -> PreprocessResult:
+    """Tokenize `input` into `output_prefix_<key>_document.bin/.idx` datasets, as `ember preprocess`.
+
+    Every check that can fail runs before work starts (then `on_start` sees the checked request).
+    Progress lines go to stderr every `log_interval` documents; None prints nothing.
+    """
+    # `workers` is the whole parallelism: no extra Rust threads inside each worker.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")
+    files = resolve_input_files(input)
+    out_dir = Path(output_prefix).parent
     if not out_dir.is_dir():
-        raise EmberError(f"--output-prefix {args.output_prefix}: folder {out_dir} does not exist; create it first")
-    if args.workers < 1 or args.n_subs < 1:
+        raise EmberError(f"--output-prefix {output_prefix}: folder {out_dir} does not exist; create it first")
+    if workers < 1 or n_subs < 1:
         raise EmberError("--workers and --n-subs must be at least 1")
-    if args.pack:
-        if not args.seq_length or args.seq_length < 1:
+    if pack:
+        if not seq_length or seq_length < 1:
             raise EmberError("--pack needs --seq-length N (the length of each packed sample)")
-        if args.handler_name != "GeneralPretrainHandler":
+        if handler_name != "GeneralPretrainHandler":
             raise EmberError("--pack applies to pretraining data (GeneralPretrainHandler); "
                              "fine-tuning data is packed at training time")
-    spec = (args.tokenizer_type, args.tokenizer_name_or_path, args.tokenizer_model, args.vocab_file, args.merge_file)
+    spec = (tokenizer_type, tokenizer_name_or_path, tokenizer_model, vocab_file, merge_file)
     tokenizer = build_tokenizer(*spec)
-    if (args.append_eod or args.pack) and tokenizer.eod is None:
+    if (append_eod or pack) and tokenizer.eod is None:
         raise EmberError(f"{tokenizer.name} has no end-of-document token; --append-eod/--pack need one")
-    job = PreprocessJob(spec, args.handler_name, tuple(args.json_keys), bool(args.append_eod or args.pack),
-                        args.prompt_type, not args.no_fast_encoder, args.chunk_size)
+    job = PreprocessJob(spec, handler_name, tuple(json_keys), bool(append_eod or pack), prompt_type,
+                        fast_encoder, chunk_size)
     handler = build_handler(job.handler_name, tokenizer, tokenizer, job.json_keys, job.append_eod, job.prompt_type)
-    prefixes = output_prefixes(args.output_prefix, handler.output_keys)
+    prefixes = output_prefixes(output_prefix, handler.output_keys)
     existing = [p for prefix in prefixes.values() for p in (bin_path(prefix), idx_path(prefix)) if os.path.exists(p)]
-    if existing and not args.overwrite:
+    if existing and not overwrite:
         raise EmberError(f"{existing[0]} already exists; pass --overwrite to replace it")
     token_dtype = optimal_dtype(tokenizer.vocab_size)
     dtypes = {key: handler.label_dtype(key) or token_dtype for key in handler.output_keys}
-    return job, files, prefixes, dtypes, tokenizer
-
-
-def run(args) -> int:
-    # `--workers` is the whole parallelism: no extra Rust threads inside each worker.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("RAYON_NUM_THREADS", "1")
-    job, files, prefixes, dtypes, tokenizer = _validate(args)
     encoder = getattr(handler_for(job), "encoder", None)
-    fast = encoder is not None and encoder.__class__.__name__ == "FastBPE"
-    print(f"ember preprocess: {len(files)} file(s), tokenizer {tokenizer.name} (vocab {tokenizer.vocab_size}, "
-          f"{'fast exact BPE' if fast else 'Hugging Face'} encoder), "
-          f"{args.workers} worker(s), {args.n_subs} part(s)", file=sys.stderr)
+    if on_start is not None:
+        on_start(Prepared(files, tokenizer, encoder is not None and encoder.__class__.__name__ == "FastBPE",
+                          prefixes))
+
     start = time.perf_counter()
     # Pack mode writes plain EOD-terminated documents first, then packs them (after --n-subs merged
     # its parts, so packing never depends on where the parts were cut).
-    written = {k: f"{p}.unpacked-tmp-{os.getpid()}" for k, p in prefixes.items()} if args.pack else prefixes
+    written = {k: f"{p}.unpacked-tmp-{os.getpid()}" for k, p in prefixes.items()} if pack else prefixes
     try:
-        if args.n_subs > 1:
-            totals = process_in_subs(job, files, args.n_subs, written, dtypes, args.workers, args.strict,
-                                     args.log_interval)
+        if n_subs > 1:
+            totals = process_in_subs(job, files, n_subs, written, dtypes, workers, strict, log_interval)
         else:
             compressed = any(file_format(p)[1] for p in files)
             total_bytes = None if compressed else sum(p.stat().st_size for p in files)
-            totals = process_part(job, files, None, written, dtypes, args.workers, args.strict,
-                                  Progress(args.log_interval, total_bytes))
-        if args.pack:
+            totals = process_part(job, files, None, written, dtypes, workers, strict,
+                                  Progress(log_interval, total_bytes))
+        if pack:
             for key, prefix in prefixes.items():
-                pack_dataset(written[key], prefix, args.seq_length, args.seed)
+                pack_dataset(written[key], prefix, seq_length, seed)
     finally:
-        if args.pack:
+        if pack:
             for prefix in written.values():
                 remove_dataset(prefix)
-    elapsed = time.perf_counter() - start
-    for skip in totals.first_skips:
-        print(f"skipped {skip}", file=sys.stderr)
-    if totals.skipped:
-        print(f"skipped {totals.skipped:,} record(s) in all (--strict makes the first one an error)", file=sys.stderr)
-    print(f"done: {totals.documents:,} documents, {totals.tokens:,} tokens in {elapsed:.1f}s "
-          f"({totals.tokens / max(elapsed, 1e-9):,.0f} tokens/s)")
-    for prefix in prefixes.values():
-        print(f"wrote {prefix}.bin/.idx")
-    return 0
+    return PreprocessResult(totals, prefixes, time.perf_counter() - start)

@@ -1,12 +1,15 @@
-"""Raw chunks -> records (dicts), with every record that cannot be read counted and located."""
+"""Raw chunks -> records (dicts), with every record that cannot be read counted and located;
+and the text field of every good record, for tokenizer training."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import orjson
 
-from ember.data.sources import Chunk
+from ember.data.sources import Chunk, iter_chunks
 
 
 @dataclass
@@ -69,3 +72,12 @@ def decode_chunk(chunk: Chunk) -> DecodedChunk:
             out.records.append(record)
             out.lines.append(line_no)
     return out
+
+
+def iter_texts(files: list[Path], key: str = "text") -> Iterator[str]:
+    """Just the `key` field of every well-formed record (for tokenizer training)."""
+    for chunk in iter_chunks(files, columns=[key]):
+        for record in decode_chunk(chunk).records:
+            value = record.get(key)
+            if isinstance(value, str) and value:
+                yield value

@@ -183,17 +183,6 @@ def iter_chunks(files: list[Path], chunk_size: int = 2048, columns: list[str] | 
             yield from _columnar_chunks(path, fmt, chunk_size, columns, None if piece is None else piece[0])
 
 
-def iter_texts(files: list[Path], key: str = "text") -> Iterator[str]:
-    """Just the `key` field of every well-formed record (for tokenizer training)."""
-    from ember.data.records import decode_chunk
-
-    for chunk in iter_chunks(files, columns=[key]):
-        for record in decode_chunk(chunk).records:
-            value = record.get(key)
-            if isinstance(value, str) and value:
-                yield value
-
-
 @dataclass
 class InputPart:
     """One of --n-subs contiguous pieces of the input: per file, a byte range + first line, or row groups."""

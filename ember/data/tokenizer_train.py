@@ -1,4 +1,4 @@
-"""`ember tokenizer train`: a byte-level BPE tokenizer trained locally, saved as a Hugging Face folder.
+"""A byte-level BPE tokenizer trained locally, saved as a Hugging Face folder (`ember tokenizer train`).
 
 The folder (tokenizer.json, tokenizer_config.json, special_tokens_map.json) loads with
 `transformers.AutoTokenizer.from_pretrained(DIR)` and with `--tokenizer-type PretrainedFromHF`,
@@ -13,6 +13,8 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+from ember.data.records import iter_texts
+from ember.data.sources import resolve_input_files
 from ember.errors import EmberError
 
 EOS_TOKEN = "<|endoftext|>"
@@ -54,31 +56,21 @@ def train_bpe_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_
     return out_dir
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--input", required=True, help="file or folder of text records (as for ember preprocess)")
-    parser.add_argument("--output", required=True, help="folder to write the tokenizer into")
-    parser.add_argument("--vocab-size", type=int, default=8192)
-    parser.add_argument("--min-frequency", type=int, default=2)
-    parser.add_argument("--json-key", default="text", help="field holding the text")
-    parser.add_argument("--max-mb", type=float, default=None, help="train on at most this many MB of text")
-
-
-def run(args) -> int:
-    from ember.data.sources import iter_texts, resolve_input_files
-
-    files = resolve_input_files(args.input)
-    if not Path(args.output).parent.resolve().is_dir():
-        raise EmberError(f"the folder holding {args.output} does not exist; create it first")
-    budget = None if args.max_mb is None else int(args.max_mb * 1e6)
+def train_tokenizer(*, input: str | os.PathLike, output: str | os.PathLike, vocab_size: int = 8192,
+                    min_frequency: int = 2, json_key: str = "text", max_mb: float | None = None) -> Path:
+    """Train on the `json_key` texts of a file or folder of records (at most about `max_mb` MB of
+    text) and write the tokenizer folder `output`; returns its path."""
+    files = resolve_input_files(input)
+    if not Path(output).parent.resolve().is_dir():
+        raise EmberError(f"the folder holding {output} does not exist; create it first")
+    budget = None if max_mb is None else int(max_mb * 1e6)
 
     def texts():
         seen = 0
-        for text in iter_texts(files, args.json_key):
+        for text in iter_texts(files, json_key):
             yield text
             seen += len(text)
             if budget is not None and seen >= budget:
                 return
 
-    out = train_bpe_tokenizer(texts(), args.output, args.vocab_size, args.min_frequency)
-    print(f"trained a byte-level BPE tokenizer with {args.vocab_size} tokens into {out}")
-    return 0
+    return train_bpe_tokenizer(texts(), output, vocab_size, min_frequency)

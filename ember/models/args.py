@@ -105,10 +105,6 @@ class ModelArgs:
     def hidden_size(self) -> int:
         return self.dim
 
-    @property
-    def is_moe(self) -> bool:
-        return self.num_experts > 0
-
     # -- validation ---------------------------------------------------------------------------
     def validate(self) -> None:
         def need(ok: bool, message: str) -> None:

@@ -192,7 +192,7 @@ def get_model_spec(name: str) -> ModelSpec:
     if spec is None:
         close = difflib.get_close_matches(name, list(_SPECS), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise EmberError(f"unknown model {name!r}{hint} (`ember.models.list_models()` lists all {len(_SPECS)})")
+        raise EmberError(f"unknown model {name!r}{hint} (`ember models` lists all {len(_SPECS)})")
     return spec
 
 

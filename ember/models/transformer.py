@@ -74,6 +74,9 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", None, persistent=False)
         self.register_buffer("rope_sin", None, persistent=False)
         self.register_buffer("alibi_slopes", None, persistent=False)
+        # Set by tensor parallelism (`ember.parallel.tensor`): the output layer then gives
+        # vocabulary-sharded logits, which the loss must reduce over this mesh.
+        self.tensor_parallel_mesh = None
         # Reference init right away (a no-op on the meta device), so Transformer(args) is
         # usable as is; call init_weights(seed) again for a reproducible draw.
         self.init_weights()
@@ -82,6 +85,16 @@ class Transformer(nn.Module):
     def tie_weights(self) -> None:
         if self.args.tie_embeddings and self.output is not None and self.tok_embeddings is not None:
             self.output.weight = self.tok_embeddings.weight
+
+    def materialize(self, device: torch.device | str) -> None:
+        """Allocate a model built on the meta device (and parallelized there, if it is) on
+        `device`: memory only, the weights are left uninitialised; the position buffers are
+        computed. The one build sequence every loader and the trainer use."""
+        self.to_empty(device=device)
+        # to_empty gives each module a new Parameter, which unties a shared embedding/output
+        # matrix (FSDP keeps it shared); tie it again, or the two copies would load and train apart.
+        self.tie_weights()
+        self.init_buffers(device)
 
     def _buffer_device(self) -> torch.device:
         for param in self.parameters():

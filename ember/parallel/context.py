@@ -11,19 +11,20 @@ With `load_balance` the sequence is cut into 2*cp chunks and rank r holds chunks
 same amount of attention work, and attention only computes the key blocks each query chunk can
 see.
 
-Nothing here changes the model's code: attention modules get a forward pre-hook that intercepts
+Nothing here changes the model's code: attention modules get forward hooks that intercept
 `F.scaled_dot_product_attention` inside them (a TorchFunctionMode), and the model gets a
 pre-hook that passes each rank's global token positions to `Transformer.forward`, so RoPE and
-learned positions are right on every piece and on every pipeline stage.
+learned positions are right on every piece and on every pipeline stage. How the sequence is cut
+is recorded as the model's `ember_sequence_layout` (read it with `sequence_layout`).
 
 The caller shards the batch with `shard_sequence` (input ids, labels, loss mask alike) and sums
 the loss and the gradients over the cp ranks as it does over data-parallel ranks. ALiBi and
 soft-capped attention (which do not go through SDPA's plain causal form) are refused.
 
-An MoE block's load-balancing loss is made exact: each rank's share uses the expert token counts
-summed over the cp ranks and the whole sequences' token count, as Megatron does, and is
-multiplied by cp so that averaging gradients over the cp ranks (FSDP) gives the sum of the
-shares — the single-process loss of the whole sequences.
+An MoE block's load-balancing loss is made exact through its public `balance_scope`: each rank's
+share uses the expert token counts summed over the cp ranks and the whole sequences' token count,
+as Megatron does, and is multiplied by cp so that averaging gradients over the cp ranks (FSDP)
+gives the sum of the shares — the single-process loss of the whole sequences.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ember.config.layout import check_context_parallel, check_sequence_split
 from ember.errors import EmberError
-from ember.models.args import ModelArgs
+from ember.models.moe import LoadBalanceScope
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,6 @@ class SequenceLayout:
 
 
 _LAYOUT_ATTR = "ember_sequence_layout"
-_HOOK_ATTR = "_ember_positions_hook"
 
 
 def sequence_layout(model: nn.Module) -> SequenceLayout:
@@ -64,12 +65,11 @@ def sequence_layout(model: nn.Module) -> SequenceLayout:
 
 
 def set_sequence_layout(model: nn.Module, **changes) -> SequenceLayout:
-    """Record how `model`'s sequence is cut, and make sure its positions hook is installed."""
+    """Record how `model`'s sequence is cut; the first record installs its positions hook."""
+    if not hasattr(model, _LAYOUT_ATTR):
+        model.register_forward_pre_hook(_fill_positions, with_kwargs=True)
     layout = dataclasses.replace(sequence_layout(model), **changes)
     setattr(model, _LAYOUT_ATTR, layout)
-    if getattr(model, _HOOK_ATTR, None) is None:
-        handle = model.register_forward_pre_hook(_fill_positions, with_kwargs=True)
-        setattr(model, _HOOK_ATTR, handle)
     return layout
 
 
@@ -84,14 +84,6 @@ def _chunk_ranges(seq_len: int, rank: int, size: int, load_balance: bool) -> lis
     chunk = seq_len // (2 * size)
     first, second = rank, 2 * size - 1 - rank
     return [(first * chunk, (first + 1) * chunk), (second * chunk, (second + 1) * chunk)]
-
-
-def check_sequence_split(seq_len: int, cp_size: int, load_balance: bool) -> None:
-    pieces = 2 * cp_size if load_balance else cp_size
-    if seq_len % pieces:
-        how = f"2 x context-parallel size {cp_size}" if load_balance else f"context-parallel size {cp_size}"
-        raise EmberError(f"context parallelism: sequence length {seq_len} is not divisible by {how}; "
-                         f"use a --seq-length that is a multiple of {pieces}")
 
 
 def shard_positions(seq_len: int, rank: int, size: int, load_balance: bool,
@@ -132,21 +124,6 @@ def _fill_positions(model: nn.Module, args: tuple, kwargs: dict):
 
 
 # --------------------------------------------------------------------------------- attention
-
-
-def check_context_parallel(args: ModelArgs, cp_size: int, seq_len: int | None = None,
-                           load_balance: bool = True) -> None:
-    """Refuse, with a one-line reason, what context parallelism cannot run."""
-    if cp_size == 1:
-        return
-    if args.position_type == "alibi":
-        raise EmberError("context parallelism does not support ALiBi attention biases (Bloom); "
-                         "set --context-parallel-size 1 for this model")
-    if args.attn_logit_softcap is not None:
-        raise EmberError("context parallelism does not support soft-capped attention logits "
-                         "(attn_logit_softcap, Grok-1); set --context-parallel-size 1 or remove the cap")
-    if seq_len is not None:
-        check_sequence_split(seq_len, cp_size, load_balance)
 
 
 class _ContextParallelAttention(TorchFunctionMode):
@@ -200,36 +177,40 @@ class _ContextParallelAttention(TorchFunctionMode):
         return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
 
 
-def _enter_mode(module: nn.Module, args: tuple) -> None:
-    kv_cache = args[3] if len(args) > 3 else None
-    if kv_cache is not None:
-        raise EmberError("context parallelism is for training; generate with --context-parallel-size 1")
-    mode = module._ember_cp_mode_factory()
-    mode.__enter__()
-    module._ember_cp_modes.append(mode)
+class _AttentionOverride:
+    """Forward hooks of one attention module: a fresh `_ContextParallelAttention` mode entered for
+    each call (and each recomputation), left when the call ends."""
+
+    def __init__(self, cp_mesh, layout: SequenceLayout, sliding_window: int | None):
+        self.cp_mesh, self.layout, self.sliding_window = cp_mesh, layout, sliding_window
+        self.active: list[_ContextParallelAttention] = []
+
+    def enter(self, module: nn.Module, args: tuple) -> None:
+        kv_cache = args[3] if len(args) > 3 else None
+        if kv_cache is not None:
+            raise EmberError("context parallelism is for training; generate with --context-parallel-size 1")
+        mode = _ContextParallelAttention(self.cp_mesh, self.layout, self.sliding_window)
+        mode.__enter__()
+        self.active.append(mode)
+
+    def exit(self, module: nn.Module, args: tuple, output) -> None:
+        if self.active:
+            self.active.pop().__exit__(None, None, None)
 
 
-def _exit_mode(module: nn.Module, args: tuple, output) -> None:
-    if module._ember_cp_modes:
-        module._ember_cp_modes.pop().__exit__(None, None, None)
+class _ContextParallelBalance(LoadBalanceScope):
+    """An MoE block's load-balancing scope under context parallelism: the token counts of every
+    piece of the sequences (they carry no gradient, so a plain all-reduce sums them)."""
 
+    def __init__(self, cp_group, cp_size: int):
+        self.cp_group = cp_group
+        self.pieces = cp_size
 
-def _context_parallel_balancing_loss(moe, cp_group, cp_size: int):
-    """MoE._load_balancing_loss for one piece of each sequence (same normalisation, Megatron's):
-    E / (k * T^2) * sum_e (tokens routed to e, all pieces) * (router probabilities for e, this
-    piece), T the whole sequences' token count; times cp (see the module docstring)."""
-
-    def loss(scores: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    def sum_counts(self, counts: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
-        probs = scores if moe.gating == "softmax" else scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
-        counts = torch.bincount(experts.reshape(-1), minlength=moe.num_experts).to(probs.dtype)
-        dist.all_reduce(counts, group=cp_group)  # token counts carry no gradient
-        num_tokens = scores.shape[0] * cp_size
-        balance = torch.sum(probs.sum(dim=0) * counts)
-        return balance * (moe.num_experts * moe.aux_loss_coef * cp_size / (moe.top_k * num_tokens * num_tokens))
-
-    return loss
+        dist.all_reduce(counts, group=self.cp_group)
+        return counts
 
 
 def apply_context_parallel(model: nn.Module, cp_mesh, load_balance: bool = True) -> None:
@@ -238,20 +219,15 @@ def apply_context_parallel(model: nn.Module, cp_mesh, load_balance: bool = True)
     size = cp_mesh.size()
     if size == 1:
         return
-    if getattr(model, "_ember_context_parallel", False):
+    if sequence_layout(model).cp_size > 1:
         raise EmberError("context parallelism was already applied to this model")
     check_context_parallel(model.args, size)
     layout = set_sequence_layout(model, cp_rank=cp_mesh.get_local_rank(), cp_size=size, load_balance=load_balance)
     window = model.args.sliding_window
     for block in model.layers.values():
-        attention = block.attention
-        # a factory, so each call (and each recomputation) gets a fresh mode object
-        attention._ember_cp_mode_factory = lambda: _ContextParallelAttention(cp_mesh, layout, window)
-        attention._ember_cp_modes = []
-        attention.register_forward_pre_hook(_enter_mode)
+        override = _AttentionOverride(cp_mesh, layout, window)
+        block.attention.register_forward_pre_hook(override.enter)
         # always_call: pop the mode even when the forward raises, so it never leaks out
-        attention.register_forward_hook(_exit_mode, always_call=True)
-        moe = getattr(block, "moe", None)
-        if moe is not None and moe.aux_loss_coef > 0:
-            moe._load_balancing_loss = _context_parallel_balancing_loss(moe, cp_mesh.get_group(), size)
-    model._ember_context_parallel = True
+        block.attention.register_forward_hook(override.exit, always_call=True)
+        if block.moe is not None:
+            block.moe.balance_scope = _ContextParallelBalance(cp_mesh.get_group(), size)

@@ -1,4 +1,5 @@
-"""Memory and communication of one training step per device, from ModelArgs and a layout alone.
+"""Memory and communication of one training step per device, from ModelArgs and a layout alone
+(`ember.config.layout.Layout`, the one `ember train` runs and `ember plan` searches).
 
 The memory model counts what ember's code actually keeps, the way Korthikanti et al. ("Reducing
 Activation Recomputation in Large Transformer Models", 2022) count Megatron's: bytes per token per
@@ -33,52 +34,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ember.config.layout import Layout
 from ember.models.args import ModelArgs
 
 PRECISIONS = ("bf16", "fp16", "fp32")
-SCHEDULES = ("1f1b", "interleaved", "gpipe")
-DP_MODES = ("replicate", "zero1", "fsdp")
-RECOMPUTE = ("none", "selective", "full")
 
 MASTER_BYTES = 4  # fp32 parameters
 GRAD_BYTES = 4  # fp32 gradients
 ADAM_BYTES = 8  # fp32 exp_avg + exp_avg_sq
 RESIDUAL_BYTES = 4  # the residual stream and norms run in fp32 (parameters are fp32)
-
-
-@dataclass(frozen=True)
-class Layout:
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
-    cp: int = 1
-    ep: int = 1
-    expert_tp: int | None = None  # None: the TP degree (Megatron's default)
-    sequence_parallel: bool = False
-    virtual_stages: int = 1  # > 1: interleaved 1F1B
-    schedule: str = "1f1b"
-    dp_mode: str = "replicate"
-    recompute: str = "none"
-    micro_batch_size: int = 1
-
-    @property
-    def world_size(self) -> int:
-        return self.tp * self.pp * self.dp * self.cp
-
-    @property
-    def etp(self) -> int:
-        return self.tp if self.expert_tp is None else self.expert_tp
-
-    @property
-    def seq_shards(self) -> int:
-        """How many ways the norm regions' tokens are split over TP ranks."""
-        return self.tp if self.sequence_parallel else 1
-
-    def describe(self) -> str:
-        parts = [f"tp {self.tp}" + (" +sp" if self.sequence_parallel and self.tp > 1 else ""),
-                 f"pp {self.pp}" + (f" x{self.virtual_stages} virtual" if self.virtual_stages > 1 else ""),
-                 f"dp {self.dp}", f"cp {self.cp}", f"ep {self.ep}"]
-        return " | ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -321,7 +285,7 @@ def buffer_bytes(args: ModelArgs) -> int:
     return 0
 
 
-def in_flight(layout: Layout, workload: Workload, first: bool) -> float:
+def in_flight(args: ModelArgs, layout: Layout, workload: Workload, first: bool) -> float:
     """Micro-batches whose activations a stage holds at its peak (in units of the stage's layers)."""
     m = micro_batches(layout, workload)
     if layout.pp == 1:
@@ -330,8 +294,9 @@ def in_flight(layout: Layout, workload: Workload, first: bool) -> float:
         return m
     if not first:
         return 1
-    if layout.virtual_stages > 1:
-        penalty = 1 + (layout.pp - 1) / (layout.pp * layout.virtual_stages)
+    virtual = layout.virtual_stages(args.n_layers)
+    if virtual > 1:
+        penalty = 1 + (layout.pp - 1) / (layout.pp * virtual)
         return min(m * 1.0, layout.pp * penalty)
     return min(m, layout.pp)
 
@@ -407,7 +372,7 @@ def estimate_memory(args: ModelArgs, layout: Layout, workload: Workload) -> Memo
     roles = [("only", True, True)] if layout.pp == 1 else [("first", True, False), ("last", False, True)]
     for name, first, last in roles:
         params = stage_params(args, layout, first, last)
-        flight = in_flight(layout, workload, first)
+        flight = in_flight(args, layout, workload, first)
         stage = StageMemory(name, params, in_flight=flight)
         accumulating = m > 1 or layout.pp > 1
         # gradients are resident at the activation peak when earlier micro-batches left them, and
@@ -488,13 +453,14 @@ def estimate_communication(args: ModelArgs, layout: Layout, workload: Workload) 
         comm.tp = m * (n_layers * per_block + head)
     if layout.pp > 1:
         # activations forward and their gradients backward, per micro-batch and virtual stage
-        comm.pp = 2 * m * layout.virtual_stages * tokens * args.dim * RESIDUAL_BYTES / layout.seq_shards
+        comm.pp = 2 * m * layout.virtual_stages(args.n_layers) * tokens * args.dim * RESIDUAL_BYTES / layout.seq_shards
     if args.num_experts and layout.ep > 1:
         # dispatch (fp32 tokens) and combine (expert outputs), forward and backward
         routed = tokens * args.moe_top_k * args.dim
         comm.ep = m * n_layers * (forwards + 1) * (RESIDUAL_BYTES + p) * routed * _ring(layout.ep)
     if layout.cp > 1:
-        # ring attention: keys and values pass cp - 1 times forward; backward adds their gradients
+        # keys and values all-gathered over the cp ranks (each sends its piece to cp - 1 others) in
+        # every forward; backward reduce-scatters their gradients
         kv = 2 * tokens * args.n_kv_heads * args.head_dim / layout.tp * p
         comm.cp = m * n_layers * (forwards + 2) * (layout.cp - 1) * kv
     return comm

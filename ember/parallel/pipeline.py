@@ -36,67 +36,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ember.config.layout import PIPELINE_SCHEDULES, check_schedule, schedule_spelling, split_layers
 from ember.errors import EmberError
 from ember.models.transformer import Transformer
+from ember.parallel.dtensor import local_part, make_grad_whole
 
-SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved_1f1b")
 IGNORE_INDEX = -100  # cross_entropy's default ignore_index: labels outside the loss mask
 
 
 # ------------------------------------------------------------------------------ the stage split
-
-
-def split_layers(n_layers: int, stages: int, first: int | None = None, last: int | None = None) -> list[int]:
-    """Layer counts per pipeline stage (virtual stages included), first to last.
-
-    Without `first`/`last` the layers must divide evenly. `first`/`last` (Megatron's
-    `--decoder-first-pipeline-num-layers` / `--decoder-last-pipeline-num-layers`) fix the first
-    and last stage's counts (which may be 0: a stage with only the embedding or only the output
-    head); the other layers must divide evenly over the stages in between, at least one each.
-    """
-    if stages < 1:
-        raise EmberError(f"pipeline stages must be >= 1, got {stages}")
-    for name, value in (("first", first), ("last", last)):
-        if value is not None and value < 0:
-            raise EmberError(f"--decoder-{name}-pipeline-num-layers must be >= 0, got {value}")
-    if stages == 1:
-        if first is not None or last is not None:
-            raise EmberError("--decoder-first/last-pipeline-num-layers need at least 2 pipeline stages")
-        return [n_layers]
-    fixed = (first or 0) + (last or 0)
-    middle = stages - (first is not None) - (last is not None)
-    rest = n_layers - fixed
-    if rest < 0:
-        raise EmberError(f"first/last pipeline stages take {fixed} layers but the model has only {n_layers}")
-    if middle == 0:
-        if rest:
-            raise EmberError(f"first + last pipeline stage layers ({fixed}) must equal num-layers {n_layers} "
-                             "with 2 stages")
-        return [first, last]
-    if rest % middle or rest == 0:
-        if first is None and last is None:
-            hint = ("; set --decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers "
-                    "for an uneven split")
-        else:
-            hint = "; change the first/last stage layer counts"
-        raise EmberError(f"{rest} layers do not split evenly over {middle} pipeline stages "
-                         f"(num-layers {n_layers}, {stages} stages){hint}")
-    counts = [rest // middle] * middle
-    if first is not None:
-        counts.insert(0, first)
-    if last is not None:
-        counts.append(last)
-    return counts
-
-
-def virtual_stages_per_rank(n_layers: int, pp: int, layers_per_virtual_stage: int | None) -> int:
-    """Megatron's `--num-layers-per-virtual-pipeline-stage N` as a number of stages per rank."""
-    if layers_per_virtual_stage is None:
-        return 1
-    if layers_per_virtual_stage < 1 or n_layers % (pp * layers_per_virtual_stage):
-        raise EmberError(f"--num-layers-per-virtual-pipeline-stage {layers_per_virtual_stage} x pipeline size "
-                         f"{pp} must divide num-layers {n_layers}")
-    return n_layers // (pp * layers_per_virtual_stage)
 
 
 def stage_ids_on_rank(pp_rank: int, pp_size: int, virtual_stages: int) -> list[int]:
@@ -175,21 +123,19 @@ class TiedEmbeddings:
         if self.local is None:
             return
         param = self.local()
-        if param.grad is not None and hasattr(param.grad, "placements") and param.grad.placements != param.placements:
-            # e.g. a vocab-parallel embedding's gradient comes out Partial: make it this rank's shard
-            param.grad = param.grad.redistribute(param.device_mesh, param.placements)
-        grad = _local_tensor(param.grad) if param.grad is not None else torch.zeros_like(_local_tensor(param))
+        make_grad_whole(param)  # e.g. a vocab-parallel embedding's gradient comes out Partial
+        grad = local_part(param.grad) if param.grad is not None else torch.zeros_like(local_part(param))
         other = self._exchange(grad)
         if param.grad is None:
             param.grad = torch.zeros_like(param)
-        _local_tensor(param.grad).add_(other)
+        local_part(param.grad).add_(other)
 
     @torch.no_grad()
     def copy_weights_to_last(self) -> None:
         """Make the output head equal to the embedding (after initialising or loading weights)."""
         if self.local is None:
             return
-        weight = _local_tensor(self.local())
+        weight = local_part(self.local())
         other = self._exchange(weight.detach())
         if not self.is_first_side:
             weight.copy_(other)
@@ -202,10 +148,6 @@ class TiedEmbeddings:
         for work in dist.batch_isend_irecv(ops):
             work.wait()
         return received
-
-
-def _local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 @dataclass
@@ -373,10 +315,9 @@ def build_schedule(parts: PipelineParts, schedule_name: str, n_microbatches: int
     """
     from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
-    name = schedule_name.lower().replace("-", "_")
-    name = {"interleaved1f1b": "interleaved_1f1b", "interleaved": "interleaved_1f1b"}.get(name, name)
-    if name not in SCHEDULE_NAMES:
-        raise EmberError(f"unknown pipeline schedule {schedule_name!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
+    name = schedule_spelling(schedule_name)
+    if name not in PIPELINE_SCHEDULES:
+        raise EmberError(f"unknown pipeline schedule {schedule_name!r}; choose one of {', '.join(PIPELINE_SCHEDULES)}")
     pp_size = dist.get_world_size(parts.pp_group)
     check_schedule(name, n_microbatches, pp_size, len(parts.stages))
     if name == "interleaved_1f1b":
@@ -385,28 +326,6 @@ def build_schedule(parts: PipelineParts, schedule_name: str, n_microbatches: int
         single = Schedule1F1B if name == "1f1b" else ScheduleGPipe
         schedule = single(parts.stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
     return PipelineSchedule(schedule, parts, n_microbatches, name)
-
-
-def check_schedule(name: str, n_microbatches: int, pp_size: int, stages_per_rank: int) -> None:
-    """Reject, with the flag to change, what the schedule cannot run."""
-    if n_microbatches < 1:
-        raise EmberError(f"the number of micro-batches must be >= 1, got {n_microbatches}")
-    if name == "interleaved_1f1b":
-        if stages_per_rank < 2:
-            raise EmberError("the interleaved 1F1B schedule needs 2 or more virtual stages per pipeline rank; "
-                             "set --num-layers-per-virtual-pipeline-stage")
-        rounds = max(1, n_microbatches // pp_size)
-        if n_microbatches % rounds:
-            raise EmberError(f"interleaved 1F1B with pipeline size {pp_size} cannot run {n_microbatches} "
-                             f"micro-batches (they must split into {rounds} equal rounds); a multiple of "
-                             f"{pp_size} always works (micro-batches = global batch / (micro batch x dp))")
-        return
-    if stages_per_rank != 1:
-        raise EmberError(f"the {name} schedule runs one stage per pipeline rank; use interleaved_1f1b for "
-                         "virtual stages")
-    if name == "1f1b" and n_microbatches < pp_size:
-        raise EmberError(f"1F1B needs at least as many micro-batches ({n_microbatches}) as pipeline stages "
-                         f"({pp_size}); raise the global batch size or lower the micro-batch size")
 
 
 def pipeline_train_step(
@@ -481,10 +400,3 @@ def pipeline_eval_step(pipeline: PipelineSchedule, input_ids: torch.Tensor, labe
         dist.broadcast(loss, src=parts.last_stage_rank, group=parts.pp_group)
     return loss
 
-
-def reduce_grad_norm_over_stages(local_norm: torch.Tensor, parts: PipelineParts) -> torch.Tensor:
-    """The global L2 gradient norm from this rank's norm over `parts.parameters_for_grad_norm()`
-    (already reduced over the other mesh dimensions): stages hold disjoint parameters, so squares add."""
-    squared = local_norm.float() ** 2
-    dist.all_reduce(squared, group=parts.pp_group)
-    return squared.sqrt()

@@ -9,10 +9,11 @@ Layout over the tp mesh, per block:
   per layer call from the slopes of the local heads.
 - dense MLP: w1/w3 column-parallel, w2 row-parallel (Megatron's ColumnParallel/RowParallel pair).
 - MoE: the router is replicated; every expert's ffn dim is sharded (Megatron's expert tensor
-  parallelism: w1/w3 [E, ffn/tp, dim], w2 [E, dim, ffn/tp]). Each expert's output is all-reduced
-  before the router weights multiply it, so the router, its top-k and the load-balancing loss see
-  whole numbers and get whole gradients on every rank; this costs top_k times the all-reduce
-  volume of a dense MLP. Shared experts are a column/row-parallel MLP.
+  parallelism: w1/w3 [E, ffn/tp, dim], w2 [E, dim, ffn/tp]) by `ExpertTensorParallel`, through the
+  experts' public extension points (`local_weight` and forward hooks). The experts' outputs are
+  all-reduced before the router weights multiply them, so the router, its top-k and the
+  load-balancing loss see whole numbers and get whole gradients on every rank; this costs top_k
+  times the all-reduce volume of a dense MLP. Shared experts are a column/row-parallel MLP.
 - embeddings: the token table is split over the vocabulary (vocab-parallel embedding); the output
   layer is column-parallel over the vocabulary. With `loss_parallel` its logits stay a DTensor
   sharded on the vocab dim and `ember.parallel.loss.cross_entropy_sum` computes the loss without
@@ -29,7 +30,6 @@ they are used, e.g. by the optimizer or `full_tensor()`.
 
 from __future__ import annotations
 
-import types
 from functools import partial
 
 import torch
@@ -40,36 +40,13 @@ from torch.distributed.tensor import (DTensor, Partial, Placement, Replicate, Sh
 from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, PrepareModuleInput, RowwiseParallel,
                                                SequenceParallel, parallelize_module)
 
+from ember.config.layout import check_tensor_parallel
 from ember.errors import EmberError
 from ember.models.args import ModelArgs
 from ember.models.attention import Attention
 from ember.models.positions import AttentionMask, build_attention_mask
 from ember.parallel.context import set_sequence_layout
-
-
-def check_tensor_parallel(args: ModelArgs, tp: int, sequence_parallel: bool = False,
-                          seq_len: int | None = None) -> None:
-    """Refuse, with a one-line reason, a tensor-parallel degree the model cannot be split by."""
-    if tp == 1:
-        return
-
-    def need(ok: bool, what: str, fix: str) -> None:
-        if not ok:
-            raise EmberError(f"tensor parallelism: {what} is not divisible by --tensor-model-parallel-size {tp}; "
-                             f"{fix}")
-
-    need(args.n_heads % tp == 0, f"n_heads {args.n_heads}", "choose a degree that divides the attention heads")
-    need(args.n_kv_heads % tp == 0, f"n_kv_heads {args.n_kv_heads}",
-         "choose a degree that divides the key/value heads (ember does not replicate kv heads)")
-    need(args.vocab_size % tp == 0, f"vocab_size {args.vocab_size}",
-         f"pad the vocabulary with --make-vocab-size-divisible-by (a multiple of {tp})")
-    if args.num_experts:
-        need(args.moe_ffn_dim % tp == 0, f"moe_ffn_dim {args.moe_ffn_dim}",
-             "choose a degree that divides the expert ffn size")
-    else:
-        need(args.ffn_dim % tp == 0, f"ffn_dim {args.ffn_dim}", "choose a degree that divides the ffn size")
-    if sequence_parallel and seq_len is not None:
-        need(seq_len % tp == 0, f"sequence length {seq_len} (sequence parallelism)", "use a multiple of it")
+from ember.parallel.dtensor import local_part
 
 
 # ------------------------------------------------------------------------------ parallel styles
@@ -113,7 +90,9 @@ def _norm_style(sequence_parallel: bool) -> ParallelStyle:
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = True,
                           loss_parallel: bool = True) -> None:
-    """Shard `model` (an ember Transformer, or a pipeline stage of one) in place over `tp_mesh`.
+    """Shard `model` (an ember Transformer, or a pipeline stage of one) in place over `tp_mesh`,
+    and record the mesh as `model.tensor_parallel_mesh` (the loss reads it: the output layer is
+    split over the vocabulary).
 
     With `loss_parallel` the model returns logits as a DTensor sharded over the vocabulary: take
     the loss with `ember.parallel.loss.cross_entropy_sum`. Otherwise it returns whole logits.
@@ -121,7 +100,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
     tp = tp_mesh.size()
     if tp == 1:
         return
-    if getattr(model, "_ember_tensor_parallel", False):
+    if getattr(model, "tensor_parallel_mesh", None) is not None:
         raise EmberError("tensor parallelism was already applied to this model")
     args: ModelArgs = model.args
     check_tensor_parallel(args, tp)
@@ -147,7 +126,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
     model.tie_weights()  # each style made its own DTensor parameter; share the embedding's again
     if sequence_parallel:
         set_sequence_layout(model, sp_degree=tp)
-    model._ember_tensor_parallel = True
+    model.tensor_parallel_mesh = tp_mesh
 
 
 def _parallelize_block(block: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool,
@@ -193,43 +172,48 @@ def _mlp_plan(prefix: str, mlp: nn.Module, output_layouts: Placement) -> dict[st
 
 
 def _parallelize_moe(moe: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
-    plan = {"router": ReplicateParallel()}
+    plan = {"router": ReplicateParallel(), "experts": ExpertTensorParallel()}
     if moe.shared_experts is not None:
         plan.update(_mlp_plan("shared_experts", moe.shared_experts, output_layouts=Replicate()))
     parallelize_module(moe, tp_mesh, plan)
-    experts = moe.experts
-    # [E, ffn, dim] for w1/w3 and [E, dim, ffn] for w2: shard the ffn dim
-    for name, dim in (("w1", 1), ("w3", 1), ("w2", 2)):
-        param = getattr(experts, name)
-        if param is not None:
-            sharded = distribute_tensor(param, tp_mesh, [Shard(dim)])
-            experts.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
-    experts.tp_mesh = tp_mesh
-    experts.per_expert = types.MethodType(_local_per_expert, experts)
-    experts.expert_forward = types.MethodType(_tensor_parallel_expert_forward, experts)
     if sequence_parallel:
         # routing needs every token: gather the sequence at the block's input, cut it at its output
         moe.register_forward_pre_hook(partial(_gather_sequence, tp_mesh))
         moe.register_forward_hook(partial(_scatter_sequence, tp_mesh))
 
 
-def _local_per_expert(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-    """GroupedExperts.per_expert on this rank's shards: each expert's (w1, w2, w3) slices of the
-    ffn dim, as plain tensors (their gradients flow back into the sharded DTensor parameters)."""
-    w1, w2 = self.w1.to_local(), self.w2.to_local()
-    w3s = self.w3.to_local().unbind(0) if self.w3 is not None else [None] * w1.shape[0]
-    return list(zip(w1.unbind(0), w2.unbind(0), w3s))
+class ExpertTensorParallel(ParallelStyle):
+    """GroupedExperts with every expert's ffn dim sharded over the tp mesh: w1/w3 [E, ffn/tp, dim],
+    w2 [E, dim, ffn/tp]; the experts multiply by this rank's slices (`local_weight`).
 
+    The grouped rows are the same on every rank: their gradient, partial per rank, is summed in
+    backward; the experts' outputs, partial per rank, are summed in forward (Megatron's f and g
+    operators), once for all the rows of a call."""
 
-def _tensor_parallel_expert_forward(self, weights, x: torch.Tensor) -> torch.Tensor:
-    """GroupedExperts.expert_forward on this rank's slice of the expert's ffn dim, made whole.
+    @staticmethod
+    def _shard_ffn_dim(name: str, module: nn.Module, mesh: DeviceMesh) -> None:
+        if name:  # the experts module itself, not a submodule
+            return
+        # [E, ffn, dim] for w1/w3 and [E, dim, ffn] for w2: shard the ffn dim
+        for param_name, dim in (("w1", 1), ("w3", 1), ("w2", 2)):
+            param = getattr(module, param_name)
+            if param is not None:
+                sharded = distribute_tensor(param, mesh, [Shard(dim)])
+                module.register_parameter(param_name, nn.Parameter(sharded, requires_grad=param.requires_grad))
+        module.local_weight = local_part
 
-    x is the same on every rank: its gradient, partial per rank, is summed in backward; the
-    output, partial per rank, is summed in forward (Megatron's f and g operators)."""
-    mesh = self.tp_mesh
-    x = DTensor.from_local(x, mesh, [Replicate()], run_check=False).to_local(grad_placements=[Partial()])
-    out = type(self).expert_forward(self, weights, x)
-    return DTensor.from_local(out, mesh, [Partial()], run_check=False).redistribute(mesh, [Replicate()]).to_local()
+    @staticmethod
+    def _replicated_rows(module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+        grouped, *rest = inputs
+        grouped = DTensor.from_local(grouped, mesh, [Replicate()], run_check=False).to_local(grad_placements=[Partial()])
+        return (grouped, *rest)
+
+    @staticmethod
+    def _summed_output(module: nn.Module, output: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+        return DTensor.from_local(output, mesh, [Partial()], run_check=False).redistribute(mesh, [Replicate()]).to_local()
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        return distribute_module(module, device_mesh, self._shard_ffn_dim, self._replicated_rows, self._summed_output)
 
 
 def _gather_sequence(mesh: DeviceMesh, module: nn.Module, inputs: tuple) -> tuple:

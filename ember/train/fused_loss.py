@@ -157,10 +157,11 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
 
 def fused_loss_applies(model: nn.Module) -> bool:
     """Whether `model` is an ember Transformer whose output layer the fused loss can take over:
-    a bias-free nn.Linear that tensor parallelism has not split (its logits would be sharded)."""
+    a bias-free nn.Linear that tensor parallelism has not split (its logits would be sharded;
+    `apply_tensor_parallel` records its mesh as the model's `tensor_parallel_mesh`)."""
     from ember.models.transformer import Transformer
 
-    if not isinstance(model, Transformer) or getattr(model, "_ember_tensor_parallel", False):
+    if not isinstance(model, Transformer) or model.tensor_parallel_mesh is not None:
         return False
     output = model.output
     return model.tok_embeddings is not None and type(output) is nn.Linear and output.bias is None

@@ -1,4 +1,4 @@
-"""`ember plot METRICS.jsonl`: the loss curve of a run (training and validation) as a PNG."""
+"""The loss curve of a run (training and validation, from its metrics.jsonl) drawn as a PNG (`ember plot`)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ def read_curves(metrics_jsonl: str | Path) -> tuple[list[tuple[int, float]], lis
 
 
 def plot_loss_curve(metrics_jsonl: str | Path, png: str | Path, title: str = "ember: loss") -> Path:
+    """Draw both curves into `png` (written atomically); returns its path."""
     import matplotlib
 
     matplotlib.use("Agg")  # no screen needed
@@ -55,15 +56,3 @@ def plot_loss_curve(metrics_jsonl: str | Path, png: str | Path, title: str = "em
     plt.close(fig)
     tmp.replace(png)
     return png
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("metrics", help="a run's logs/metrics.jsonl")
-    parser.add_argument("--output", default="loss.png", help="PNG file to write")
-    parser.add_argument("--title", default="ember: loss")
-
-
-def run(args) -> int:
-    out = plot_loss_curve(args.metrics, args.output, args.title)
-    print(f"wrote {out}")
-    return 0

@@ -25,12 +25,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ember.config import Config, validate
+from ember.checkpoint import training as ckpt
+from ember.checkpoint.initialize import converted_weight_chunks, initialize
+from ember.config import Config, Layout, validate
 from ember.errors import EmberError
+from ember.models.initialization import initial_weight_chunks
 from ember.parallel.fsdp import accumulates_locally, set_gradient_sync
-from ember.parallel import gradients
-from ember.parallel.mesh import ParallelDims, default_backend, default_device
-from ember.train import checkpoint as ckpt
+from ember.parallel.mesh import build_meshes, default_backend, default_device
+from ember.train import gradients
 from ember.train import model_setup
 from ember.train.cpu_threads import set_cpu_threads
 from ember.train.fused_loss import lm_loss_sum
@@ -93,7 +95,7 @@ class Trainer:
         self.rank, self.local_rank, self.world_size = environment()
         # Every check that can fail does so here, before any process group exists.
         self.config = validate(config, self.world_size)
-        self.dims = ParallelDims.from_config(config, self.world_size)
+        self.layout = Layout.from_config(self.config.parallel, self.config.train, self.world_size)
         self.device = default_device()
         self.meshes = None
         self.pipeline = None  # the pipeline schedule, with pipeline parallelism
@@ -113,9 +115,9 @@ class Trainer:
         ref, self.resuming_own_run = self._checkpoint_to_start_from()
         self.model_args = model_setup.resolve_model_args(c, ref)
         if ref is not None and ref.kind == "training" and c.model.name:
-            _check_same_architecture(self.model_args, model_setup.args_from_checkpoint(ref), ref)
+            _check_same_architecture(self.model_args, ref.model_args(), ref)
         # the model against the layout (heads, layers, experts, sequence): still no process group
-        self.dims.check_model(self.model_args, c)
+        self.layout.check_model(self.model_args, c.data.seq_length)
         self._init_distributed()
         seed_everything(c.train.seed)
         if self.meshes is not None:
@@ -137,12 +139,9 @@ class Trainer:
             window=c.train.loss_scale_window, hysteresis=c.train.hysteresis)
         self._load_or_initialize(ref)
         if self.parts is not None:
-            from ember.config import pipeline_schedule_name
             from ember.parallel.pipeline import build_schedule as build_pipeline_schedule
 
-            t = c.train
-            micro_batches = t.global_batch_size // (t.micro_batch_size * self.dp_size)
-            self.pipeline = build_pipeline_schedule(self.parts, pipeline_schedule_name(c.parallel), micro_batches)
+            self.pipeline = build_pipeline_schedule(self.parts, self.layout.schedule, self.layout.micro_batches)
         self._build_data()
         self.schedule = build_schedule(c, self.train_iters)
         if c.checkpoint.save:
@@ -179,7 +178,7 @@ class Trainer:
                 backend = f"cpu:gloo,{self.device.type}:{backend}"
             dist.init_process_group(backend=backend)
             self._owns_process_group = True
-        self.meshes = self.dims.build_meshes(self.device.type)
+        self.meshes = build_meshes(self.layout, self.device.type)
 
     def _load_or_initialize(self, ref: ckpt.CheckpointRef | None) -> None:
         c = self.config
@@ -205,10 +204,9 @@ class Trainer:
         partial = self.parts is not None  # pipeline stages hold part of the weights
         if ref is not None:  # converted weights: a fresh start from them (continued pretraining, SFT)
             self.metrics.print(f"starting from the converted weights in {ref.path}")
-            model_setup.initialize(self.model, lambda: model_setup.converted_weight_chunks(ref), partial=partial)
+            initialize(self.model, lambda: converted_weight_chunks(ref), partial=partial)
         else:
-            model_setup.initialize(self.model, lambda: model_setup.initial_weight_chunks(self.model_args, c.train.seed),
-                                   partial=partial)
+            initialize(self.model, lambda: initial_weight_chunks(self.model_args, c.train.seed), partial=partial)
         self._after_weights_set()
 
     def _holds_tied_output_copy(self) -> bool:
@@ -251,7 +249,7 @@ class Trainer:
                 raise EmberError(f"{t.train_epochs} epoch(s) of {len(self.train_ds)} samples is less than one "
                                  f"global batch of {t.global_batch_size}; lower --global-batch-size")
         self.train_iters = t.train_iters
-        self.micro_batches_per_step = t.global_batch_size // (t.micro_batch_size * self.dp_size)
+        self.micro_batches_per_step = self.layout.micro_batches
         self.train_loader = self._loader(self.train_ds, self.state.consumed_samples)
         if self._loader_state:
             self.train_loader.load_state_dict(self._loader_state)
@@ -320,7 +318,7 @@ class Trainer:
         tokens = self._global_sum(sum(mb["loss_mask"].sum() for mb in micro_batches).float())
         # FSDP averages gradients over data- (and context-) parallel ranks; the loss is already a
         # global mean, so scale by their number to turn that average back into the sum over ranks.
-        average = self.dims.grad_average_size if self.meshes is not None and self.meshes.fsdp is not None else 1
+        average = self.layout.grad_average_size if self.meshes is not None and self.meshes.fsdp is not None else 1
         if self.pipeline is not None:
             loss_sum = self._pipeline_backward(micro_batches, tokens, average)
         else:
@@ -461,7 +459,7 @@ class Trainer:
             "config": self.config.to_dict(),
             "world_size": self.world_size,
             "dp_size": self.dp_size,
-            "layout": self.dims.degrees() | {"ep": self.dims.ep},
+            "layout": self.layout.mesh_degrees() | {"ep": self.layout.ep},
         }
         path = self.checkpointer.save(self.state.iteration, self.model,
                                       self.optimizer if self.config.checkpoint.save_optim else None, state)
@@ -569,7 +567,7 @@ class Trainer:
             threads = f", {self.cpu_threads.threads} thread(s) each ({self.cpu_threads.reason})"
         return (f"training {c.model.name or 'model'}: {a.num_params() / 1e6:.2f}M parameters, "
                 f"{self.world_size} process(es) on {self.device.type} "
-                f"({self.dims.describe()}, {c.parallel.dp_mode}){threads}, global batch {c.train.global_batch_size} x "
+                f"({self.layout.describe()}, {c.parallel.dp_mode}){threads}, global batch {c.train.global_batch_size} x "
                 f"{c.data.seq_length} tokens, {self.train_iters} iterations, from iteration {self.state.iteration}")
 
     # ------------------------------------------------------------------ teardown

@@ -15,6 +15,7 @@ import torch
 
 from ember.errors import EmberError
 from ember.models.args import ModelArgs
+from ember.models.transformer import Transformer
 
 
 def infer_family(args: ModelArgs, model_name: str | None = None) -> str:
@@ -42,7 +43,7 @@ def infer_family(args: ModelArgs, model_name: str | None = None) -> str:
 
 
 def is_training_checkpoint(path: str | Path) -> bool:
-    from ember.train.checkpoint import find_checkpoint
+    from ember.checkpoint.training import find_checkpoint
 
     try:
         ref = find_checkpoint(path)
@@ -51,32 +52,35 @@ def is_training_checkpoint(path: str | Path) -> bool:
     return ref is not None and ref.kind == "training"
 
 
-def read_training_checkpoint(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor], dict]:
-    """(ModelArgs, full model state_dict, train_state + its "iteration") of the newest checkpoint
-    under `path`."""
+def _load_training_model(path: str | Path, device) -> tuple[Transformer, dict]:
+    """The newest checkpoint under `path` as a Transformer on `device` (fp32, DCP reads the
+    weights straight into it), and its train_state + "iteration"."""
     import torch.distributed.checkpoint as dcp
 
-    from ember.models.transformer import Transformer
-    from ember.train.checkpoint import find_checkpoint
+    from ember.checkpoint.training import find_checkpoint
 
     ref = find_checkpoint(path)
     if ref is None or ref.kind != "training":
         raise EmberError(f"{path} holds no training checkpoint (expected `latest` or an iter_* folder)")
     train_state = {**ref.train_state(), "iteration": ref.iteration}
-    args = ModelArgs.from_dict(train_state["model_args"])
     with torch.device("meta"):
-        model = Transformer(args)
-    model.to_empty(device="cpu")
-    model.tie_weights()
-    state = {"model": model.state_dict()}
+        model = Transformer(ModelArgs.from_dict(train_state["model_args"]))
+    model.materialize(device)
     try:
         with warnings.catch_warnings():  # DCP warns that it loads in one process: that is the intent
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=str(ref.path), no_dist=True)
+            dcp.load({"model": model.state_dict()}, checkpoint_id=str(ref.path), no_dist=True)
     except Exception as err:  # DCP wraps every failure in CheckpointException
         lines = str(err).strip().splitlines()
         raise EmberError(f"cannot read model weights from {ref.path}: {lines[-1] if lines else err}") from None
-    return args, state["model"], train_state
+    return model, train_state
+
+
+def read_training_checkpoint(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor], dict]:
+    """(ModelArgs, full model state_dict, train_state + its "iteration") of the newest checkpoint
+    under `path`."""
+    model, train_state = _load_training_model(path, "cpu")
+    return model.args, model.state_dict(), train_state
 
 
 def _tokenizer_dir(train_state: dict) -> Path | None:
@@ -87,7 +91,7 @@ def _tokenizer_dir(train_state: dict) -> Path | None:
 
 def export_training_checkpoint(path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write the newest checkpoint under `path` as an ember weight folder (+ its tokenizer)."""
-    from ember.models.checkpoint_io import save_ember_weights
+    from ember.checkpoint.weights import save_ember_weights
 
     args, state, train_state = read_training_checkpoint(path)
     model_name = train_state.get("config", {}).get("model", {}).get("name")
@@ -99,15 +103,7 @@ def export_training_checkpoint(path: str | Path, out_dir: str | Path, overwrite:
 
 def load_model_from_training_checkpoint(path: str | Path, device="cpu", dtype: torch.dtype | None = None):
     """A ready Transformer from a training checkpoint, and the tokenizer folder it was trained with."""
-    from ember.models.transformer import Transformer
-
-    args, state, train_state = read_training_checkpoint(path)
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.to_empty(device=device)
-    model.tie_weights()
-    model.load_state_dict({k: v.to(device) for k, v in state.items()})
-    model.init_buffers(device)
+    model, train_state = _load_training_model(path, device)
     if dtype is not None:
         model.to(dtype)
     return model.eval(), _tokenizer_dir(train_state)

@@ -30,16 +30,15 @@ The global batch is MindFormers': batch_size x data_parallel x micro_batch_num (
 stages) or x gradient_accumulation_steps (without), x micro_batch_interleave_num. Checkpoints go
 to `output_dir/checkpoint`, logs to `output_dir/`. `epochs` counts passes over the training data
 (ember reads Megatron .bin/.idx datasets; a MindRecord path gets an error that says how to make
-one). `--run_mode predict` generates text from the checkpoint (`load_checkpoint`, else the one
-training wrote under `output_dir`) for `--predict_data`, with the YAML's max_decode_length,
-do_sample, top_k, top_p and temperature.
+one). `--run_mode predict` (run by `ember.commands.predict`) generates text from the checkpoint
+(`load_checkpoint`, else the one training wrote under `output_dir`) for `--predict_data`, with the
+YAML's max_decode_length, do_sample, top_k, top_p and temperature.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -337,7 +336,7 @@ def finish(config, values: dict, args: argparse.Namespace | None) -> None:
 def _epoch_iterations(config) -> int | None:
     """Iterations in `train_epochs` passes over pretraining data (None when the data is not
     there yet: validation then reports the missing path)."""
-    from ember.data.blending import parse_data_path
+    from ember.config.data_spec import parse_data_path
     from ember.data.indexed import IndexedDataset, dataset_exists
 
     prefixes = [prefix for _, prefix in parse_data_path(config.data.data_path)]
@@ -353,7 +352,7 @@ def _epoch_iterations(config) -> int | None:
     return iterations
 
 
-# --------------------------------------------------------------------------- command line and predict
+# --------------------------------------------------------------------------- command line
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -369,70 +368,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         # MindSpore runtime settings: accepted so the seed's command lines run unchanged
         group.add_argument(flag, dest="ignored_" + flag.lstrip("-"), default=argparse.SUPPRESS,
                            help=argparse.SUPPRESS)
-
-
-def _prompts(predict_data: str) -> list[str]:
-    path = Path(predict_data)
-    if len(predict_data) < 4096 and path.is_file():
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-        return [line for line in lines if line]
-    return [predict_data]
-
-
-def predict(config, args: argparse.Namespace) -> int:
-    """--run_mode predict: greedy (or sampled) continuation of --predict_data from the checkpoint."""
-    from ember.config import load_yaml
-    from ember.generate import run as generate
-
-    if int(os.environ.get("RANK", "0")) != 0:
-        return 0  # one process generates
-    predict_data = getattr(args, "predict_data", None)
-    if not predict_data:
-        raise EmberError("--run_mode predict needs --predict_data TEXT (or a file of prompts)")
-    load = config.checkpoint.load or config.checkpoint.save
-    if not load or not os.path.exists(load):
-        raise EmberError("--run_mode predict needs a checkpoint: set load_checkpoint (or --load_checkpoint), "
-                         "or train first so output_dir/checkpoint holds one")
-    values = load_yaml(args.config) if getattr(args, "config", None) else {}
-    model_config = ((values.get("model") or {}).get("model_config") or {}) if is_mindformers_config(values) else {}
-    limit = int(model_config.get("max_decode_length", 512))
-    sampled = bool(model_config.get("do_sample", False))
-    d = config.data
-    # a SentencePiece tokenizer.model sits in its Hugging Face folder, which generation reads
-    tokenizer = d.tokenizer_name_or_path or (str(Path(d.tokenizer_model).parent) if d.tokenizer_model else None)
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    for prompt in _prompts(str(predict_data)):
-        generate(argparse.Namespace(
-            load=Path(load), tokenizer_name_or_path=Path(tokenizer) if tokenizer else None, prompt=prompt,
-            max_new_tokens=_new_tokens(load, tokenizer, prompt, limit), greedy=not sampled,
-            temperature=float(model_config.get("temperature", 1.0)) if sampled else 0.0,
-            top_k=int(model_config.get("top_k", 0) or 0) if sampled else 0,
-            top_p=float(model_config.get("top_p", 1.0) or 1.0) if sampled else 1.0,
-            seed=config.train.seed, eos_id=None, device=device, dtype="keep"))
-        sys.stdout.flush()
-    return 0
-
-
-def _new_tokens(load: str, tokenizer: str | None, prompt: str, limit: int) -> int:
-    """MindFormers' max_decode_length counts the prompt too; ember counts new tokens only, and
-    never past the model's longest sequence."""
-    from ember.generate import TextCodec
-    from ember.models.args import ModelArgs
-    from ember.train.checkpoint import find_checkpoint
-
-    ref = find_checkpoint(load)
-    if ref is not None and ref.kind == "training":
-        state = ref.train_state()
-        args = ModelArgs.from_dict(state["model_args"])
-        folder = tokenizer or (state.get("config", {}).get("data", {}).get("tokenizer_name_or_path"))
-    else:
-        from ember.models.checkpoint_io import read_manifest
-
-        args = ModelArgs.from_dict(read_manifest(load)["model_args"])
-        folder = tokenizer or str(Path(load) / "tokenizer")
-    if not folder or not Path(folder).is_dir():
-        return max(1, min(limit, args.max_seq_len) // 2)
-    used = len(TextCodec(Path(folder)).encode(prompt))
-    return max(1, min(limit, args.max_seq_len) - used)

@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ember.errors import EmberError
+from ember.models.args import ModelArgs
 
 LATEST = "latest"
 TRAIN_STATE = "train_state.json"
@@ -118,6 +119,14 @@ class CheckpointRef:
     def train_state(self) -> dict[str, Any]:
         with open(self.path / TRAIN_STATE, encoding="utf-8") as f:
             return json.load(f)
+
+    def model_args(self) -> ModelArgs:
+        """The architecture the checkpoint holds (from ember_model.json or train_state.json)."""
+        if self.kind == "weights":
+            from ember.checkpoint.weights import read_manifest
+
+            return ModelArgs.from_dict(read_manifest(self.path)["model_args"])
+        return ModelArgs.from_dict(self.train_state()["model_args"])
 
 
 def find_checkpoint(load: str | os.PathLike) -> CheckpointRef | None:

@@ -4,7 +4,7 @@
         --micro-batch-size 4 --global-batch-size 16 --train-iters 100 --lr 3e-4 --save out/ckpt
     ember train --config run.yaml train.lr=1e-4 --print-config
     ember train --nproc-per-node 4 ...                 # starts torchrun for you
-    torchrun --nproc-per-node 4 -m ember.train ...     # or launch it yourself
+    torchrun --nproc-per-node 4 -m ember train ...     # or launch it yourself
 
 The whole configuration is checked before any process starts; one process trains in this process.
 """
@@ -18,8 +18,13 @@ import subprocess
 import sys
 import tempfile
 
-from ember.config import Config, add_config_arguments, config_from_args, to_yaml, validate
+from ember.compat import config_from_args, tiny
+from ember.compat.megatron import add_config_arguments
+from ember.config import Config, to_yaml, validate
 from ember.errors import EmberError
+
+# What every rank runs (`python -m ember.commands.train ARGS`, see `main`).
+RANK_MODULE = "ember.commands.train"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     launch.add_argument("--master-addr", default="127.0.0.1", help="address of node 0")
     launch.add_argument("--master-port", type=int, default=29500)
     add_config_arguments(parser)
-    from ember.mindformers import add_arguments as add_mindformers_arguments
+    from ember.compat.mindformers import add_arguments as add_mindformers_arguments
 
     add_mindformers_arguments(parser)
 
@@ -43,10 +48,25 @@ def _launched_by_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
+def resolve_config(args: argparse.Namespace, world_size: int | None = None) -> Config:
+    """The run's configuration from its arguments, as every rank resolves it. Under EMBER_TINY the
+    built-in assets are made first (once per machine) and the run is kept off any GPU."""
+    assets = None
+    if tiny.enabled():
+        from ember.compat.tiny_assets import prepare
+
+        # CPU processes: keep CUDA out of sight before anything asks torch for a device
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        assets = prepare()
+        if world_size is None and os.environ.get("WORLD_SIZE"):
+            world_size = int(os.environ["WORLD_SIZE"])
+    return config_from_args(args, assets, world_size)
+
+
 def _print_config(resolved: Config) -> None:
     print(to_yaml(resolved), end="")
     try:
-        from ember.train.checkpoint import find_checkpoint
+        from ember.checkpoint.training import find_checkpoint
         from ember.train.model_setup import resolve_model_args
 
         ref = find_checkpoint(resolved.checkpoint.load) if resolved.checkpoint.load else None
@@ -63,9 +83,9 @@ def _print_config(resolved: Config) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
+    config = resolve_config(args)
     if getattr(args, "run_mode", None) == "predict":  # MindFormers: generate from the checkpoint
-        from ember.mindformers import predict
+        from ember.commands.predict import predict
 
         return predict(config, args)
     nproc = args.nproc_per_node or 1
@@ -92,7 +112,7 @@ def _launch(config: Config, args: argparse.Namespace) -> int:
         f.write(to_yaml(config))
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node or 1}",
                f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}", f"--master-addr={args.master_addr}",
-               f"--master-port={args.master_port}", "-m", "ember.train", "--config", path]
+               f"--master-port={args.master_port}", "-m", RANK_MODULE, "--config", path]
     process = subprocess.Popen(command)
     # torchrun passes SIGTERM on to the workers, which save a checkpoint and stop.
     previous_term = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signum))
@@ -109,7 +129,7 @@ def _launch(config: Config, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m ember.train` (what torchrun starts on every rank)."""
+    """Entry point of `python -m ember.commands.train` (what torchrun starts on every rank)."""
     parser = argparse.ArgumentParser(prog="ember train")
     add_arguments(parser)
     # intermixed: dotted overrides may stand between flags, as in `... train.lr=1e-4 --bf16`
@@ -121,3 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
         print(f"{prefix}ember train: error: {err}", file=sys.stderr)
         return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -21,7 +21,7 @@ MindFormers' `msrun_launcher.sh` positional form is accepted too:
     ember launch --msrun "run_mindformer.py --config CFG --run_mode train" \\
         WORKER_NUM [LOCAL_WORKER MASTER_ADDR MASTER_PORT NODE_RANK LOG_DIR JOIN TIMEOUT]
 
-With EMBER_TINY=1 (see `ember.tiny`) the node count, process count and master address come from
+With EMBER_TINY=1 (see `ember.compat.tiny`) the node count, process count and master address come from
 the layout instead: one machine, TP x PP x CP x the least data parallelism, CPU processes.
 """
 
@@ -38,7 +38,7 @@ from pathlib import Path
 from ember.errors import EmberError
 
 PASS_THROUGH_PREFIXES = ("NCCL_", "HCCL_", "GLOO_", "TORCH_", "CUDA_", "ASCEND_")
-TRAIN_MODULE = "ember.train"
+TRAIN_MODULE = "ember.commands.train"  # what every rank of a training run runs
 
 
 @dataclass
@@ -70,7 +70,7 @@ class LaunchPlan:
 
     def worker_args(self) -> list[str]:
         """What every rank runs: this module as a shim that joins stderr to stdout, then MODULE."""
-        return ["-m", "ember.launch", self.module, *self.train_args]
+        return ["-m", "ember.commands.launch", self.module, *self.train_args]
 
     def torchrun_argv(self) -> list[str]:
         """The equivalent torchrun command (what `--dry-run` prints)."""
@@ -203,20 +203,20 @@ def plan_from_args(args) -> LaunchPlan:
 
 def training_config(train_args: list[str]):
     """(Config, parsed arguments) of `ember train TRAIN_ARGS`, as every rank will resolve them."""
-    from ember.config import config_from_args
-    from ember.train.cli import add_arguments as add_train_arguments
+    from ember.commands.train import add_arguments as add_train_arguments
+    from ember.commands.train import resolve_config
 
     parser = argparse.ArgumentParser(prog="ember launch -- (ember train arguments)")
     add_train_arguments(parser)
     args = parser.parse_intermixed_args(train_args)
-    return config_from_args(args), args
+    return resolve_config(args), args
 
 
 def check_training(plan: LaunchPlan, explicit_nproc: int | None = None) -> LaunchPlan:
     """Resolve and validate the training configuration for this world size (errors surface here,
     once, instead of on every rank). Under EMBER_TINY the plan is sized to the tiny layout on this
     machine, unless `explicit_nproc` (an --nproc-per-node flag) says otherwise."""
-    from ember import tiny
+    from ember.compat import tiny
     from ember.config import validate
 
     config, args = training_config(plan.train_args)
@@ -344,12 +344,12 @@ def _separate_restart_keys() -> None:
 
 
 def _worker(argv: list[str]) -> int:
-    """`python -m ember.launch MODULE ARGS`: run MODULE as __main__ with stderr joined to stdout,
+    """`python -m ember.commands.launch MODULE ARGS`: run MODULE as __main__ with stderr joined to stdout,
     so a rank's log file holds warnings and tracebacks where they happened."""
     import runpy
 
     if not argv:
-        print("usage: python -m ember.launch MODULE [ARGS...]", file=sys.stderr)
+        print("usage: python -m ember.commands.launch MODULE [ARGS...]", file=sys.stderr)
         return 2
     _separate_restart_keys()
     sys.stdout.flush()

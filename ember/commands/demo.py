@@ -19,10 +19,10 @@ from ember.errors import EmberError
 
 
 def _ember(argv: list[str]) -> None:
-    from ember.cli import main
+    from ember.commands import run_command
 
     print(f"\n$ ember {shlex.join(argv)}", flush=True)
-    code = main(argv)
+    code = run_command(argv)
     if code:
         raise EmberError(f"stage `ember {argv[0]}` failed with exit code {code}")
 

@@ -2,34 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
-
-from ember.data.indexed import IndexedDataset
+from ember.data.indexed import IndexedDataset, summarize
 from ember.data.tokenizers import add_tokenizer_arguments, tokenizer_from_args
-
-
-def length_histogram(lengths: np.ndarray, bins: int = 8) -> list[tuple[int, int, int]]:
-    """(low, high, count) over log-spaced length bins, empty bins left out."""
-    if lengths.size == 0:
-        return []
-    high = max(int(lengths.max()), 1)
-    edges = np.unique(np.geomspace(1, high + 1, bins + 1).astype(np.int64))
-    counts, edges = np.histogram(lengths, bins=edges)
-    return [(int(lo), int(hi) - 1, int(c)) for lo, hi, c in zip(edges, edges[1:], counts) if c]
-
-
-def summarize(dataset: IndexedDataset) -> dict:
-    document_lengths = np.add.reduceat(dataset.sequence_lengths.astype(np.int64),
-                                       dataset.document_indices[:-1]) if len(dataset) else np.zeros(0)
-    return {
-        "documents": dataset.num_documents,
-        "sequences": len(dataset),
-        "tokens": dataset.num_tokens,
-        "dtype": str(dataset.dtype),
-        "mean_document_tokens": float(document_lengths.mean()) if document_lengths.size else 0.0,
-        "max_document_tokens": int(document_lengths.max()) if document_lengths.size else 0,
-        "histogram": length_histogram(document_lengths),
-    }
 
 
 def add_arguments(parser) -> None:

@@ -12,11 +12,9 @@ Megatron-LM gives the same digest for the same flags (its GPTDataset's tokens + 
 
 from __future__ import annotations
 
-import hashlib
-
-import numpy as np
-
-from ember.data.blending import DEFAULT_MID_LEVEL_SURPLUS, SPLIT_NAMES, build_datasets, train_valid_test_num_samples
+from ember.config.data_spec import SPLIT_NAMES
+from ember.data.blending import DEFAULT_MID_LEVEL_SURPLUS, build_datasets, train_valid_test_num_samples
+from ember.data.gpt_dataset import samples_digest
 from ember.data.tokenizers import add_tokenizer_arguments, tokenizer_from_args
 from ember.errors import EmberError
 
@@ -43,14 +41,6 @@ def add_arguments(parser) -> None:
     show.add_argument("--chars", type=int, default=200, help="characters shown per decoded sample")
     show.add_argument("--hash-samples", type=int, help="digest this many train samples (default: all requested)")
     add_tokenizer_arguments(parser)
-
-
-def samples_digest(dataset, count: int) -> str:
-    """sha256 over the first `count` samples' tokens as int64 little-endian."""
-    digest = hashlib.sha256()
-    for index in range(count):
-        digest.update(np.ascontiguousarray(dataset[index]["tokens"], dtype="<i8").tobytes())
-    return digest.hexdigest()
 
 
 def run(args) -> int:

@@ -1,27 +1,22 @@
-"""`ember convert`: Hugging Face checkpoints <-> ember weight folders, streamed.
-
-    ember convert --from hf --to ember HF_DIR OUT_DIR
-    ember convert --from ember --to hf EMBER_DIR OUT_DIR
+"""Hugging Face checkpoints <-> ember weight folders, streamed (`ember convert`).
 
 Both directions first check every tensor name and shape against config.json / ember_model.json
 (from headers only), then plan the output shards, then copy tensors one at a time. Peak memory
 is about one tensor (or one group of fused tensors), not the model; benchmarks/convert.py
-measures it.
+measures it. The command's flags live in `ember.commands.convert`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ember.checkpoint import weights as io
 from ember.errors import EmberError
-from ember.models import checkpoint_io as io
 from ember.models.hf import (
     TensorMapper,
     args_from_hf_config,
@@ -31,54 +26,20 @@ from ember.models.hf import (
     normalise_hf_tensor,
 )
 
-_DTYPE_CHOICES = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-
-# ---------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--from", dest="from_format", choices=["hf", "ember"], required=True, help="format of SRC")
-    parser.add_argument("--to", dest="to_format", choices=["hf", "ember"], required=True, help="format to write")
-    parser.add_argument("src", type=Path,
-                        help="Hugging Face model folder, ember weight folder, or (--from ember) an ember train --save folder")
-    parser.add_argument("out", type=Path, help="output folder (written atomically)")
-    parser.add_argument(
-        "--max-shard-size", default="5GB", help="largest output shard, e.g. 500MB, 2GiB, 5GB (default 5GB)"
-    )
-    parser.add_argument(
-        "--dtype", choices=list(_DTYPE_CHOICES), default="keep", help="cast floating tensors (default: keep, bit-exact)"
-    )
-    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
-
-
-def run(args: argparse.Namespace) -> int:
-    if (args.from_format, args.to_format) not in (("hf", "ember"), ("ember", "hf")):
-        raise EmberError(f"cannot convert --from {args.from_format} --to {args.to_format}; use hf->ember or ember->hf")
-    max_shard = parse_size(args.max_shard_size)
-    dtype = _DTYPE_CHOICES[args.dtype]
-    started = time.perf_counter()
-    if args.from_format == "hf":
-        summary = convert_hf_to_ember(args.src, args.out, max_shard_bytes=max_shard, dtype=dtype, overwrite=args.force)
-    else:
-        summary = _convert_to_hf(args.src, args.out, max_shard, dtype, args.force)
-    print(
-        f"ember convert: {args.from_format} {summary['family']} -> {args.to_format} {args.out}: "
-        f"{summary['tensors']} tensors, {summary['bytes'] / 1e6:.1f} MB in {summary['shards']} shard(s), "
-        f"{time.perf_counter() - started:.1f}s"
-    )
-    return 0
-
-
-def _convert_to_hf(src: Path, out: Path, max_shard: int, dtype, overwrite: bool) -> dict:
+def convert_to_hf(src: Path, out: Path, max_shard_bytes: int = io.DEFAULT_MAX_SHARD_BYTES,
+                  dtype: torch.dtype | None = None, overwrite: bool = False) -> dict[str, Any]:
     """ember weights -> HF; a training checkpoint (`ember train --save` folder) is read first."""
     import tempfile
 
-    from ember.train.export import export_training_checkpoint, is_training_checkpoint
+    from ember.checkpoint.export import export_training_checkpoint, is_training_checkpoint
 
+    src, out = Path(src), Path(out)
     if not is_training_checkpoint(src):
-        return convert_ember_to_hf(src, out, max_shard_bytes=max_shard, dtype=dtype, overwrite=overwrite)
+        return convert_ember_to_hf(src, out, max_shard_bytes=max_shard_bytes, dtype=dtype, overwrite=overwrite)
     with tempfile.TemporaryDirectory(prefix="ember-export-", dir=out.parent if out.parent.is_dir() else None) as tmp:
         weights = export_training_checkpoint(src, Path(tmp) / "weights")
-        return convert_ember_to_hf(weights, out, max_shard_bytes=max_shard, dtype=dtype, overwrite=overwrite)
+        return convert_ember_to_hf(weights, out, max_shard_bytes=max_shard_bytes, dtype=dtype, overwrite=overwrite)
 
 
 def parse_size(text: str) -> int:

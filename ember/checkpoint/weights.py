@@ -456,6 +456,8 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: to
         state["output.weight"] = state["tok_embeddings.weight"]
     with torch.device("meta"):
         model = Transformer(args)
+    # assign=True: the loaded tensors become the parameters, so nothing is allocated twice (hence
+    # no `materialize`); it gives each name its own Parameter, so the shared output is tied again.
     model.load_state_dict(state, assign=True, strict=True)
     model.tie_weights()
     model.init_buffers(device)

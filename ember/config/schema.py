@@ -1,0 +1,375 @@
+"""The one training config: typed sections filled from defaults < YAML < flags < dotted overrides.
+
+    ember train --config run.yaml --micro-batch-size 2 --lr 3e-4 train.train_iters=100
+
+The YAML file has one mapping per section (`model`, `data`, `train`, `optim`, `parallel`,
+`checkpoint`, `logging`); a key whose name is unique across sections may also be written at the top
+level or without its section in an override (`lr=1e-4`). Unknown keys and bad values raise
+`EmberError` with one line saying which setting, where it came from and how to fix it.
+
+Nothing here reads anything but the values it is given (and `load_yaml`'s file): the other formats
+(Megatron flags, MindFormers YAML, tiny mode) translate into this schema in `ember.compat`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from ember.errors import EmberError
+
+@dataclass
+class ModelConfig:
+    """Which model: a registry name, a converted checkpoint (`--load`), and/or architecture flags.
+
+    Architecture fields left at None keep the value of the named (or loaded) model.
+    """
+
+    name: str | None = None
+    num_layers: int | None = None
+    hidden_size: int | None = None
+    ffn_hidden_size: int | None = None
+    num_attention_heads: int | None = None
+    group_query_attention: bool | None = None
+    num_query_groups: int | None = None
+    kv_channels: int | None = None
+    position_embedding_type: str | None = None
+    normalization: str | None = None
+    norm_epsilon: float | None = None
+    swiglu: bool | None = None
+    untie_embeddings_and_output_weights: bool | None = None
+    disable_bias_linear: bool | None = None
+    add_qkv_bias: bool | None = None
+    qk_layernorm: bool | None = None
+    max_position_embeddings: int | None = None
+    rotary_base: float | None = None
+    vocab_size: int | None = None
+    # Megatron pads the vocabulary so the embedding splits evenly and runs fast; None keeps it as is.
+    make_vocab_size_divisible_by: int | None = 128
+    num_experts: int | None = None
+    moe_router_topk: int | None = None
+    moe_ffn_hidden_size: int | None = None
+    moe_aux_loss_coeff: float | None = None
+    init_method_std: float | None = None
+
+
+@dataclass
+class DataConfig:
+    data_path: list[str] = field(default_factory=list)
+    split: str = "969,30,1"
+    train_data_path: list[str] = field(default_factory=list)
+    valid_data_path: list[str] = field(default_factory=list)
+    test_data_path: list[str] = field(default_factory=list)
+    data_cache_path: str | None = None
+    # Without shared storage every node builds (or checks) its own index cache.
+    shared_storage: bool = True
+    seq_length: int = 2048
+    tokenizer_type: str | None = None
+    tokenizer_name_or_path: str | None = None
+    tokenizer_model: str | None = None
+    vocab_file: str | None = None
+    merge_file: str | None = None
+    num_workers: int = 2
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 1
+    # None: one micro-batch per data-parallel rank (micro_batch_size x dp).
+    global_batch_size: int | None = None
+    train_iters: int | None = None
+    # PAI-Megatron-Patch style budgets: iterations = tokens / (global batch x sequence length).
+    train_tokens: int | None = None
+    train_epochs: int | None = None
+    lr: float = 1.0e-4
+    min_lr: float = 0.0
+    lr_decay_style: str = "cosine"
+    lr_warmup_iters: int = 0
+    lr_warmup_fraction: float | None = None
+    lr_warmup_tokens: int | None = None
+    lr_warmup_init: float = 0.0
+    lr_decay_iters: int | None = None
+    lr_decay_tokens: int | None = None
+    # WSD (warmup-stable-decay): the final iterations that anneal, and how.
+    lr_wsd_decay_iters: int | None = None
+    lr_wsd_decay_style: str = "linear"
+    eval_interval: int = 1000
+    eval_iters: int = 100
+    seed: int = 1234
+    precision: str = "fp32"
+    # fp16 only: a fixed scale when set, else dynamic scaling starting here.
+    loss_scale: float | None = None
+    initial_loss_scale: float = 2.0**32  # Megatron's defaults
+    min_loss_scale: float = 1.0
+    loss_scale_window: int = 1000
+    # overflows (since the scale last grew) before the scale drops; MindFormers' scaler drops at once
+    hysteresis: int = 2
+    recompute_granularity: str | None = None
+    recompute_method: str | None = None
+    recompute_num_layers: int | None = None
+    # None: compile where it pays off (GPU), eager on CPU where compiling costs more than it saves.
+    compile: bool | None = None
+    # CPU only. None: torch's thread count, less the cores other work keeps busy at start.
+    cpu_threads: int | None = None
+    finetune: bool = False
+    # Steps with a NaN/Inf loss or gradient are skipped; this many in a row stops the run.
+    max_consecutive_skips: int = 10
+    exit_interval: int | None = None
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adamw"
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1.0e-8
+    clip_grad: float = 1.0
+    # None: the fused kernel where the device has one.
+    fused: bool | None = None
+
+
+@dataclass
+class ParallelConfig:
+    """The device layout: data, tensor (+ sequence), pipeline, context and expert parallelism.
+
+    The processes form a mesh pp x dp x cp x tp (tp innermost); expert parallelism borrows its
+    ranks from the data- and context-parallel ones (ep divides dp x cp), as in Megatron.
+    """
+
+    # replicate: every rank holds the whole model and optimizer (DDP-like);
+    # zero1: optimizer state and gradients sharded (Megatron's --use-distributed-optimizer);
+    # fsdp: parameters sharded too (full sharding, ZeRO-3).
+    dp_mode: str = "replicate"
+    # With zero1/fsdp: replicas of the sharded group (HSDP). dp_shard = dp / dp_replicate.
+    dp_replicate: int = 1
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    # None: 1f1b, or interleaved_1f1b with virtual stages; gpipe also available.
+    pipeline_schedule: str | None = None
+    num_layers_per_virtual_pipeline_stage: int | None = None
+    # Uneven pipeline splits: the first/last stage's layer counts (the rest split evenly).
+    decoder_first_pipeline_num_layers: int | None = None
+    decoder_last_pipeline_num_layers: int | None = None
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    # None: nccl on CUDA, hccl on Ascend, gloo on CPU.
+    backend: str | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    save: str | None = None
+    load: str | None = None
+    save_interval: int | None = None
+    keep_last: int | None = None
+    async_save: bool = False
+    save_optim: bool = True
+    load_optim: bool = True
+    load_rng: bool = True
+    # Save and stop cleanly when the job is sent SIGTERM (preemption, scancel).
+    exit_on_sigterm: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 100
+    # Where logs/ and tensorboard/ go: --save when this is unset.
+    output_dir: str | None = None
+    tensorboard: bool = True
+    tensorboard_dir: str | None = None
+    # Peak TFLOP/s of one device for MFU; None: looked up from the device name.
+    peak_tflops: float | None = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> Config:
+        config = cls()
+        apply_mapping(config, values, source)
+        return config
+
+    @property
+    def output_dir(self) -> str | None:
+        return self.logging.output_dir or self.checkpoint.save
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+
+# --------------------------------------------------------------------------- values and paths
+
+
+@functools.cache
+def _section_fields() -> dict[str, dict[str, Any]]:
+    """Section -> field -> type hint (resolved once: the dataclasses never change)."""
+    hints = typing.get_type_hints(Config)
+    return {name: typing.get_type_hints(hints[name]) for name in SECTIONS}
+
+
+@functools.cache
+def _unique_field_sections() -> dict[str, str]:
+    """Field name -> its section, for names that appear in exactly one section."""
+    seen: dict[str, list[str]] = {}
+    for section, fields in _section_fields().items():
+        for name in fields:
+            seen.setdefault(name, []).append(section)
+    return {name: sections[0] for name, sections in seen.items() if len(sections) == 1}
+
+
+def _all_paths() -> list[str]:
+    return [f"{s}.{n}" for s, fields in _section_fields().items() for n in fields]
+
+
+def resolve_path(key: str, source: str) -> tuple[str, str]:
+    """`train.lr`, `lr` or `train-iters` -> (section, field), or a one-line error with a suggestion."""
+    normalized = key.strip().replace("-", "_")
+    fields = _section_fields()
+    if "." in normalized:
+        section, _, name = normalized.partition(".")
+        if section in fields and name in fields[section]:
+            return section, name
+    elif normalized in _unique_field_sections():
+        return _unique_field_sections()[normalized], normalized
+    candidates = _all_paths() + list(_unique_field_sections())
+    close = difflib.get_close_matches(normalized, candidates, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else "; run `ember train --print-config` to list settings"
+    raise EmberError(f"unknown setting '{key}' in {source}{hint}")
+
+
+def _is_optional(hint) -> bool:
+    return type(None) in typing.get_args(hint)
+
+
+def _base_type(hint):
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return hint
+
+
+def coerce(value: Any, hint, where: str) -> Any:
+    """Turn a YAML/CLI value into the field's type, or say in one line why it cannot be."""
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+        if _is_optional(hint):
+            return None
+        raise EmberError(f"{where} cannot be empty; give a value")
+    base = _base_type(hint)
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "yes", "on", "1"):
+                return True
+            if text in ("false", "no", "off", "0"):
+                return False
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError
+                return int(value)
+            text = str(value).strip().replace("_", "")
+            # 1e6 token budgets are written with exponents.
+            number = float(text) if any(c in text for c in "eE.") else int(text)
+            if isinstance(number, float):
+                if not number.is_integer():
+                    raise ValueError
+                number = int(number)
+            return number
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+        if typing.get_origin(base) is list:
+            items = value if isinstance(value, (list, tuple)) else [value]
+            # "0.5 a 0.5 b" (one shell word, as the seed scripts pass --data-path) is four items.
+            return [word for item in items for word in str(item).split()]
+    except (TypeError, ValueError):
+        pass
+    name = getattr(base, "__name__", str(base))
+    raise EmberError(f"{where} = {value!r} is not a valid {name}")
+
+
+def set_value(config: Config, key: str, value: Any, source: str) -> None:
+    section, name = resolve_path(key, source)
+    hint = _section_fields()[section][name]
+    setattr(getattr(config, section), name, coerce(value, hint, f"{section}.{name} (from {source})"))
+
+
+def apply_mapping(config: Config, values: dict[str, Any], source: str) -> None:
+    """Apply a YAML-shaped mapping: sections of settings, or settings whose name is unique."""
+    if not isinstance(values, dict):
+        raise EmberError(f"{source} must be a mapping of sections (model:, data:, train:, ...)")
+    for key, value in values.items():
+        if key in SECTIONS:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise EmberError(f"section '{key}' in {source} must be a mapping of settings")
+            for name, item in value.items():
+                set_value(config, f"{key}.{name}", item, source)
+        else:
+            set_value(config, str(key), value, source)
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise EmberError(f"config file {path} not found; check --config") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise EmberError(f"{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    return values or {}
+
+
+def apply_override(config: Config, text: str) -> None:
+    """One `section.key=value` override; the value is read as YAML (lists, numbers, booleans)."""
+    import yaml
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise EmberError(f"override '{text}' must look like section.key=value, e.g. train.lr=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    set_value(config, key, value, f"override '{text}'")
+
+
+def to_yaml(config: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=False)
