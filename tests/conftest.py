@@ -1,4 +1,9 @@
-"""Shared fixtures: a small slice of the built-in corpus and a tokenizer trained on it, made once per session."""
+"""Shared fixtures: a small slice of the built-in corpus and a tokenizer trained on it, made once per session.
+
+Running the suite: `pytest` runs everything (what .ci/run does). Tests marked `slow` (several
+seconds each on a 2-core machine: multi-process runs, whole training runs) are part of it; while
+working, `pytest -m "not slow"` runs the rest in a fraction of the time, and `pytest -m slow`
+only them. fp32 comparisons take their tolerance from tests/tolerances.py."""
 
 import os
 
@@ -7,6 +12,10 @@ import pytest
 # Tests run on 2 cores next to other processes: keep libraries from oversubscribing them.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# OpenMP threads that finish first otherwise spin waiting for the others; when a core is taken by
+# another process that spinning stalls every tiny op (the model tests ran 1.4x slower on a busy
+# 2-core machine). Set before torch is imported, as OMP_NUM_THREADS.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ def _fields(line: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S+)", line))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["fused", "plain"])
 def test_train_cpu_sides_agree(loss):
     out = _run("train_cpu.py", "--shape", "tiny", "--steps", "4", "--per-round", "2", "--warmup", "1",
@@ -37,6 +38,7 @@ def test_train_cpu_sides_agree(loss):
     assert fields["loss"] == loss
 
 
+@pytest.mark.slow
 def test_train_gpu_smoke_runs_on_this_machine():
     out = _run("train_gpu.py", "--smoke", "--steps", "2", "--warmup", "1", "--sides", "ember", "hf", "ember-fp8")
     sides = {_fields(line).get("side") for line in out.splitlines() if line.startswith("train_gpu ")}
@@ -45,6 +47,7 @@ def test_train_gpu_smoke_runs_on_this_machine():
     assert float(re.search(r"ember: (\S+)", agreement).group(1)) < 1e-2  # bf16 autocast on both sides
 
 
+@pytest.mark.slow
 def test_checkpoint_benchmark_runs():
     out = _run("checkpoint.py", "--shape", "tiny", "--repeats", "1", "--async-steps", "1", "--threads", "1")
     (line,) = [line for line in out.splitlines() if line.startswith("checkpoint ")]
@@ -52,6 +55,7 @@ def test_checkpoint_benchmark_runs():
     assert float(fields["size_mb"]) > 0 and float(fields["save_s"]) > 0 and float(fields["load_s"]) > 0
 
 
+@pytest.mark.slow
 def test_cpu_threads_benchmark_times_both_counts():
     out = _run("cpu_threads.py", "--steps", "2", "--busy", "0", "1")
     lines = [_fields(line) for line in out.splitlines() if line.startswith("cpu_threads ")]
@@ -63,6 +67,7 @@ def test_cpu_threads_benchmark_times_both_counts():
         assert {(line["threads"], line["chosen"]) for line in busy} == {("2", "0"), ("1", "1")}
 
 
+@pytest.mark.slow
 def test_init_memory_benchmark_runs():
     out = _run("init_memory.py", "--layers", "2", "--dim", "128")
     lines = {_fields(line)["way"]: _fields(line) for line in out.splitlines() if line.startswith("init_memory ")}

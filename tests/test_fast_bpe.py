@@ -248,6 +248,7 @@ def test_random_strings_match_hf(hf_and_fast):
     assert_same(tok, fast, random_texts(1500, special_tokens_of(tok), seed=1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gpt2_style", "llama3_style", "qwen2_style"])  # the three regexes
 def test_every_code_point_matches_hf(name, request):
     tok = request.getfixturevalue(name)

@@ -144,6 +144,7 @@ _DATA_PARALLEL_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_data_parallel_takes_the_fused_path_with_the_same_gradients():
     """FSDP gathers the output weight for the model's forward, where the fused head runs; its
     gradient then reaches FSDP's reduction like any other (replicate and full-shard modes)."""

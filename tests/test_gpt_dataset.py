@@ -295,6 +295,7 @@ def _gloo_rank(rank, world_size, port, data_path, cache_dir, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_torch_distributed_barrier_by_default(data, tmp_path):
     import socket
 

@@ -119,6 +119,7 @@ def train_verdict(model: str, world: int, flags: list[str], seq: int, batch: int
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", MODELS)
 def test_plan_and_train_agree_on_every_layout(model):
     accepted = refused = 0

@@ -1,6 +1,9 @@
 """Mixture of experts: the block against transformers' Mixtral block (that is how Grok-1's MoE,
 which has no transformers class, is checked), the load-balancing loss against megatron-core's,
-and capacity / sigmoid gating / shared experts against a per-token reference loop."""
+and capacity / sigmoid gating / shared experts against a per-token reference loop.
+
+fp32 comparisons use tests/tolerances.py (the error two orders of summation give, from the
+reduction lengths); a deliberately wrong expert weight fails that tolerance."""
 
 from __future__ import annotations
 
@@ -12,6 +15,13 @@ import torch.nn.functional as F
 
 from ember.models import ModelArgs, Transformer, get_model_args
 from ember.models.moe import MoE
+from tolerances import assert_fp32_close, backward_terms, forward_terms
+
+
+def _moe_terms(args: ModelArgs) -> int:
+    """K (tests/tolerances.py) of an MoE block's output: router / expert input over dim, expert
+    output over its ffn (a shared MLP is num_shared_experts of them side by side), the top-k sum."""
+    return args.dim + args.moe_ffn_dim * max(1, args.num_shared_experts) + args.moe_top_k + 1
 
 
 def _randomise(module: torch.nn.Module, seed: int) -> None:
@@ -65,7 +75,7 @@ def test_moe_matches_per_token_reference(overrides):
     moe = MoE(args)
     _randomise(moe, seed=0)
     x = torch.randn(3, 11, 32, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(moe(x), _naive_moe(moe, x), atol=1e-5, rtol=1e-5)
+    assert_fp32_close(moe(x), _naive_moe(moe, x), terms=_moe_terms(args))
 
 
 def test_capacity_really_drops_tokens():
@@ -78,10 +88,9 @@ def test_capacity_really_drops_tokens():
     assert (moe(x) - dropless(x)).abs().max() > 1e-3
 
 
-def test_grok1_moe_block_matches_transformers_mixtral_block():
-    """Grok-1 (grok1-40b style: SwiGLU experts, softmax top-2) has no transformers class; its
-    MoE block must equal transformers' MixtralSparseMoeBlock with the same weights, outputs and
-    gradients."""
+def _grok1_block_and_mixtral_block(perturb=None):
+    """ember's grok1 MoE block (random weights) and transformers' MixtralSparseMoeBlock given the
+    same weights; `perturb(gate_up, down)` may alter what transformers gets."""
     transformers = pytest.importorskip("transformers")
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
@@ -100,18 +109,46 @@ def test_grok1_moe_block_matches_transformers_mixtral_block():
         theirs.gate.weight.copy_(ours.router.weight)
         theirs.experts.gate_up_proj.copy_(torch.cat([ours.experts.w1, ours.experts.w3], dim=1))
         theirs.experts.down_proj.copy_(ours.experts.w2)
+        if perturb is not None:
+            perturb(theirs.experts.gate_up_proj, theirs.experts.down_proj)
+    return args, ours, theirs
+
+
+def test_grok1_moe_block_matches_transformers_mixtral_block():
+    """Grok-1 (grok1-40b style: SwiGLU experts, softmax top-2) has no transformers class; its
+    MoE block must equal transformers' MixtralSparseMoeBlock with the same weights, outputs and
+    gradients."""
+    args, ours, theirs = _grok1_block_and_mixtral_block()
     x = torch.randn(2, 9, args.dim, generator=torch.Generator().manual_seed(3), requires_grad=True)
     x_ref = x.detach().clone().requires_grad_(True)
     out, ref = ours(x), theirs(x_ref)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    forward = _moe_terms(args)
+    assert_fp32_close(out, ref, terms=forward)
     out.square().sum().backward()
     ref.square().sum().backward()
-    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(ours.router.weight.grad, theirs.gate.weight.grad, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(
-        torch.cat([ours.experts.w1.grad, ours.experts.w3.grad], dim=1), theirs.experts.gate_up_proj.grad, atol=1e-5, rtol=1e-4
+    backward = backward_terms(forward, tokens=x.shape[0] * x.shape[1])
+    assert_fp32_close(x.grad, x_ref.grad, terms=backward)
+    assert_fp32_close(ours.router.weight.grad, theirs.gate.weight.grad, terms=backward)
+    assert_fp32_close(
+        torch.cat([ours.experts.w1.grad, ours.experts.w3.grad], dim=1), theirs.experts.gate_up_proj.grad, terms=backward
     )
-    torch.testing.assert_close(ours.experts.w2.grad, theirs.experts.down_proj.grad, atol=1e-5, rtol=1e-4)
+    assert_fp32_close(ours.experts.w2.grad, theirs.experts.down_proj.grad, terms=backward)
+
+
+@pytest.mark.parametrize("bug", ["one-expert-down-proj-0.1%-off", "gate-up-rows-swapped-in-one-expert"])
+def test_fp32_tolerance_still_fails_a_wrong_expert_weight(bug):
+    """The tolerance the block comparison uses is far below what a small weight error does."""
+
+    def perturb(gate_up, down):
+        if bug.startswith("one-expert-down-proj"):
+            down[1].mul_(1.001)
+        else:  # two rows of w1 (gate) exchanged: a mapping that mixes up neighbouring rows
+            gate_up[2, [0, 1]] = gate_up[2, [1, 0]]
+
+    args, ours, theirs = _grok1_block_and_mixtral_block(perturb)
+    x = torch.randn(2, 9, args.dim, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), pytest.raises(AssertionError, match="Tensor-likes are not close"):
+        assert_fp32_close(ours(x), theirs(x), terms=_moe_terms(args))
 
 
 def test_grok1_block_structure_against_transformers_parts():
@@ -154,7 +191,7 @@ def test_grok1_block_structure_against_transformers_parts():
         h = h + norms[1](a)
         h = h + norms[3](moe(norms[2](h)))
         expected = (norms[4](h) @ model.output.weight.T) * args.output_multiplier
-        torch.testing.assert_close(model(tokens), expected, atol=1e-4, rtol=1e-5)
+        assert_fp32_close(model(tokens), expected, terms=forward_terms(args, seq_len=12))
 
 
 def test_aux_loss_matches_megatron_core():

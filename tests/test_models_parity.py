@@ -2,8 +2,9 @@
 
 Each case builds a tiny random model with transformers' own config and model classes, saves it
 with save_pretrained, converts it with the CLI (`ember convert --from hf --to ember`), and
-checks fp32 logits on several random batches (max abs diff <= 1e-5), then the loss and every
-gradient of one training step.
+checks fp32 logits on several random batches, then the loss and every gradient of one training
+step, all within the error two orders of fp32 summation give (tests/tolerances.py; a q/k layout
+that pairs the wrong rotary dimensions fails it).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 from ember.checkpoint.weights import load_model  # noqa: E402
 from ember.cli import main  # noqa: E402
 from ember.models.hf import TensorMapper  # noqa: E402
+from tolerances import assert_fp32_close, rms, backward_terms, forward_terms, fp32_bound, loss_terms  # noqa: E402
 
 VOCAB = 160
 _LLAMA_LIKE = dict(
@@ -97,7 +99,7 @@ def test_logits_match(converted):
             got = model(tokens)
         assert got.shape == expected.shape
         assert expected.abs().max() > 0.5, "logits too small for the comparison to mean anything"
-        assert (got - expected).abs().max().item() <= 1e-5, case
+        assert_fp32_close(got, expected, terms=forward_terms(model.args, seq), msg=lambda m: f"{case} {seq}: {m}")
 
 
 def test_loss_and_gradients_match(converted):
@@ -110,7 +112,9 @@ def test_loss_and_gradients_match(converted):
     logits = model(tokens)
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
     loss.backward()
-    assert abs(loss.item() - hf_loss.item()) <= 1e-5
+    terms = loss_terms(model.args, seq_len=33, tokens=2 * 32)
+    assert loss.item() == pytest.approx(hf_loss.item(), rel=fp32_bound(terms))
+    grad_terms = backward_terms(terms, tokens=2 * 32)
 
     # ember gradients, renamed/re-laid-out by the same mapping as the weights
     mapper = TensorMapper(CASES[case][3], model.args)
@@ -119,19 +123,23 @@ def test_loss_and_gradients_match(converted):
         for hf_name, grad in mapper.to_hf(name, param.grad):
             grads[hf_name] = grad
     hf_params = dict(hf_model.named_parameters())
+    # a key bias's gradient is zero up to rounding (softmax ignores a shift of every score): its
+    # error is on the scale of the model's gradients, not its own
+    grad_scale = rms(*grads.values())
     compared = 0
     for hf_name, grad in grads.items():
         if hf_name not in hf_params:  # HF's in-memory MoE layout differs from its file layout
             continue
         expected = hf_params[hf_name].grad
-        torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-4, msg=lambda m: f"{case} {hf_name}: {m}")
+        assert_fp32_close(grad, expected, terms=grad_terms, min_scale=grad_scale,
+                          msg=lambda m: f"{case} {hf_name}: {m}")
         compared += 1
     if case == "mixtral":
-        compared += _compare_mixtral_expert_grads(hf_model, grads)
+        compared += _compare_mixtral_expert_grads(hf_model, grads, grad_terms, grad_scale)
     assert compared == len(hf_params)
 
 
-def _compare_mixtral_expert_grads(hf_model, grads) -> int:
+def _compare_mixtral_expert_grads(hf_model, grads, terms: int, scale: float) -> int:
     """transformers 5 keeps Mixtral's router as mlp.gate and its experts fused in memory
     ([E, 2F, D] gate+up, [E, D, F] down); compare them with the per-expert gradients that
     ember's mapping produced in the checkpoint layout."""
@@ -139,7 +147,7 @@ def _compare_mixtral_expert_grads(hf_model, grads) -> int:
     for name, param in hf_model.named_parameters():
         if name.endswith(".mlp.gate.weight"):  # the router
             router = name.replace(".mlp.gate.", ".block_sparse_moe.gate.")
-            torch.testing.assert_close(grads[router], param.grad, atol=1e-5, rtol=1e-4)
+            assert_fp32_close(grads[router], param.grad, terms=terms, min_scale=scale)
             compared += 1
             continue
         if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
@@ -152,7 +160,7 @@ def _compare_mixtral_expert_grads(hf_model, grads) -> int:
             mine = torch.stack(
                 [torch.cat([grads[f"{prefix}.{e}.w1.weight"], grads[f"{prefix}.{e}.w3.weight"]]) for e in range(experts)]
             )
-        torch.testing.assert_close(mine, param.grad, atol=1e-5, rtol=1e-4)
+        assert_fp32_close(mine, param.grad, terms=terms, min_scale=scale)
         compared += 1
     return compared
 
@@ -167,3 +175,23 @@ def test_rope_scaling_changes_the_model():
     tokens = torch.randint(0, VOCAB, (1, 64), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert (plain(tokens).logits - scaled(tokens).logits).abs().max() > 1e-3
+
+
+def test_rotary_layout_bug_fails_the_logits_tolerance(tmp_path):
+    """The logits tolerance catches the classic conversion bug: q/k rows left in Meta's interleaved
+    rotary layout (dimensions 2i, 2i+1 paired) where ember and transformers pair i with i + d/2.
+    Attention scores without RoPE would not see it (q and k permuted alike)."""
+    hf_model = build_hf_model("llama")
+    hf_model.save_pretrained(tmp_path / "hf")
+    assert main(["convert", "--from", "hf", "--to", "ember", str(tmp_path / "hf"), str(tmp_path / "ember")]) == 0
+    model = load_model(tmp_path / "ember").eval()
+    head_dim = model.args.head_dim
+    interleaved = torch.arange(head_dim).view(2, head_dim // 2).T.reshape(-1)  # 0, d/2, 1, d/2+1, ...
+    with torch.no_grad():
+        for layer in model.layers.values():
+            for linear in (layer.attention.wq, layer.attention.wk):
+                rows = linear.weight.view(-1, head_dim, linear.weight.shape[1])
+                rows.copy_(rows[:, interleaved].clone())
+    tokens = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), pytest.raises(AssertionError, match="Tensor-likes are not close"):
+        assert_fp32_close(model(tokens), hf_model(tokens).logits, terms=forward_terms(model.args, 17))

@@ -242,6 +242,7 @@ def _worker(out_dir: str, layout: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # starts processes: see tests/conftest.py
 @pytest.mark.parametrize("layout, nprocs, cases", [("pp2", 2, CASES_PP2), ("pp4", 4, CASES_PP4)])
 def test_pipeline_matches_single_process(tmp_path, layout, nprocs, cases):
     from dist_utils import run_ranks

@@ -13,11 +13,14 @@ stage under sequence parallelism (the second stage receives sequence-sharded hid
 The global gradient norm (what clipping uses) is compared too, and three models are also built
 the trainer's way (meta device, shard, allocate, load full weights) and read back whole.
 
-Tolerance (fp32): logits and gradients rtol 1e-4 / atol 2e-6 (values are O(1) and O(1e-3..1e-1));
-losses abs 1e-5. TP changes only the order of reductions: a row-parallel matmul sums two
+Tolerance (fp32): TP changes only the order of reductions: a row-parallel matmul sums two
 half-length dot products and all-reduces them, the vocab-parallel softmax combines two partial
-sums, replicated weights sum their gradients over ranks. Each reordering costs ~1e-7 relative;
-a wrong shard, head count, mask or missing reduction shows up as O(1e-2) or worse.
+sums, replicated weights sum their gradients over ranks. So step-0 logits, gradients and
+gradient norm are held to tests/tolerances.py (the error of fp32 sums of the model's reduction
+lengths). Losses after AdamW steps keep abs 1e-5: AdamW divides by sqrt(v), so a reordering
+difference in a near-zero gradient component moves that weight by a fraction of the learning
+rate, beyond what reduction lengths predict (a wrong shard, head count, mask or missing
+reduction shows up as O(1e-2) or worse).
 
 This file is also the rank worker: `python tests/test_parallel_tensor.py OUT_DIR`.
 """
@@ -36,6 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dist_utils import masked_batch, seeded_stages  # noqa: E402
+from dist_utils import single_thread  # noqa: E402, F401 (autouse fixture: one torch thread)
+from tolerances import assert_fp32_close, rms, backward_terms, forward_terms, fp32_bound, loss_terms  # noqa: E402
 from ember.errors import EmberError  # noqa: E402
 from ember.models import Transformer, get_model_args  # noqa: E402
 
@@ -178,29 +183,34 @@ def tp_results(tmp_path_factory):
     return {case: [torch.load(out_dir / f"{case}-rank{r}.pt", weights_only=True) for r in range(TP)] for case in cases}
 
 
+@pytest.mark.slow  # starts processes: see tests/conftest.py
 @pytest.mark.parametrize("case", list(CASES))
 def test_tp2_matches_single_process(tp_results, case):
     model_name, overrides, sp, loss_parallel, cut = CASES[case]
     reference = run_steps(build_stages(model_name, overrides, cut), reference_loss)
     args = get_model_args(model_name, **overrides)
+    grad_terms = backward_terms(loss_terms(args, SEQ, BATCH * SEQ), tokens=BATCH * SEQ)
     ranks = tp_results[case]
     for result in ranks:
         assert result["local_heads"] == [args.n_heads // TP, args.n_kv_heads // TP]
         assert result["wq_local_rows"] == args.n_heads * args.head_dim // TP
         assert result["logits_type"] == ("DTensor(Shard(dim=2),)" if loss_parallel else "Tensor"), result["logits_type"]
-        torch.testing.assert_close(result["logits"], reference["logits"], rtol=1e-4, atol=2e-6)
+        assert_fp32_close(result["logits"], reference["logits"], terms=forward_terms(args, SEQ))
         for step in range(STEPS):
             assert result["losses"][step] == pytest.approx(reference["losses"][step], abs=1e-5), f"step {step}"
-        assert result["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-5)
+        assert result["grad_norm"] == pytest.approx(reference["grad_norm"], rel=fp32_bound(grad_terms))
     grads = ranks[0]["grads"]
     assert set(grads) == set(reference["grads"])
+    grad_scale = rms(*reference["grads"].values())  # a key bias's gradient is pure cancellation
     for name, expected in reference["grads"].items():
-        torch.testing.assert_close(grads[name], expected, rtol=1e-4, atol=2e-6, msg=lambda m, n=name: f"{n}: {m}")
+        assert_fp32_close(grads[name], expected, terms=grad_terms, min_scale=grad_scale,
+                          msg=lambda m, n=name: f"{n}: {m}")
         torch.testing.assert_close(ranks[1]["grads"][name], grads[name], rtol=0, atol=0)
     # the steps changed the model: the later losses test the sharded optimizer update too
     assert abs(reference["losses"][-1] - reference["losses"][0]) > 1e-3
 
 
+@pytest.mark.slow  # starts processes: see tests/conftest.py
 @pytest.mark.parametrize("model_name", META_MODELS)
 def test_meta_built_tp_model_takes_full_weights(tp_results, model_name):
     model = build_stages(model_name, {}, cut=False)[0]
@@ -208,7 +218,7 @@ def test_meta_built_tp_model_takes_full_weights(tp_results, model_name):
     with torch.no_grad():
         expected = model(batch(model.args.vocab_size)[0])
     for result in tp_results[f"meta-{model_name}"]:
-        torch.testing.assert_close(result["logits"], expected, rtol=1e-4, atol=2e-6)
+        assert_fp32_close(result["logits"], expected, terms=forward_terms(model.args, SEQ))
         assert set(result["state"]) == set(weights)
         for name, tensor in weights.items():
             torch.testing.assert_close(result["state"][name], tensor, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")

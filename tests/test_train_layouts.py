@@ -113,6 +113,7 @@ def references(data, tmp_path_factory):
     return get
 
 
+@pytest.mark.slow  # starts processes: see tests/conftest.py
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_trains_like_one_process(layout, data, references, tmp_path):
     nprocs, flags, runs = LAYOUTS[layout]

@@ -14,6 +14,7 @@ from dist_utils import free_port, read_metrics, run_ranks, train_config, write_t
 from ember.train import run_training
 
 ITERS = 4
+pytestmark = pytest.mark.slow  # every test starts processes: see tests/conftest.py
 
 
 def _argv(data, out, extra=()):

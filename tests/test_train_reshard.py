@@ -54,6 +54,7 @@ def saved_run(data, tmp_path_factory):
     return read_metrics(out), checkpoint
 
 
+@pytest.mark.slow  # starts processes: see tests/conftest.py
 @pytest.mark.parametrize("layout, nprocs, flags", [
     ("tp1xpp4", 4, ["--pipeline-model-parallel-size", "4"]),
     ("dp4", 4, ["--use-distributed-optimizer"]),
