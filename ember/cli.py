@@ -1,4 +1,5 @@
-"""The `ember` command: parse, run the subcommand, and turn `EmberError` into one line (exit 2).
+"""The `ember` command: parse, run the subcommand, and turn `EmberError` (and an `OSError` on a path
+the user gave) into one line (exit 2).
 
 The subcommands and their modules are `ember.commands.COMMANDS`; each module is imported only when
 its subcommand runs, so `ember preprocess` never pays for importing torch.
@@ -19,6 +20,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(argv)
     except EmberError as err:
         print(f"ember {command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a path the user gave: missing, a file for a folder, no space, no permission
+        where = f": {err.filename}" if err.filename else ""
+        print(f"ember {command}: error: {err.strerror or err}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ember {command}: interrupted", file=sys.stderr)

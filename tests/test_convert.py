@@ -234,8 +234,8 @@ def test_unexpected_tensor(tmp_path, capsys):
 
 def test_existing_output_needs_force(tmp_path, capsys):
     _save_hf("llama", tmp_path / "hf")
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "keep.txt").write_text("x")
+    assert _convert("--from", "hf", "--to", "ember", tmp_path / "hf", tmp_path / "out") == 0
+    (tmp_path / "out" / "keep.txt").write_text("x")  # an earlier output: --force may replace it
     err = _cli_error(capsys, "--from", "hf", "--to", "ember", tmp_path / "hf", tmp_path / "out")
     assert "--force" in err
     assert _convert("--from", "hf", "--to", "ember", tmp_path / "hf", tmp_path / "out", "--force") == 0

@@ -11,6 +11,7 @@ target cluster, with the settings the script actually passes (recorded by a stan
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -148,6 +149,13 @@ def test_bloom_pai_pretrain_then_finetune(tmp_path, tiny_cache):
     (tuned,) = (p for p in (out / "checkpoint").iterdir() if "finetune" in p.name)
     config = _check_tiny_run(tuned, "tiny-bloom")
     assert config["train"]["finetune"] and "fine-tuning from the weights of" in output
+    # it trained on something: the responses survive --seq-length 64 (the prompts are cut instead)
+    train, _ = read_metrics(tuned)
+    assert sorted(train) == [1, 2, 3], train
+    for record in train.values():
+        assert math.isfinite(record["loss"]) and record["loss"] > 1.0, record
+        assert record["grad_norm"] is not None and record["grad_norm"] > 0, record
+    assert "their prompts were cut from the start to keep their responses" in output
 
 
 # --------------------------------------------------------------------------- MindFormers (003)

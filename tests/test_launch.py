@@ -137,6 +137,7 @@ def run_launchers(commands: list[tuple[list[str], dict[str, str]]], cwd: Path,
     return results
 
 
+@pytest.mark.slow
 def test_ranks_get_the_world_nccl_settings_and_their_own_log(tmp_path):
     """Two nodes of one process each: RANK/WORLD_SIZE/MASTER_* as torchrun gives them, NCCL_*
     passed through, and each rank's stdout and stderr together in LOG_DIR/worker_<rank>.log."""
@@ -161,6 +162,7 @@ def test_ranks_get_the_world_nccl_settings_and_their_own_log(tmp_path):
         assert record["NCCL_DEBUG"] == "INFO" and record["NCCL_IB_HCA"] == "mlx5"
 
 
+@pytest.mark.slow
 def test_msrun_join_false_returns_while_the_job_runs_on(tmp_path):
     """msrun's JOIN=False: the launcher returns at once; the job runs in the background, its ranks
     logging to LOG_DIR."""
@@ -230,6 +232,7 @@ def _two_nodes(tmp_path: Path, train_args, **env) -> list[tuple[int | str, str]]
     return run_launchers(commands, tmp_path)
 
 
+@pytest.mark.slow
 def test_two_nodes_train_together_each_with_its_own_cache(tmp_path, token_data):
     """Two launcher invocations (NODE_RANK 0 and 1, loopback master) train one model; with
     --no-shared-storage each node builds the index cache in its own folder. The losses are those
@@ -253,6 +256,7 @@ def test_two_nodes_train_together_each_with_its_own_cache(tmp_path, token_data):
         assert two_nodes[iteration]["loss"] == pytest.approx(record["loss"], rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_with_shared_storage_only_one_node_builds(tmp_path, token_data):
     """Shared storage (the default): global rank 0 builds the cache; the other node only reads it.
     Given a folder of its own it finds nothing there, builds nothing, and says what to pass."""
@@ -273,6 +277,7 @@ def test_with_shared_storage_only_one_node_builds(tmp_path, token_data):
 KILL_AFTER = 3  # the killed rank dies right after logging this iteration (a checkpoint exists at 2)
 
 
+@pytest.mark.slow
 def test_killed_rank_is_restarted_and_training_resumes(tmp_path, token_data):
     """--max-restarts 1: rank 1 is SIGKILLed mid-run (after iteration 3; checkpoint at 2); the
     launcher restarts both ranks, which resume from iteration 2 by themselves and finish. The

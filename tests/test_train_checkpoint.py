@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ember.checkpoint.training import (Checkpointer, capture_rng_state, find_checkpoint, list_checkpoints,
-                                       load_training_state, restore_rng_state)
+                                       load_training_state, restore_rng_state, verify_checkpoint)
 from ember.errors import EmberError
 
 
@@ -66,8 +66,10 @@ def test_async_save_publishes_when_complete(tmp_path):
         for p in model.parameters():
             p.add_(1.0)  # training goes on while the save is written: it must not see this
     saver.wait()
+    ref = find_checkpoint(tmp_path)
+    assert verify_checkpoint(ref) is None  # checksums.json written before the rename, and right
     other, _ = _model_and_optimizer(1)
-    load_training_state(find_checkpoint(tmp_path), other, None)
+    load_training_state(ref, other, None)
     for a, b in zip(expected, other.parameters()):
         assert torch.equal(a, b)
 

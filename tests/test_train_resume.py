@@ -58,6 +58,7 @@ def killed_run(data, tmp_path_factory):
     return out, save, killed_at, extra
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_the_uninterrupted_losses(data, uninterrupted, killed_run):
     out, save, killed_at, extra = killed_run
     resumed = _train(data, out, [*extra, "--load", str(save)])
@@ -79,6 +80,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_losses(data, uninterrupted,
     assert not [p for p in save.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow
 def test_resume_on_four_ranks_hybrid_sharded(data, uninterrupted, killed_run, tmp_path):
     """A ZeRO-1 checkpoint from 2 ranks resumes on 4 ranks as 2 replicas x 2 shards (DCP reshards)."""
     _, save, killed_at, _ = killed_run
@@ -95,6 +97,7 @@ def test_resume_on_four_ranks_hybrid_sharded(data, uninterrupted, killed_run, tm
         assert train[it]["loss"] == pytest.approx(ref_train[it]["loss"], rel=2e-5), it
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_stops_then_one_process_resumes(data, uninterrupted, tmp_path):
     save = tmp_path / "ckpt"
     extra = [*LAYOUT, "--save", str(save)]

@@ -35,11 +35,23 @@ def convert_to_hf(src: Path, out: Path, max_shard_bytes: int = io.DEFAULT_MAX_SH
     from ember.checkpoint.export import export_training_checkpoint, is_training_checkpoint
 
     src, out = Path(src), Path(out)
+    check_output_folder(src, out)
     if not is_training_checkpoint(src):
         return convert_ember_to_hf(src, out, max_shard_bytes=max_shard_bytes, dtype=dtype, overwrite=overwrite)
     with tempfile.TemporaryDirectory(prefix="ember-export-", dir=out.parent if out.parent.is_dir() else None) as tmp:
         weights = export_training_checkpoint(src, Path(tmp) / "weights")
         return convert_ember_to_hf(weights, out, max_shard_bytes=max_shard_bytes, dtype=dtype, overwrite=overwrite)
+
+
+def check_output_folder(src: Path, out: Path) -> None:
+    """OUT may not be SRC nor a folder that holds SRC: writing it (with --force, replacing it)
+    would delete the source."""
+    src_real, out_real = Path(src).resolve(), Path(out).resolve()
+    if out_real == src_real:
+        raise EmberError(f"the output {out} is the source {src}; choose another output folder")
+    if out_real in src_real.parents:
+        raise EmberError(f"the output {out} holds the source {src}; replacing it would delete the source, "
+                         f"choose another output folder")
 
 
 def parse_size(text: str) -> int:
@@ -75,6 +87,7 @@ def convert_hf_to_ember(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    check_output_folder(hf_dir, out_dir)
     config = read_hf_config(hf_dir)
     family, args = args_from_hf_config(config, where=str(hf_dir / "config.json"))
     files = io.WeightFiles(hf_dir)
@@ -127,6 +140,7 @@ def convert_ember_to_hf(
     from ember.models.args import ModelArgs
 
     ember_dir, out_dir = Path(ember_dir), Path(out_dir)
+    check_output_folder(ember_dir, out_dir)
     manifest = io.read_manifest(ember_dir)
     family = manifest["family"]
     args = ModelArgs.from_dict(manifest["model_args"])

@@ -8,7 +8,7 @@ architecture and the tokenizer come from the checkpoint's train_state.json.
 
 from __future__ import annotations
 
-import warnings
+import sys
 from pathlib import Path
 
 import torch
@@ -43,36 +43,39 @@ def infer_family(args: ModelArgs, model_name: str | None = None) -> str:
 
 
 def is_training_checkpoint(path: str | Path) -> bool:
-    from ember.checkpoint.training import find_checkpoint
+    from ember.checkpoint.training import LATEST, find_checkpoint
 
     try:
         ref = find_checkpoint(path)
-    except EmberError:
-        return False
+    except EmberError:  # a damaged `latest`: loading the folder as a training checkpoint says what is wrong
+        return (Path(path) / LATEST).exists()
     return ref is not None and ref.kind == "training"
+
+
+def _notice(message: str) -> None:
+    print(f"ember: {message}", file=sys.stderr, flush=True)
 
 
 def _load_training_model(path: str | Path, device) -> tuple[Transformer, dict]:
     """The newest checkpoint under `path` as a Transformer on `device` (fp32, DCP reads the
-    weights straight into it), and its train_state + "iteration"."""
-    import torch.distributed.checkpoint as dcp
-
-    from ember.checkpoint.training import find_checkpoint
+    weights straight into it), and its train_state + "iteration". The files are checked against
+    their checksums first (a damaged newest checkpoint gives way to the previous one, with a
+    notice), and the DCP metadata is read without running code (`training.dcp_load`)."""
+    from ember.checkpoint.training import find_checkpoint, load_training_state, usable_checkpoint
 
     ref = find_checkpoint(path)
     if ref is None or ref.kind != "training":
         raise EmberError(f"{path} holds no training checkpoint (expected `latest` or an iter_* folder)")
+    ref = usable_checkpoint(ref, _notice)
     train_state = {**ref.train_state(), "iteration": ref.iteration}
-    with torch.device("meta"):
-        model = Transformer(ModelArgs.from_dict(train_state["model_args"]))
-    model.materialize(device)
     try:
-        with warnings.catch_warnings():  # DCP warns that it loads in one process: that is the intent
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load({"model": model.state_dict()}, checkpoint_id=str(ref.path), no_dist=True)
-    except Exception as err:  # DCP wraps every failure in CheckpointException
-        lines = str(err).strip().splitlines()
-        raise EmberError(f"cannot read model weights from {ref.path}: {lines[-1] if lines else err}") from None
+        args = ModelArgs.from_dict(train_state["model_args"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise EmberError(f"{ref.path}/train_state.json has no usable model_args ({err})") from None
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.materialize(device)
+    load_training_state(ref, model, None)
     return model, train_state
 
 

@@ -296,10 +296,17 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
 @contextlib.contextmanager
 def atomic_folder(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder; rename it to out_dir only when the block succeeds,
-    so a crash never leaves a half-written out_dir."""
+    so a crash never leaves a half-written out_dir. `overwrite` replaces only an earlier output (an
+    ember weight folder or a Hugging Face model folder), never a file or an unrelated folder."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise EmberError(f"{out_dir} already exists and is not empty; choose another output or pass --force")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EmberError(f"{out_dir} is a file; choose a folder for the output")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise EmberError(f"{out_dir} already exists and is not empty; choose another output or pass --force")
+        if not is_weight_folder(out_dir):
+            raise EmberError(f"{out_dir} is not an earlier ember or Hugging Face export (no {MANIFEST} or "
+                             f"config.json with weights): --force replaces only those; choose another output")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -314,6 +321,15 @@ def atomic_folder(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def is_weight_folder(folder: Path) -> bool:
+    """An ember weight folder, or a Hugging Face model folder (config.json and weight files)."""
+    folder = Path(folder)
+    if (folder / MANIFEST).is_file():
+        return True
+    weights = any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
+    return (folder / "config.json").is_file() and weights
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:

@@ -2,8 +2,10 @@
 
     ember convert --from hf --to ember HF_DIR OUT_DIR
     ember convert --from ember --to hf EMBER_DIR OUT_DIR   (EMBER_DIR may be an `ember train --save` folder)
+    ember convert --from megatron --to ember MEGATRON_SAVE_DIR OUT_DIR [--iteration N]
 
-The conversion itself is `ember.checkpoint.convert`; this module reads the flags.
+The conversions themselves are `ember.checkpoint.convert` and `ember.checkpoint.megatron`; this
+module reads the flags.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ _DTYPE_CHOICES = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16, "
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--from", dest="from_format", choices=["hf", "ember"], required=True, help="format of SRC")
+    parser.add_argument("--from", dest="from_format", choices=["hf", "ember", "megatron"], required=True,
+                        help="format of SRC")
     parser.add_argument("--to", dest="to_format", choices=["hf", "ember"], required=True, help="format to write")
     parser.add_argument("src", type=Path,
-                        help="Hugging Face model folder, ember weight folder, or (--from ember) an ember train --save folder")
+                        help="Hugging Face model folder, ember weight folder, (--from ember) an ember train --save "
+                             "folder, or (--from megatron) a Megatron save folder or one of its iter_* folders")
     parser.add_argument("out", type=Path, help="output folder (written atomically)")
     parser.add_argument(
         "--max-shard-size", default="5GB", help="largest output shard, e.g. 500MB, 2GiB, 5GB (default 5GB)"
@@ -32,22 +36,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", choices=list(_DTYPE_CHOICES), default="keep", help="cast floating tensors (default: keep, bit-exact)"
     )
-    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--iteration", type=int, default=None,
+                        help="--from megatron: the iteration to read (default: latest_checkpointed_iteration.txt)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace OUT if it is an earlier output (an ember or Hugging Face model folder)")
 
 
 def run(args: argparse.Namespace) -> int:
-    if (args.from_format, args.to_format) not in (("hf", "ember"), ("ember", "hf")):
-        raise EmberError(f"cannot convert --from {args.from_format} --to {args.to_format}; use hf->ember or ember->hf")
+    if (args.from_format, args.to_format) not in (("hf", "ember"), ("ember", "hf"), ("megatron", "ember")):
+        raise EmberError(f"cannot convert --from {args.from_format} --to {args.to_format}; use hf->ember, "
+                         f"ember->hf or megatron->ember")
+    if args.iteration is not None and args.from_format != "megatron":
+        raise EmberError("--iteration picks a Megatron checkpoint's iteration; use it with --from megatron")
     max_shard = parse_size(args.max_shard_size)
     dtype = _DTYPE_CHOICES[args.dtype]
     started = time.perf_counter()
-    if args.from_format == "hf":
-        summary = convert_hf_to_ember(args.src, args.out, max_shard_bytes=max_shard, dtype=dtype, overwrite=args.force)
-    else:
-        summary = convert_to_hf(args.src, args.out, max_shard_bytes=max_shard, dtype=dtype, overwrite=args.force)
+    try:
+        if args.from_format == "megatron":
+            return _from_megatron(args, max_shard, dtype, started)
+        if args.from_format == "hf":
+            summary = convert_hf_to_ember(args.src, args.out, max_shard_bytes=max_shard, dtype=dtype,
+                                          overwrite=args.force)
+        else:
+            summary = convert_to_hf(args.src, args.out, max_shard_bytes=max_shard, dtype=dtype, overwrite=args.force)
+    except OSError as err:  # a full disk, no permission, a path component that is a file
+        where = f" ({err.filename})" if err.filename else ""
+        raise EmberError(f"ember convert {args.src} -> {args.out}: {err.strerror or err}{where}") from None
     print(
         f"ember convert: {args.from_format} {summary['family']} -> {args.to_format} {args.out}: "
         f"{summary['tensors']} tensors, {summary['bytes'] / 1e6:.1f} MB in {summary['shards']} shard(s), "
         f"{time.perf_counter() - started:.1f}s"
     )
+    return 0
+
+
+def _from_megatron(args: argparse.Namespace, max_shard: int, dtype, started: float) -> int:
+    from ember.checkpoint.megatron import convert_megatron_to_ember, describe_megatron_source
+
+    report = convert_megatron_to_ember(args.src, args.out, iteration=args.iteration, overwrite=args.force,
+                                       dtype=dtype, max_shard_bytes=max_shard)
+    print(f"ember convert: {describe_megatron_source(report)} -> {args.out} in {report['shards']} shard(s), "
+          f"{time.perf_counter() - started:.1f}s")
     return 0

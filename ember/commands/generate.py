@@ -11,6 +11,7 @@ to the terminal as tokens arrive. The decoding itself is `ember.generation`.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -39,18 +40,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=list(_DTYPES), default="keep", help="cast weights (default: as stored)")
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    """One line for the first decoding setting out of range (nan fails every comparison here)."""
+    if max_new_tokens < 1:
+        raise EmberError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise EmberError(f"--temperature must be a finite number >= 0 (0: greedy), got {temperature}")
+    if top_k < 0:
+        raise EmberError(f"--top-k must be >= 0 (0: all tokens), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise EmberError(f"--top-p must be in (0, 1] (1: off), got {top_p}")
+
+
 def run(args: argparse.Namespace) -> int:
     from ember.checkpoint.export import is_training_checkpoint, load_model_from_training_checkpoint
     from ember.checkpoint.weights import load_model, read_manifest
     from ember.generation import TextCodec, generate, stream_text
 
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # before any file is read
     from_training = is_training_checkpoint(args.load)
     if not from_training:
         read_manifest(args.load)  # a clear error for a folder that is not ember weights, first
-    if args.max_new_tokens < 1:
-        raise EmberError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if not 0 < args.top_p <= 1:
-        raise EmberError(f"--top-p must be in (0, 1], got {args.top_p}")
     if from_training:  # a `--save` folder of ember train: weights and tokenizer from its checkpoint
         model, trained_tokenizer = load_model_from_training_checkpoint(args.load, args.device, _DTYPES[args.dtype])
         tokenizer_dir = args.tokenizer_name_or_path or trained_tokenizer

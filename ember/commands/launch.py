@@ -23,22 +23,39 @@ MindFormers' `msrun_launcher.sh` positional form is accepted too:
 
 With EMBER_TINY=1 (see `ember.compat.tiny`) the node count, process count and master address come from
 the layout instead: one machine, TP x PP x CP x the least data parallelism, CPU processes.
+
+Before any rank starts, the launcher checks that MASTER_ADDR resolves and, on node 0, that
+MASTER_PORT is free; with several nodes it says how long it waits for them (`--timeout`, default
+600 s). Rendezvous failures, and a failed run, end in one line (a failed run's names the first
+failed rank's own error). The ranks never outlive the launcher: SIGTERM, SIGINT and SIGHUP are
+passed on to them (SIGTERM lets them save a checkpoint and stop), and if the launcher dies without
+a word (SIGKILL, OOM killer) the kernel sends every rank SIGTERM (Linux parent-death signal).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import re
 import shlex
+import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ember.commands.child_processes import die_with_parent
 from ember.errors import EmberError
 
 PASS_THROUGH_PREFIXES = ("NCCL_", "HCCL_", "GLOO_", "TORCH_", "CUDA_", "ASCEND_")
 TRAIN_MODULE = "ember.commands.train"  # what every rank of a training run runs
+# How long the nodes wait for each other without --timeout (torchelastic's static rendezvous
+# default, stated here so that the launcher can say it and pass it explicitly).
+JOIN_TIMEOUT = 600
+# Set by the launcher for its ranks: the pid a rank's parent must have (see `_die_with_launcher`).
+LAUNCHER_PID_VARIABLE = "EMBER_LAUNCHER_PID"
 
 
 @dataclass
@@ -59,14 +76,16 @@ class LaunchPlan:
     def world_size(self) -> int:
         return self.nproc_per_node * self.nnodes
 
+    @property
+    def join_timeout(self) -> int:
+        """Seconds the nodes wait for each other at the rendezvous."""
+        return self.timeout or JOIN_TIMEOUT
+
     def torchrun_flags(self) -> list[str]:
-        flags = [f"--nnodes={self.nnodes}", f"--node-rank={self.node_rank}",
-                 f"--nproc-per-node={self.nproc_per_node}",
-                 f"--master-addr={self.master_addr}", f"--master-port={self.master_port}",
-                 f"--max-restarts={self.max_restarts}"]
-        if self.timeout:
-            flags.append(f"--rdzv-conf=timeout={self.timeout}")
-        return flags
+        return [f"--nnodes={self.nnodes}", f"--node-rank={self.node_rank}",
+                f"--nproc-per-node={self.nproc_per_node}",
+                f"--master-addr={self.master_addr}", f"--master-port={self.master_port}",
+                f"--max-restarts={self.max_restarts}", f"--rdzv-conf=timeout={self.join_timeout}"]
 
     def worker_args(self) -> list[str]:
         """What every rank runs: this module as a shim that joins stderr to stdout, then MODULE."""
@@ -177,6 +196,11 @@ def _check_node_rank(plan: LaunchPlan) -> None:
         raise EmberError(f"NODE_RANK {plan.node_rank} is outside 0..{plan.nnodes - 1} (NNODES={plan.nnodes})")
     if plan.max_restarts < 0:
         raise EmberError(f"--max-restarts must be >= 0, got {plan.max_restarts}")
+    if plan.timeout is not None and plan.timeout <= 0:
+        raise EmberError(f"--timeout (the seconds to wait for every node) must be positive, got {plan.timeout}")
+    if not 0 < plan.master_port < 65536:
+        raise EmberError(f"MASTER_PORT {plan.master_port} is not a TCP port (1..65535); choose one with "
+                         f"--master-port (or MASTER_PORT)")
 
 
 def plan_from_args(args) -> LaunchPlan:
@@ -229,7 +253,10 @@ def check_training(plan: LaunchPlan, explicit_nproc: int | None = None) -> Launc
         print(f"ember launch: EMBER_TINY: {config.model.name}, {plan.nproc_per_node} CPU process(es) "
               f"(tp {p.tensor_model_parallel_size}, pp {p.pipeline_model_parallel_size}, "
               f"ep {p.expert_model_parallel_size}, cp {p.context_parallel_size})", file=sys.stderr)
-    validate(config, plan.world_size)
+    resolved = validate(config, plan.world_size)
+    from ember.commands.preflight import check_before_starting
+
+    check_before_starting(resolved, plan.world_size)
     return plan
 
 
@@ -264,8 +291,123 @@ def _worker_logs(log_dir: str):
     return WorkerLogs()
 
 
+def check_master(plan: LaunchPlan) -> None:
+    """Refuse, in one line, a MASTER_ADDR that does not resolve (torchelastic would retry it until
+    the join timeout) and, on node 0, a MASTER_PORT something else already listens on."""
+    try:
+        socket.getaddrinfo(plan.master_addr, plan.master_port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as err:
+        reason = err.strerror if isinstance(err, socket.gaierror) else str(err)
+        raise EmberError(f"MASTER_ADDR {plan.master_addr!r} does not resolve ({reason}); set --master-addr "
+                         f"(or MASTER_ADDR) to node 0's host name or IP address") from None
+    if plan.node_rank != 0:
+        return
+    # node 0 serves the rendezvous on every interface, as torchelastic's TCPStore does
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the store does
+        try:
+            probe.bind(("", plan.master_port))
+        except OSError as err:
+            if err.errno in (errno.EADDRINUSE, errno.EACCES):
+                raise EmberError(_port_in_use(plan, err.strerror)) from None
+            raise
+
+
+def wait_for_master(plan: LaunchPlan) -> None:
+    """On nodes other than 0: wait (up to the join timeout) until node 0 accepts connections on
+    MASTER_PORT. torchelastic's own client would retry too, but logs a C++ stack trace for each try."""
+    import time
+
+    deadline = time.monotonic() + plan.join_timeout
+    while True:
+        try:
+            with socket.create_connection((plan.master_addr, plan.master_port), timeout=2):
+                return
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise EmberError(_unreachable(plan)) from None
+            time.sleep(min(1.0, max(deadline - time.monotonic(), 0)))
+
+
+def _unreachable(plan: LaunchPlan) -> str:
+    return (f"could not reach node 0 at {plan.master_addr}:{plan.master_port} within {plan.join_timeout} s; start "
+            f"node 0 (NODE_RANK 0) with the same MASTER_PORT, check MASTER_ADDR and the firewall, or give it "
+            f"longer with --timeout")
+
+
+def _port_in_use(plan: LaunchPlan, reason: str) -> str:
+    return (f"MASTER_PORT {plan.master_port} cannot be used on this node ({reason}; another job?); choose a "
+            f"free port with --master-port (or MASTER_PORT), the same on every node")
+
+
+def _rendezvous_error(plan: LaunchPlan, err: Exception) -> EmberError:
+    """One line for a failed rendezvous (torchelastic raises DistNetworkError/DistStoreError)."""
+    text = str(err).strip()
+    where = f"{plan.master_addr}:{plan.master_port}"
+    if "EADDRINUSE" in text or "address already in use" in text:
+        return EmberError(_port_in_use(plan, "address already in use"))
+    joined = re.search(r"(\d+)/(\d+) clients joined", text)
+    if joined:
+        return EmberError(f"only {joined.group(1)} of {joined.group(2)} nodes joined at {where} within "
+                          f"{plan.join_timeout} s; start `ember launch` with NODE_RANK 1..{plan.nnodes - 1} on the "
+                          f"other nodes (same MASTER_ADDR and MASTER_PORT), or give them longer with --timeout")
+    if "timed out" in text.lower() or "connect" in text.lower():
+        return EmberError(_unreachable(plan))
+    last = text.splitlines()[-1] if text else type(err).__name__
+    return EmberError(f"rendezvous at {where} failed: {last}")
+
+
+def _rank_error(log_dir: str, rank: int) -> str | None:
+    """The one-line reason in a failed rank's newest log: its `ember ...: error:` line, else the
+    last line of its traceback."""
+    logs = sorted(Path(log_dir).glob(f"worker_{rank}*.log"), key=lambda path: path.stat().st_mtime)
+    if not logs:
+        return None
+    with open(logs[-1], "rb") as log:  # the end is enough, and a long run's log is long
+        log.seek(max(log.seek(0, os.SEEK_END) - 64 * 1024, 0))
+        tail = log.read().decode("utf-8", errors="replace")
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    for line in reversed(lines):
+        found = re.search(r"ember [\w-]+: error: (.*)", line)
+        if found:
+            return found.group(1)
+    if any(line.startswith("Traceback") for line in lines):
+        return lines[-1]
+    return None
+
+
+def _failure_summary(plan: LaunchPlan, failures: dict) -> str:
+    """`rank R (exit C) failed: REASON; see LOG` for the rank whose failure stopped the run.
+
+    When one rank fails, torchelastic stops the others with SIGTERM and lists them as failed too;
+    the rank to blame is one that ended by itself (or by another signal: the OOM killer's SIGKILL),
+    and among those, one that said why. Other such ranks are named after it."""
+    def reason(rank: int, exitcode: int) -> str | None:
+        said = _rank_error(plan.log_dir, rank)
+        if said is None and exitcode < 0:
+            try:
+                return f"killed by {signal.Signals(-exitcode).name}"
+            except ValueError:
+                return None
+        return said
+
+    stopped = -int(signal.SIGTERM)
+    own = {rank: failure for rank, failure in failures.items() if failure.exitcode != stopped} or failures
+    reasons = {rank: reason(rank, failure.exitcode) for rank, failure in own.items()}
+    first = min(own, key=lambda rank: (reasons[rank] is None, rank))
+    others = sorted(rank for rank in own if rank != first)
+    also = ""
+    if others:
+        named = ", ".join(str(rank) for rank in others[:4])
+        named += f" and {len(others) - 4} more" if len(others) > 4 else ""
+        also = f" (rank{'s' if len(others) > 1 else ''} {named} failed too)"
+    said = f": {reasons[first]}" if reasons[first] else ""
+    return f"rank {first} (exit {own[first].exitcode}) failed{said}{also}; see {plan.log_dir}/worker_{first}*.log"
+
+
 def launch(plan: LaunchPlan) -> int:
     """Run this node's ranks with torchelastic in this process; 0 when every rank succeeded."""
+    import torch.distributed as dist
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
@@ -278,17 +420,26 @@ def launch(plan: LaunchPlan) -> int:
     config.logs_specs = _worker_logs(plan.log_dir)
     config.log_line_prefix_template = os.environ.get("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE", "[rank${rank}]:")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")  # rank logs in the order things happened
+    # torchelastic passes SIGTERM/SIGINT/SIGHUP/SIGQUIT on to the ranks; for a launcher that dies
+    # without running any handler, each rank asks the kernel for a signal (`_die_with_launcher`)
+    os.environ[LAUNCHER_PID_VARIABLE] = str(os.getpid())
+    if plan.nnodes > 1:
+        print(f"ember launch: waiting up to {plan.join_timeout} s for {plan.nnodes} nodes at "
+              f"{plan.master_addr}:{plan.master_port} (--timeout)", file=sys.stderr, flush=True)
     try:
+        if plan.node_rank > 0:
+            wait_for_master(plan)
         elastic_launch(config=config, entrypoint=command)(*command_args)
     except ChildFailedError as err:
-        failures = sorted(err.failures.items())  # global rank -> ProcessFailure
-        ranks = ", ".join(f"rank {rank} (exit {failure.exitcode})" for rank, failure in failures[:4])
-        more = f" and {len(failures) - 4} more" if len(failures) > 4 else ""
-        print(f"ember launch: {ranks}{more} failed; see {plan.log_dir}/worker_<rank>*.log", file=sys.stderr)
+        print(f"ember launch: {_failure_summary(plan, err.failures)}", file=sys.stderr)
         return 1
-    except SignalException as err:  # SIGTERM/SIGINT to the launcher: the ranks were stopped
+    except SignalException as err:  # SIGTERM/SIGINT/SIGHUP to the launcher: the ranks were stopped
         print(f"ember launch: stopped by signal {err.sigval.name}", file=sys.stderr)
         return 128 + int(err.sigval)
+    except (dist.DistNetworkError, dist.DistStoreError) as err:  # the rendezvous
+        raise _rendezvous_error(plan, err) from None
+    finally:
+        os.environ.pop(LAUNCHER_PID_VARIABLE, None)
     return 0
 
 
@@ -303,6 +454,7 @@ def run(args) -> int:
     if args.dry_run:
         print(shlex.join(plan.torchrun_argv()))
         return 0
+    check_master(plan)
     Path(plan.log_dir).mkdir(parents=True, exist_ok=True)
     if not plan.join:  # msrun JOIN=False: start in the background and return, like msrun does
         with open(Path(plan.log_dir) / f"launcher_node{plan.node_rank}.log", "ab") as log:
@@ -343,6 +495,17 @@ def _separate_restart_keys() -> None:
     rendezvous._create_c10d_store = create_attempt_store
 
 
+def _die_with_launcher() -> None:
+    """A rank dies with its launcher (`die_with_parent`): the trainer then saves a checkpoint and
+    stops, as on any SIGTERM.
+
+    torchelastic starts each rank directly from the launcher's main thread (the thread whose end
+    the kernel watches), in a session of its own: nothing else would take the rank down."""
+    launcher = os.environ.pop(LAUNCHER_PID_VARIABLE, None)  # for this process, not what it starts
+    if launcher:
+        die_with_parent(int(launcher))
+
+
 def _worker(argv: list[str]) -> int:
     """`python -m ember.commands.launch MODULE ARGS`: run MODULE as __main__ with stderr joined to stdout,
     so a rank's log file holds warnings and tracebacks where they happened."""
@@ -351,6 +514,7 @@ def _worker(argv: list[str]) -> int:
     if not argv:
         print("usage: python -m ember.commands.launch MODULE [ARGS...]", file=sys.stderr)
         return 2
+    _die_with_launcher()
     _separate_restart_keys()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -37,8 +37,11 @@ def predict(config, args: argparse.Namespace) -> int:
                          "or train first so output_dir/checkpoint holds one")
     values = load_yaml(args.config) if getattr(args, "config", None) else {}
     model_config = ((values.get("model") or {}).get("model_config") or {}) if is_mindformers_config(values) else {}
-    limit = int(model_config.get("max_decode_length", 512))
+    limit = _setting(model_config, "max_decode_length", 512, int)
     sampled = bool(model_config.get("do_sample", False))
+    temperature = _setting(model_config, "temperature", 1.0, float) if sampled else 0.0
+    top_k = _setting(model_config, "top_k", 0, int) if sampled else 0
+    top_p = _setting(model_config, "top_p", 1.0, float) if sampled else 1.0
     d = config.data
     # a SentencePiece tokenizer.model sits in its Hugging Face folder, which generation reads
     tokenizer = d.tokenizer_name_or_path or (str(Path(d.tokenizer_model).parent) if d.tokenizer_model else None)
@@ -49,12 +52,24 @@ def predict(config, args: argparse.Namespace) -> int:
         generate(argparse.Namespace(
             load=Path(load), tokenizer_name_or_path=Path(tokenizer) if tokenizer else None, prompt=prompt,
             max_new_tokens=_new_tokens(load, tokenizer, prompt, limit), greedy=not sampled,
-            temperature=float(model_config.get("temperature", 1.0)) if sampled else 0.0,
-            top_k=int(model_config.get("top_k", 0) or 0) if sampled else 0,
-            top_p=float(model_config.get("top_p", 1.0) or 1.0) if sampled else 1.0,
+            temperature=temperature, top_k=top_k, top_p=top_p,
             seed=config.train.seed, eos_id=None, device=device, dtype="keep"))
         sys.stdout.flush()
     return 0
+
+
+def _setting(model_config: dict, key: str, default, kind):
+    """model_config's decoding setting `key` as `kind` (unset or null: `default`); ranges are
+    checked with the command line's own (`ember.commands.generate.check_sampling`)."""
+    value = model_config.get(key)
+    if value is None:
+        return default
+    try:
+        if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise EmberError(f"model.model_config.{key} = {value!r} is not a valid {kind.__name__}") from None
 
 
 def _new_tokens(load: str, tokenizer: str | None, prompt: str, limit: int) -> int:

@@ -96,6 +96,11 @@ def run(args: argparse.Namespace) -> int:
         _print_config(resolved)
         return 0
     if spawn:
+        from ember.commands.preflight import check_before_starting
+
+        # what --load/--save hold and the model against the layout are checked here once, not by
+        # every rank after torchrun starts
+        check_before_starting(resolved, world_size)
         return _launch(config, args)
     from ember.train.trainer import run_training
 
@@ -113,7 +118,11 @@ def _launch(config: Config, args: argparse.Namespace) -> int:
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node or 1}",
                f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}", f"--master-addr={args.master_addr}",
                f"--master-port={args.master_port}", "-m", RANK_MODULE, "--config", path]
-    process = subprocess.Popen(command)
+    from ember.commands.child_processes import die_with_parent
+
+    # torchrun stops when this process dies, even by SIGKILL, and takes the ranks with it
+    parent = os.getpid()
+    process = subprocess.Popen(command, preexec_fn=lambda: die_with_parent(parent))
     # torchrun passes SIGTERM on to the workers, which save a checkpoint and stop.
     previous_term = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signum))
     previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal already signals torchrun

@@ -32,8 +32,10 @@ def config_from_args(args: argparse.Namespace, tiny_assets=None, world_size: int
             mindformers_values = values
         else:
             apply_mapping(config, values, f"config file {args.config}")
+    # `--data-path P train.lr=1e-4`: the list flag swallowed the override; it is one all the same
+    swallowed = megatron.take_overrides_from_path_lists(args)
     megatron.apply_flags(config, args)
-    for text in getattr(args, "overrides", None) or []:
+    for text in swallowed + list(getattr(args, "overrides", None) or []):
         apply_override(config, text)
     if mindformers_values is not None:
         mindformers.finish(config, mindformers_values, args)

@@ -1,7 +1,8 @@
 """Megatron-LM / ModelLink command-line flags, translated into ember's config.
 
 Every flag sets one config field (`Flag.path`); `add_config_arguments` puts them, `--config` and the
-dotted overrides on a parser, and `apply_flags` writes what the user gave into a `Config`. Which
+dotted overrides on a parser, and `apply_flags` writes what the user gave into a `Config`
+(`take_overrides_from_path_lists` first gives back the overrides a `--data-path` list swallowed). Which
 formats a command reads, and in which order, is `ember.compat.config_from_args`.
 """
 
@@ -11,7 +12,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Any
 
-from ember.config import Config, set_value
+from ember.config import SECTIONS, Config, resolve_path, set_value
 from ember.errors import EmberError
 
 @dataclass(frozen=True)
@@ -140,6 +141,10 @@ def _flags() -> list[Flag]:
         Flag(("--no-save-optim",), c + "save_optim", const=False),
         Flag(("--no-load-optim",), c + "load_optim", const=False),
         Flag(("--no-load-rng",), c + "load_rng", const=False),
+        Flag(("--no-resume",), c + "resume", "do not continue the run whose checkpoint --save holds "
+                                            "(a --save that holds one then needs --overwrite)", const=False),
+        Flag(("--overwrite",), c + "overwrite", "start a new run in a --save that holds another run's "
+                                               "checkpoints: they are removed", const=True),
         # logging
         Flag(("--log-interval",), lg + "log_interval"),
         Flag(("--output-dir", "--output_dir"), lg + "output_dir"),
@@ -173,6 +178,38 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             group.add_argument(*flag.names, dest=dest, nargs=flag.nargs, default=argparse.SUPPRESS,
                                metavar=flag.path.split(".")[1].upper(), help=flag.help or None)
+
+
+def take_overrides_from_path_lists(args: argparse.Namespace) -> list[str]:
+    """The dotted overrides that a list flag swallowed, removed from it (in place) and returned.
+
+    `--data-path P train.lr=1e-4` gives argparse's `nargs="+"` both words; a word holding '=' whose
+    left side is a setting is an override, not a dataset (a path with '=' in it stays a path)."""
+    taken: list[str] = []
+    for dest, value in vars(args).items():
+        if not dest.startswith("cfg:") or not isinstance(value, list):
+            continue
+        kept = []
+        for word in value:
+            if _is_override(str(word)):
+                taken.append(str(word))
+            else:
+                kept.append(word)
+        setattr(args, dest, kept)
+    return taken
+
+
+def _is_override(word: str) -> bool:
+    key, sep, _ = word.partition("=")
+    if not sep or not key.strip() or "/" in key:
+        return False
+    if key.partition(".")[0] in SECTIONS and "." in key:
+        return True  # `train.lr_decay_stlye=...`: a misspelt override, reported as one
+    try:
+        resolve_path(key, word)
+    except EmberError:
+        return False
+    return True
 
 
 def apply_flags(config: Config, args: argparse.Namespace) -> Config:

@@ -26,6 +26,11 @@ checkpointing, profiling, processor types — configures MindSpore itself and ha
     callbacks              CheckpointMonitor save_checkpoint_steps, keep_checkpoint_max
     output_dir, seed, load_checkpoint, resume_training, run_mode, use_parallel
 
+`resume_training`: True continues the run in load_checkpoint (optimizer, step); False loads its
+weights only and never continues the checkpoint under output_dir (ember's --no-resume: a rerun
+then needs --overwrite or another output_dir); unset, the weights only, and a relaunch continues
+its own run under output_dir as ember's runs do.
+
 The global batch is MindFormers': batch_size x data_parallel x micro_batch_num (with pipeline
 stages) or x gradient_accumulation_steps (without), x micro_batch_interleave_num. Checkpoints go
 to `output_dir/checkpoint`, logs to `output_dir/`. `epochs` counts passes over the training data
@@ -107,6 +112,17 @@ def registry_name(model_name: str | None) -> str | None:
 
 
 # --------------------------------------------------------------------------- the translation
+
+
+def _boolean(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", ""):
+        return False
+    raise EmberError(f"{where} = {value!r} is not True or False")
 
 
 def _apply_model(config, values: dict, source: str) -> dict:
@@ -282,12 +298,15 @@ def _apply_data(config, values: dict, source: str) -> None:
 
 def mindformers_to_ember(config, values: dict, source: str) -> None:
     """Fill ember's `config` from a MindFormers YAML mapping (before command-line flags)."""
-    _apply_model(config, values, source)
-    parallel_config = _apply_parallel(config, values, source)
-    _apply_batch(config, values, parallel_config, source)
-    _apply_optimizer(config, values, source)
-    _apply_training(config, values, source)
-    _apply_data(config, values, source)
+    try:
+        _apply_model(config, values, source)
+        parallel_config = _apply_parallel(config, values, source)
+        _apply_batch(config, values, parallel_config, source)
+        _apply_optimizer(config, values, source)
+        _apply_training(config, values, source)
+        _apply_data(config, values, source)
+    except (TypeError, ValueError) as err:  # float("1e-4x"), int(None): a value of the wrong kind
+        raise EmberError(f"{source}: a setting has a value of the wrong kind ({err}); check its numbers") from None
     if values.get("use_parallel") is False:
         _single_device(config, values)
 
@@ -307,12 +326,18 @@ def finish(config, values: dict, args: argparse.Namespace | None) -> None:
     """Settings that need the command line too: --use_parallel, --batch_size, and epochs turned
     into iterations (which needs the data path, often given only as --train_dataset_dir)."""
     resume = getattr(args, "resume_training", None)
-    resume = bool(values.get("resume_training", False)) if resume is None else \
-        str(resume).strip().lower() in ("true", "1", "yes")
+    if resume is None:
+        resume = values.get("resume_training")
+    if resume is not None:
+        resume = _boolean(resume, "resume_training")
     if config.checkpoint.load and not config.train.finetune:
         # MindFormers continues a run (optimizer, step) only with resume_training; otherwise the
         # checkpoint gives the weights and training starts at step 0: ember's --finetune
         config.train.finetune = not resume
+    if resume is False:
+        # and never continues what output_dir holds: ember's --no-resume (which refuses to write
+        # over a checkpoint there unless --overwrite). Unset, a relaunch continues its own run.
+        config.checkpoint.resume = False
     use_parallel = getattr(args, "use_parallel", None)
     if use_parallel is not None and str(use_parallel).strip().lower() in ("false", "0", "no"):
         _single_device(config, values)

@@ -15,7 +15,8 @@ where its configuration is resolved (`ember.compat.config_from_args`):
 - length: a few iterations (`EMBER_TINY_ITERS`, default 3) of short sequences, fp32 or as given.
 
 Checkpoint folders are kept (so a tiny pretrain feeds a tiny fine-tune); a `--load` that does not
-exist is dropped (the command says so). The translation here reads nothing but the config and the
+exist is dropped (the command says so), one that holds another tool's checkpoint is refused as
+in a full run. The translation here reads nothing but the config, the names in `--load` and the
 assets' paths; the assets themselves (`ember.compat.tiny_assets`) are built by the command first.
 """
 
@@ -185,13 +186,14 @@ def apply_tiny(config, assets: TinyAssets, world: int | None = None) -> None:
     # instruction data even when its --load is dropped below
     finetune = config.train.finetune or (config.train.train_epochs is not None and bool(config.data.train_data_path))
     if c.load:
-        from ember.checkpoint.training import find_checkpoint
+        from ember.checkpoint import foreign
 
-        if not os.path.exists(c.load) or find_checkpoint(c.load) is None:
-            print(f"EMBER_TINY: --load {c.load} holds no checkpoint; starting from random weights",
-                  file=sys.stderr)
+        if not os.path.exists(c.load):  # the script's full-size checkpoint, not made in tiny runs
+            print(f"EMBER_TINY: --load {c.load} does not exist; starting from random weights", file=sys.stderr)
             c.load = None
             config.train.finetune = False
+        elif foreign.foreign_checkpoint(c.load) is not None:  # a tiny model cannot load it either
+            raise EmberError(foreign.describe(foreign.foreign_checkpoint(c.load), c.load))
     _tiny_data(config, assets, finetune)
     _tiny_model(config)
     _tiny_schedule(config, data_parallel)

@@ -1,4 +1,5 @@
-"""ember's one configuration: the typed schema, the data flags' syntax, the parallel layout, validation.
+"""ember's one configuration: the typed schema, the data flags' syntax, the parallel layout, validation,
+and which settings make a run the same run (`run_identity`, for resuming).
 
 The bottom of ember's layer order (only `ember.errors` is below it): pure values and checks, no
 files read but the ones named, nothing started. Every input format (ember's YAML, Megatron flags,

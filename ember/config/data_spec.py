@@ -5,6 +5,7 @@ Pure parsing, shared by config validation and the dataset builders (`ember.data.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -32,8 +33,8 @@ def parse_data_path(spec: str | Sequence[str] | None) -> list[tuple[float | None
         if all(w is not None for w in weights):
             entries = list(zip(weights, words[1::2]))
             for weight, path in entries:
-                if weight <= 0:
-                    raise EmberError(f"--data-path: weight {weight} for {path} must be positive")
+                if not math.isfinite(weight) or weight <= 0:
+                    raise EmberError(f"--data-path: weight {weight} for {path} must be a positive finite number")
             return entries  # type: ignore[return-value]
         if any(w is not None for w in weights):
             raise EmberError(f"--data-path {' '.join(words)!r}: mixes weights and paths; give either "
@@ -58,11 +59,26 @@ def normalize_weights(weights: Sequence[float]) -> list[float]:
     return (array / np.sum(array)).tolist()
 
 
+# One weight: a plain non-negative decimal ("969", "0.8", ".5"); no sign, exponent, inf or nan.
+_SPLIT_WEIGHT = re.compile(r"\d+(\.\d*)?|\.\d+")
+
+
 def parse_split(split: str) -> list[float]:
-    """`"969,30,1"` -> the normalised train/valid/test fractions; missing parts are 0."""
-    parts = [float(p) for p in re.findall(r"[.0-9]+", split)]
-    if not parts or len(parts) > len(SPLIT_NAMES) or sum(parts) <= 0:
-        raise EmberError(f"--split {split!r}: expected up to three non-negative weights "
-                         f"with a positive sum, e.g. 969,30,1")
-    parts += [0.0] * (len(SPLIT_NAMES) - len(parts))
-    return normalize_weights(parts)
+    """`"969,30,1"` -> the normalised train/valid/test fractions; missing parts are 0.
+
+    Megatron's forms: up to three non-negative weights separated by ',' (or all by '/'),
+    "969,30,1", "99,1", "0.8, 0.1, 0.1", "1/1/1". Anything else is refused rather than read
+    loosely (Megatron's regular expression would turn "-1,2,3" into 1,2,3).
+    """
+    text = str(split).strip()
+    separator = "/" if "/" in text and "," not in text else ","
+    parts = [part.strip() for part in text.split(separator)]
+    if not 1 <= len(parts) <= len(SPLIT_NAMES) or not all(_SPLIT_WEIGHT.fullmatch(part) for part in parts):
+        raise EmberError(f"--split {split!r}: expected up to three non-negative numbers separated by ',' "
+                         f"(or '/'), e.g. 969,30,1")
+    weights = [float(part) for part in parts]
+    if sum(weights) <= 0:
+        raise EmberError(f"--split {split!r}: the weights add up to 0; give at least one positive weight, "
+                         f"e.g. 969,30,1")
+    weights += [0.0] * (len(SPLIT_NAMES) - len(weights))
+    return normalize_weights(weights)

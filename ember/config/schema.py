@@ -178,6 +178,12 @@ class CheckpointConfig:
     load_rng: bool = True
     # Save and stop cleanly when the job is sent SIGTERM (preemption, scancel).
     exit_on_sigterm: bool = True
+    # Continue the run whose checkpoint --save holds (only if it is this run: same model and data).
+    # False (--no-resume, MindFormers' resume_training: False): never continue it, and refuse to
+    # write into a --save that holds one unless `overwrite`.
+    resume: bool = True
+    # Start a new run in a --save that holds another run's checkpoints: they are removed.
+    overwrite: bool = False
 
 
 @dataclass
@@ -241,6 +247,17 @@ def _all_paths() -> list[str]:
     return [f"{s}.{n}" for s, fields in _section_fields().items() for n in fields]
 
 
+# Names users bring from elsewhere (Megatron's short forms, other tools) -> the setting they mean.
+_ALIASES = {
+    "tp": "parallel.tensor_model_parallel_size", "pp": "parallel.pipeline_model_parallel_size",
+    "cp": "parallel.context_parallel_size", "ep": "parallel.expert_model_parallel_size",
+    "iters": "train.train_iters", "steps": "train.train_iters", "max_steps": "train.train_iters",
+    "learning_rate": "train.lr", "warmup": "train.lr_warmup_iters", "warmup_steps": "train.lr_warmup_iters",
+    "batch_size": "train.micro_batch_size", "layernorm_epsilon": "model.norm_epsilon",
+    "seq_len": "data.seq_length", "max_seq_len": "data.seq_length", "epochs": "train.train_epochs",
+}
+
+
 def resolve_path(key: str, source: str) -> tuple[str, str]:
     """`train.lr`, `lr` or `train-iters` -> (section, field), or a one-line error with a suggestion."""
     normalized = key.strip().replace("-", "_")
@@ -251,10 +268,37 @@ def resolve_path(key: str, source: str) -> tuple[str, str]:
             return section, name
     elif normalized in _unique_field_sections():
         return _unique_field_sections()[normalized], normalized
-    candidates = _all_paths() + list(_unique_field_sections())
-    close = difflib.get_close_matches(normalized, candidates, n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else "; run `ember train --print-config` to list settings"
+    close = suggest_settings(normalized)
+    if close:
+        hint = "; did you mean " + " or ".join(f"'{c}'" for c in close) + "?"
+    else:
+        hint = "; run `ember train --print-config` to list settings"
     raise EmberError(f"unknown setting '{key}' in {source}{hint}")
+
+
+def suggest_settings(key: str, limit: int = 3) -> list[str]:
+    """The settings an unknown `key` ("section.name" or "name") most likely meant, best first.
+
+    In order: the same name in another section (`train.seq_length` -> `data.seq_length`); a known
+    alias (`tp`, `iters`); settings whose name starts with, or holds as whole words, what was typed
+    (`lr_decay` -> `lr_decay_style`, `lr_decay_iters` ...); then spelling (`lr_decay_stlye`)."""
+    fields = _section_fields()
+    section, _, name = key.rpartition(".")
+    if section not in fields:
+        section = ""
+    everywhere = [(s, n) for s, names in fields.items() for n in names]
+    scope = [(s, n) for s, n in everywhere if not section or s == section]
+    found: list[tuple[str, str]] = [(s, n) for s, n in everywhere if n == name]
+    if name in _ALIASES:
+        found.append(tuple(_ALIASES[name].split(".")))
+    words = [w for w in name.split("_") if w]
+    if words:
+        found += [(s, n) for s, n in scope if n.startswith(name) or all(w in n.split("_") for w in words)]
+    for match in difflib.get_close_matches(name, [n for _, n in scope], n=limit, cutoff=0.6):
+        found += [(s, n) for s, n in scope if n == match]
+    # written as the user wrote it: with its section, or without where the name is unique
+    spelled = [f"{s}.{n}" if section or n not in _unique_field_sections() else n for s, n in found]
+    return list(dict.fromkeys(spelled))[:limit]
 
 
 def _is_optional(hint) -> bool:

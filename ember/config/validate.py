@@ -7,6 +7,8 @@ the parallel layout's own rules are `ember.config.layout`'s.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 import os
 
 from ember.config.data_spec import parse_data_path, parse_split
@@ -34,6 +36,7 @@ def validate(config: Config, world_size: int = 1, check_paths: bool = True) -> C
     when there is no validation data.
     """
     config = copy.deepcopy(config)
+    _check_finite(config)
     t, d, o, p, c, lg = config.train, config.data, config.optim, config.parallel, config.checkpoint, config.logging
     _check_choice(t.precision, PRECISIONS, "train.precision")
     _check_choice(t.lr_decay_style, LR_DECAY_STYLES, "train.lr_decay_style (--lr-decay-style)")
@@ -72,6 +75,17 @@ def validate(config: Config, world_size: int = 1, check_paths: bool = True) -> C
                          "(--num-layers --hidden-size ...), or --load a converted checkpoint")
     _validate_data(config, check_paths)
     return config
+
+
+def _check_finite(config: Config) -> None:
+    """Every number setting is finite: an inf or nan (from a flag, YAML or a MindFormers file)
+    passes every range check below (nan compares False to everything) and trains NaN."""
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise EmberError(f"{section.name}.{f.name} = {value} is not a finite number; give a finite value")
 
 
 def _check_choice(value, choices, name: str) -> None:
@@ -145,8 +159,18 @@ def _validate_checkpointing(config: Config) -> None:
             raise EmberError("--save-interval given without --save; add --save DIR")
     if c.keep_last is not None:
         _positive(c.keep_last, "checkpoint.keep_last (--keep-last)")
+    for flag, folder in (("--save", c.save), ("--output-dir", config.logging.output_dir),
+                         ("--tensorboard-dir", config.logging.tensorboard_dir),
+                         ("--data-cache-path", config.data.data_cache_path)):
+        if folder and os.path.exists(folder) and not os.path.isdir(folder):
+            raise EmberError(f"{flag} {folder} is a file, not a folder; give a folder path")
+    if c.overwrite and not c.save:
+        raise EmberError("--overwrite given without --save; it replaces what --save holds: add --save DIR")
     if t.finetune and not c.load:
         raise EmberError("--finetune needs --load (the converted or trained checkpoint to start from)")
+    if t.finetune and not os.path.exists(c.load):
+        raise EmberError(f"--finetune: --load {c.load} does not exist, so there is nothing to fine-tune; "
+                         f"check the path (or convert the model first)")
     if c.load and not os.path.exists(c.load) and c.load != c.save:
         raise EmberError(f"--load {c.load} does not exist; check the path (or convert the model first)")
 
@@ -160,6 +184,9 @@ def _validate_data(config: Config, check_paths: bool) -> None:
         raise EmberError("give --data-path or --train-data-path/--valid-data-path/--test-data-path, not both")
     if d.data_path:
         fractions = parse_split(d.split)
+        if fractions[0] == 0:
+            raise EmberError(f"--split {d.split}: the training split gets no data; give it a positive weight, "
+                             f"e.g. 969,30,1")
         if t.eval_iters > 0 and fractions[1] == 0:
             t.eval_iters = 0  # no validation split: nothing to evaluate on, as in Megatron
     elif not d.valid_data_path:

@@ -16,12 +16,20 @@ A sample has the same shape as a pretraining sample plus explicit targets:
 `pack=True` fills each sample with whole examples in shuffled order until the next one does not
 fit (next-fit), then pads; the first token of an example is never a target, so nothing is learned
 across example boundaries (attention still crosses them, as in packed pretraining).
-`pack=False` puts one example per sample, padded. Examples longer than `seq_length + 1` tokens
-are cut. Every epoch reshuffles the examples with `numpy.random.RandomState(seed)`.
+`pack=False` puts one example per sample, padded. Every epoch reshuffles the examples with
+`numpy.random.RandomState(seed)`.
+
+An example longer than a sample (`seq_length + 1` tokens) is cut to a window of it: its start
+when that keeps a target; otherwise (the prompt alone fills the sample) the prompt is cut from
+its start, so that the window ends where the example ends, or gives the prompt's end at most half
+the sample when the response is longer than that. A run therefore never trains on a sample whose
+targets were all cut away. Building a split counts the examples cut so and those with no target
+at all, reports them in one line, and refuses a split with no target anywhere.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -32,6 +40,10 @@ from ember.errors import EmberError
 INPUT_IDS_SUFFIX = "_packed_input_ids_document"
 LABELS_SUFFIX = "_packed_labels_document"
 IGNORE_INDEX = -100
+# examples scanned for their targets at a time: bounds the memory of that one pass over the labels
+SCAN_TOKENS = 1 << 23
+
+logger = logging.getLogger(__name__)
 
 
 def is_finetune_prefix(prefix: str) -> bool:
@@ -55,6 +67,44 @@ class FinetuneSource:
 
     def __len__(self) -> int:
         return int(self.lengths.shape[0])
+
+    def first_targets(self, begin: int, end: int) -> np.ndarray:
+        """Per example in [begin, end): the offset of its first trained label after its first token
+        (the first token is never a target), or -1 when it has none. One vectorised pass over the
+        labels, a bounded slice at a time."""
+        lengths = self.lengths[begin:end].astype(np.int64)
+        result = np.full(lengths.size, -1, dtype=np.int64)
+        if lengths.size == 0:
+            return result
+        # The index check makes the examples contiguous in the .bin, in order.
+        token_starts = np.zeros(lengths.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=token_starts[1:])
+        base = int(self.labels.sequence_pointers[begin]) // self.labels.dtype.itemsize
+        first = 0
+        while first < lengths.size:
+            last = int(np.searchsorted(token_starts, token_starts[first] + SCAN_TOKENS, side="right")) - 1
+            last = min(max(last, first + 1), lengths.size)
+            lo, hi = int(token_starts[first]), int(token_starts[last])
+            trained = np.asarray(self.labels._data[base + lo:base + hi]) != IGNORE_INDEX
+            starts = token_starts[first:last] - lo
+            nonempty = lengths[first:last] > 0
+            trained[starts[nonempty]] = False
+            positions = np.flatnonzero(trained)
+            at = np.searchsorted(positions, starts)
+            found = at < positions.size
+            found[found] = positions[at[found]] < starts[found] + lengths[first:last][found]
+            result[first:last][found] = positions[at[found]] - starts[found]
+            first = last
+        return result
+
+
+def window_starts(lengths: np.ndarray, first_targets: np.ndarray, capacity: int) -> np.ndarray:
+    """Where each example's window of at most `capacity` tokens starts (see the module docstring)."""
+    lengths = lengths.astype(np.int64)
+    cut = (lengths > capacity) & (first_targets >= capacity)
+    keep_end = lengths - capacity
+    half_prompt = first_targets - capacity // 2
+    return np.where(cut, np.maximum(0, np.minimum(keep_end, half_prompt)), 0)
 
 
 def pack_next_fit(lengths: np.ndarray, capacity: int) -> np.ndarray:
@@ -96,6 +146,8 @@ class FinetuneDataset:
         examples = np.arange(begin, end, dtype=np.int64)
         if examples.size == 0:
             raise EmberError(f"the {split_name} split of {prefix} holds no examples")
+        self.window_start = np.zeros(len(self.source), dtype=np.int64)
+        self._check_targets(begin, end, split_name)
         orders, starts, per_epoch = [], [], []
         rng = np.random.RandomState(seed)
         total = offset = 0
@@ -126,6 +178,32 @@ class FinetuneDataset:
             "seed": int(seed), "pack": pack, "pad_id": self.pad_id, "split": split_name,
         }
 
+    def _check_targets(self, begin: int, end: int, split_name: str) -> None:
+        """Choose every example's window, report the examples cut or without targets, and refuse a
+        split that has nothing to train on (every loss would be 0 and every gradient empty)."""
+        capacity = self.seq_length + 1
+        lengths = self.source.lengths[begin:end]
+        first = self.source.first_targets(begin, end)
+        self.window_start[begin:end] = window_starts(lengths, first, capacity)
+        count = end - begin
+        no_target = int((first < 0).sum())
+        prompt_cut = int((self.window_start[begin:end] > 0).sum())
+        self.target_report = {"examples": count, "prompt_cut": prompt_cut, "no_target": no_target}
+        where = f"the {split_name} split of {self.path}"
+        if no_target == count:
+            raise EmberError(f"{where}: none of its {count} examples has a token to train on (every label "
+                             f"is -100); re-run `ember preprocess` with an instruction handler, or check "
+                             f"the labels")
+        if prompt_cut or no_target:
+            parts = []
+            if prompt_cut:
+                parts.append(f"{prompt_cut} of {count} examples have a prompt longer than --seq-length "
+                             f"{self.seq_length} allows: their prompts were cut from the start to keep "
+                             f"their responses")
+            if no_target:
+                parts.append(f"{no_target} of {count} examples have no token to train on")
+            logger.warning("%s: %s", where, "; ".join(parts))
+
     def __len__(self) -> int:
         return int(self.sample_starts.shape[0]) - 1
 
@@ -138,9 +216,10 @@ class FinetuneDataset:
         aligned = np.full(capacity, IGNORE_INDEX, dtype=np.int64)
         position = 0
         for example in self.order[self.sample_starts[index]:self.sample_starts[index + 1]].tolist():
-            length = min(int(self.source.lengths[example]), capacity - position)
-            tokens[position:position + length] = self.source.input_ids.get(example, 0, length)
-            aligned[position:position + length] = self.source.labels.get(example, 0, length)
+            start = int(self.window_start[example])
+            length = min(int(self.source.lengths[example]) - start, capacity - position)
+            tokens[position:position + length] = self.source.input_ids.get(example, start, length)
+            aligned[position:position + length] = self.source.labels.get(example, start, length)
             # The first token of an example follows another example: not something to learn.
             aligned[position] = IGNORE_INDEX
             position += length

@@ -191,6 +191,46 @@ class IndexedDatasetWriter:
                 os.remove(path)
 
 
+def check_index(index_file, data_file, lengths: np.ndarray, pointers: np.ndarray, documents: np.ndarray,
+                itemsize: int, data_size: int) -> None:
+    """Refuse an index whose arrays cannot describe its `.bin`: one vectorised pass over them.
+
+    Megatron's writers (and ember's) store the sequences back to back, so the pointers are the
+    running sum of the lengths; the document index starts at 0, never decreases and ends at the
+    sequence count. Anything else is a damaged file that would train on wrong samples.
+    """
+    def bad(what: str, where: np.ndarray) -> EmberError:
+        first = int(np.flatnonzero(where)[0])
+        return EmberError(f"{index_file} is corrupt: {what} (first at entry {first}, {int(where.sum())} in all); "
+                          f"re-run preprocessing")
+
+    if lengths.size:
+        negative = lengths < 0
+        if negative.any():
+            raise bad("negative sequence lengths", negative)
+    sizes = lengths.astype(np.int64) * itemsize
+    described = int(sizes.sum())
+    if data_size != described:
+        raise EmberError(f"{data_file} holds {data_size} bytes but its index describes {described}; "
+                         f"the pair is inconsistent (re-run preprocessing)")
+    if lengths.size:
+        outside = (pointers < 0) | (pointers > data_size - sizes)
+        if outside.any():
+            raise bad(f"sequence pointers past the end of the {data_size}-byte .bin", outside)
+        expected = np.zeros_like(sizes)
+        np.cumsum(sizes[:-1], out=expected[1:])
+        mismatched = pointers != expected
+        if mismatched.any():
+            raise bad("sequence pointers that do not match the sequence lengths", mismatched)
+    if documents.size == 0 or documents[0] != 0 or documents[-1] != lengths.size:
+        raise EmberError(f"{index_file} is corrupt: the document index must run from 0 to the sequence "
+                         f"count {lengths.size}, got {documents[:1].tolist()}..{documents[-1:].tolist()}; "
+                         f"re-run preprocessing")
+    decreasing = np.diff(documents) < 0
+    if decreasing.any():
+        raise bad("a document index that decreases", np.concatenate([[False], decreasing]))
+
+
 class IndexedDataset:
     """Memory-mapped reader: O(1) random access to sequences and documents, no copies.
 
@@ -225,11 +265,10 @@ class IndexedDataset:
         self.sequence_pointers = np.frombuffer(self._index, "<i8", sequence_count, offset)
         offset += sequence_count * 8
         self.document_indices = np.frombuffer(self._index, "<i8", document_count, offset)
-        self.num_tokens = int(self.sequence_lengths.sum(dtype=np.int64))
         data_size = data_file.stat().st_size
-        if data_size != self.num_tokens * self.dtype.itemsize:
-            raise EmberError(f"{data_file} holds {data_size} bytes but its index describes "
-                             f"{self.num_tokens * self.dtype.itemsize}; the pair is inconsistent")
+        check_index(index_file, data_file, self.sequence_lengths, self.sequence_pointers, self.document_indices,
+                    self.dtype.itemsize, data_size)
+        self.num_tokens = int(self.sequence_lengths.sum(dtype=np.int64))
         # np.memmap refuses empty files; an empty dataset simply has no tokens.
         self._data = (np.memmap(data_file, mode="r", dtype=self.dtype) if data_size
                       else np.empty(0, dtype=self.dtype))

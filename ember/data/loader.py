@@ -11,6 +11,11 @@ datasets are built with enough samples for the run).
 
 A background thread reads and collates the next `prefetch` micro-batches, so the training step
 finds its batch ready; batches are CPU tensors (pinned with `pin_memory=True`).
+
+Given the model's `vocab_size`, every micro-batch's token ids and targets are checked to lie in
+[0, vocab_size): a max and a min per micro-batch, on the reader thread, so the step never meets
+an id its embedding does not have (a raw IndexError deep inside the model). Checking per batch
+costs O(batch) where a scan of the whole `.bin` at start-up would cost O(dataset) on every run.
 """
 
 from __future__ import annotations
@@ -47,6 +52,30 @@ def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     return batch
 
 
+def dataset_of_sample(dataset, index: int) -> str:
+    """The path of the dataset that sample `index` comes from (through a blend), for error messages."""
+    while hasattr(dataset, "dataset_index") and hasattr(dataset, "datasets"):
+        index, dataset = (int(dataset.dataset_sample_index[index]),
+                          dataset.datasets[int(dataset.dataset_index[index])])
+    return str(getattr(dataset, "path", type(dataset).__name__))
+
+
+def check_token_ids(batch: dict[str, torch.Tensor], vocab_size: int, dataset, indices: list[int]) -> None:
+    """Raise a one-line error naming the dataset and the id when a token or target is outside the
+    model's vocabulary [0, vocab_size)."""
+    for name in ("input_ids", "labels"):
+        ids = batch[name]
+        if int(ids.max()) < vocab_size and int(ids.min()) >= 0:
+            continue
+        outside = (ids >= vocab_size) | (ids < 0)
+        row = int(outside.any(dim=1).nonzero()[0])
+        value = int(ids[row][outside[row]][0])
+        raise EmberError(f"{dataset_of_sample(dataset, indices[row])}: sample {indices[row]} holds token id {value}, "
+                         f"outside the model's vocabulary of {vocab_size}; the data was tokenized with another "
+                         f"tokenizer than the model's (re-run `ember preprocess` with the model's tokenizer, "
+                         f"or use a model whose vocabulary covers it)")
+
+
 class DataLoader:
     """Micro-batches for one data-parallel rank, in Megatron's order, resumable from `consumed_samples`.
 
@@ -58,7 +87,7 @@ class DataLoader:
 
     def __init__(self, dataset, global_batch_size: int, micro_batch_size: int, dp_rank: int = 0,
                  dp_size: int = 1, *, consumed_samples: int = 0, prefetch: int = 2, num_workers: int = 0,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, vocab_size: int | None = None):
         if micro_batch_size < 1 or dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise EmberError(f"data loader: bad micro batch {micro_batch_size} / data-parallel rank "
                              f"{dp_rank} of {dp_size}")
@@ -76,6 +105,7 @@ class DataLoader:
         self.prefetch = max(1, int(prefetch))
         self.num_workers = int(num_workers)
         self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.vocab_size = vocab_size  # when given, every micro-batch's ids are checked against it
         self._consumed = 0  # samples the whole run has consumed: where the next micro-batch step starts
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
@@ -105,6 +135,8 @@ class DataLoader:
         else:
             samples = [self.dataset[i] for i in indices]
         batch = collate(samples)
+        if self.vocab_size is not None:
+            check_token_ids(batch, self.vocab_size, self.dataset, indices)
         if self.pin_memory:
             batch = {k: v.pin_memory() for k, v in batch.items()}
         return batch

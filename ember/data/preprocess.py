@@ -6,16 +6,24 @@ them to `--workers` processes, which parse, tokenize and return flat numpy array
 written in input order, so any worker count gives identical output. `--n-subs N` cuts the input
 into N contiguous parts processed side by side and merged in order: again identical output.
 
-Everything is written under temporary names and renamed only when complete.
+Everything is written under temporary names and renamed only when complete. A worker or part
+process that dies (the OOM killer, SIGKILL) stops the run with a one-line error and its temporary
+files removed; temporary files left by a run that was itself killed are removed by the next run
+on the same output prefix (those of a run still going are left alone).
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import queue as queue_module
+import re
+import signal
 import sys
 import time
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,11 +61,12 @@ class Totals:
     skipped: int = 0
     first_skips: list[Skip] = field(default_factory=list)
 
-    def add_skips(self, skips: list[Skip]) -> None:
-        self.skipped += len(skips)
+    def add_skips(self, skips: list[Skip], count: int | None = None) -> None:
+        """Count `count` skips (default: all of `skips`) and keep the first few, in input order."""
+        self.skipped += len(skips) if count is None else count
         room = MAX_SKIPS_SHOWN - len(self.first_skips)
         if room > 0:
-            self.first_skips.extend(skips[:room])
+            self.first_skips.extend(sorted(skips, key=lambda skip: skip.line)[:room])
 
 
 # ---- worker side -------------------------------------------------------------------------------
@@ -124,24 +133,45 @@ def _ordered_results(job: PreprocessJob, chunks, workers: int):
         for chunk in chunks:
             yield handler.handle(decode_chunk(chunk))
         return
+    # concurrent.futures, not multiprocessing.Pool: a Pool whose worker is killed replaces it and
+    # waits forever for the lost task; this executor fails every pending task instead.
     context = multiprocessing.get_context("fork")
-    with context.Pool(workers) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=context)
+    try:
         pending: deque = deque()
         for chunk in chunks:
-            pending.append(pool.apply_async(_handle_chunk, (job, chunk)))
+            pending.append(pool.submit(_handle_chunk, job, chunk))
             if len(pending) >= 3 * workers:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
+    except BrokenProcessPool:
+        raise EmberError(f"a preprocess worker process died (killed, or out of memory?); nothing was written. "
+                         f"Run again with fewer --workers or a smaller --chunk-size") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _writers(prefixes: dict[str, str], dtypes: dict[str, type]) -> dict[str, IndexedDatasetWriter]:
     return {key: IndexedDatasetWriter(prefix, dtypes[key]) for key, prefix in prefixes.items()}
 
 
+def check_not_empty(totals: Totals, files: list[Path]) -> None:
+    """An empty dataset is not a success: refuse to write one."""
+    if totals.documents:
+        return
+    where = str(files[0]) if len(files) == 1 else f"{len(files)} files under --input"
+    if totals.skipped:
+        raise EmberError(f"every record of {where} was skipped ({totals.skipped:,} in all; the first: "
+                         f"{totals.first_skips[0]}); nothing written")
+    raise EmberError(f"{where} holds no records; nothing written")
+
+
 def process_part(job: PreprocessJob, files: list[Path], part: InputPart | None, prefixes: dict[str, str],
-                 dtypes: dict[str, type], workers: int, strict: bool, progress: Progress) -> Totals:
-    """Tokenize one input (or one part of it) into datasets at `prefixes`; atomic per dataset."""
+                 dtypes: dict[str, type], workers: int, strict: bool, progress: Progress,
+                 allow_empty: bool = True) -> Totals:
+    """Tokenize one input (or one part of it) into datasets at `prefixes`; atomic per dataset.
+    Without `allow_empty`, an input that yields no document is an error (nothing written)."""
     columns = sorted(set(job.json_keys) | {"instruction", "input", "output", "system", "history",
                                               "conversations", "messages"})
     chunks = iter_chunks(files, job.chunk_size, columns=columns, part=part)
@@ -159,6 +189,8 @@ def process_part(job: PreprocessJob, files: list[Path], part: InputPart | None, 
             totals.bytes += handled.num_bytes
             totals.add_skips(handled.skips)
             progress.update(totals)
+        if not allow_empty:
+            check_not_empty(totals, files)
         for writer in writers.values():
             writer.finalize()
     except BaseException:
@@ -197,7 +229,7 @@ def process_in_subs(job, files, n_subs, prefixes, dtypes, workers, strict, log_i
     """--n-subs: contiguous parts processed side by side, merged in order into the final datasets."""
     parts = split_input(files, n_subs)
     workers_per_part = max(1, workers // len(parts))
-    tag = f".sub-tmp-{os.getpid()}"
+    tag = f".sub-tmp-{os.getpid()}-"
     part_prefixes = [{key: f"{prefix}{tag}{k}" for key, prefix in prefixes.items()}
                      for k in range(len(parts))]
     context = multiprocessing.get_context("fork")
@@ -211,7 +243,8 @@ def process_in_subs(job, files, n_subs, prefixes, dtypes, workers, strict, log_i
             process.start()
             queues.append(queue)
             processes.append(process)
-        results = [queue.get() for queue in queues]
+        results = [_result_of(k, queue, process, len(parts)) for k, (queue, process) in
+                   enumerate(zip(queues, processes))]
         for process in processes:
             process.join()
         errors = [message for status, message in results if status == "error"]
@@ -222,8 +255,8 @@ def process_in_subs(job, files, n_subs, prefixes, dtypes, workers, strict, log_i
             totals.documents += part_totals.documents
             totals.tokens += part_totals.tokens
             totals.bytes += part_totals.bytes
-            totals.skipped += part_totals.skipped
-            totals.add_skips(part_totals.first_skips)
+            totals.add_skips(part_totals.first_skips, count=part_totals.skipped)
+        check_not_empty(totals, files)
         writers = _writers(prefixes, dtypes)
         try:
             for key, writer in writers.items():
@@ -243,12 +276,79 @@ def process_in_subs(job, files, n_subs, prefixes, dtypes, workers, strict, log_i
         for prefixes_of_part in part_prefixes:
             for prefix in prefixes_of_part.values():
                 remove_dataset(prefix)
+                # a part process killed mid-write leaves its writer's files, named after its pid
+                for leftover in _temporary_files(prefix):
+                    os.remove(leftover)
+
+
+def _result_of(k: int, queue, process, parts: int):
+    """The ("ok", totals) or ("error", message) of part process k; an error if it dies without one."""
+    while True:
+        try:
+            return queue.get(timeout=0.5)
+        except queue_module.Empty:
+            if not process.is_alive():
+                try:  # it may have reported just before exiting
+                    return queue.get(timeout=0.5)
+                except queue_module.Empty:
+                    return ("error", f"preprocess part {k + 1}/{parts} died ({_exit_reason(process.exitcode)}) "
+                                     f"without finishing; nothing was written. Run again with fewer --n-subs/"
+                                     f"--workers if it ran out of memory")
+
+
+def _exit_reason(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit code {exitcode}"
 
 
 def remove_dataset(prefix: str) -> None:
     for path in (bin_path(prefix), idx_path(prefix)):
         if os.path.exists(path):
             os.remove(path)
+
+
+# The temporary names a run writes beside an output dataset D, each carrying the pid of the run
+# (the first number): D.bin.tmp-PID / D.idx.tmp-PID (a writer), D.sub-tmp-PID-K... (--n-subs
+# parts), D.unpacked-tmp-PID... (--pack).
+_TEMPORARY_NAME = re.compile(r"\.(?:bin\.tmp-|idx\.tmp-|sub-tmp-|unpacked-tmp-)(\d+)")
+
+
+def _temporary_files(prefix: str) -> list[str]:
+    """Temporary files of any run beside dataset `prefix`."""
+    folder, name = os.path.split(os.path.abspath(prefix))
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return []
+    return [os.path.join(folder, entry) for entry in sorted(entries)
+            if entry.startswith(name + ".") and _TEMPORARY_NAME.match(entry[len(name):])]
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_temporary_files(prefixes: list[str]) -> list[str]:
+    """Remove the temporary files that killed runs left beside these datasets (runs still alive
+    keep theirs); returns what was removed."""
+    removed = []
+    for prefix in prefixes:
+        for path in _temporary_files(prefix):
+            owner = int(_TEMPORARY_NAME.match(path[len(os.path.abspath(prefix)):]).group(1))
+            if owner != os.getpid() and not _process_alive(owner):
+                os.remove(path)
+                removed.append(path)
+    return removed
 
 
 def pack_dataset(source: str, target: str, length: int, seed: int | None) -> None:
@@ -334,6 +434,10 @@ def preprocess(*, input: str | os.PathLike, output_prefix: str, tokenizer_type: 
     existing = [p for prefix in prefixes.values() for p in (bin_path(prefix), idx_path(prefix)) if os.path.exists(p)]
     if existing and not overwrite:
         raise EmberError(f"{existing[0]} already exists; pass --overwrite to replace it")
+    removed = remove_stale_temporary_files(list(prefixes.values()))
+    if removed:
+        print(f"removed {len(removed)} temporary file(s) left by an interrupted run "
+              f"(e.g. {os.path.basename(removed[0])})", file=sys.stderr)
     token_dtype = optimal_dtype(tokenizer.vocab_size)
     dtypes = {key: handler.label_dtype(key) or token_dtype for key in handler.output_keys}
     encoder = getattr(handler_for(job), "encoder", None)
@@ -352,10 +456,14 @@ def preprocess(*, input: str | os.PathLike, output_prefix: str, tokenizer_type: 
             compressed = any(file_format(p)[1] for p in files)
             total_bytes = None if compressed else sum(p.stat().st_size for p in files)
             totals = process_part(job, files, None, written, dtypes, workers, strict,
-                                  Progress(log_interval, total_bytes))
+                                  Progress(log_interval, total_bytes), allow_empty=False)
         if pack:
             for key, prefix in prefixes.items():
                 pack_dataset(written[key], prefix, seq_length, seed)
+    except OSError as err:  # reading errors are EmberErrors by now: this is the output side
+        what = err.strerror or str(err)
+        raise EmberError(f"cannot write the datasets at --output-prefix {output_prefix}: {what}"
+                         f"{f' ({err.filename})' if err.filename else ''}; nothing was written") from None
     finally:
         if pack:
             for prefix in written.values():

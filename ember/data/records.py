@@ -69,6 +69,11 @@ def decode_chunk(chunk: Chunk) -> DecodedChunk:
             if malformed is not None:
                 out.skips.append(Skip(chunk.path, line_no, f"expected a JSON object, got {malformed}"))
                 continue
+            try:  # Arrow reads a CSV column with invalid UTF-8 as binary: decode it row by row
+                record = {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in record.items()}
+            except UnicodeDecodeError:
+                out.skips.append(Skip(chunk.path, line_no, "not valid UTF-8"))
+                continue
             out.records.append(record)
             out.lines.append(line_no)
     return out

@@ -68,13 +68,51 @@ def resolve_input_files(input_path: str | os.PathLike) -> list[Path]:
     return files
 
 
+class _ZstdReader(io.RawIOBase):
+    """A .zst file's frames, decompressed as a stream. Unlike zstandard's stream_reader, a file
+    that ends inside a frame (truncated) raises EOFError instead of ending quietly, as gzip does."""
+
+    def __init__(self, path: Path):
+        import zstandard
+
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._file = open(path, "rb")
+        self._frame = self._decompressor.decompressobj()
+        self._in_frame = False  # bytes of the current frame were read and it has not ended yet
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            compressed = self._file.read(1 << 20)
+            if not compressed:
+                if self._in_frame:
+                    raise EOFError("the zstd stream ends in the middle of a frame")
+                return 0
+            while compressed:
+                self._pending += self._frame.decompress(compressed)
+                self._in_frame = not self._frame.eof
+                compressed = self._frame.unused_data if self._frame.eof else b""
+                if self._frame.eof:
+                    self._frame = self._decompressor.decompressobj()
+                    self._in_frame = bool(compressed)
+        size = min(len(buffer), len(self._pending))
+        buffer[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
 def _open_binary(path: Path, compression: str | None):
     if compression == ".gz":
         return gzip.open(path, "rb")
     if compression == ".zst":
-        import zstandard
-
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+        return io.BufferedReader(_ZstdReader(path), buffer_size=1 << 20)
     return open(path, "rb", buffering=1 << 20)
 
 
@@ -165,22 +203,60 @@ def _columnar_chunks(path: Path, fmt: str, chunk_size: int, columns: list[str] |
             row += part.num_rows
 
 
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What reading a damaged, truncated or unreadable input raises: OS errors, a gzip stream that
+    ends early (EOFError), zstd and Arrow (parquet, arrow, csv) decoding errors."""
+    errors: list[type[BaseException]] = [OSError, EOFError]
+    try:
+        import pyarrow as pa
+
+        errors.append(pa.ArrowException)
+    except ImportError:
+        pass
+    try:
+        import zstandard
+
+        errors.append(zstandard.ZstdError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def unreadable(path: Path, err: BaseException) -> EmberError:
+    """The one-line error for an input file that cannot be read."""
+    if isinstance(err, OSError) and not isinstance(err, EOFError) and err.strerror:
+        return EmberError(f"cannot read --input file {path}: {err.strerror}")
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return EmberError(f"cannot read --input file {path}: {detail} (is it truncated or damaged? "
+                      f"re-create or re-download it)")
+
+
 def iter_chunks(files: list[Path], chunk_size: int = 2048, columns: list[str] | None = None,
                 part: "InputPart | None" = None) -> Iterator[Chunk]:
-    """Chunks of every file in order; `part` restricts to one contiguous piece (for --n-subs)."""
+    """Chunks of every file in order; `part` restricts to one contiguous piece (for --n-subs).
+    A file that cannot be read (truncated, damaged, no permission) is a one-line `EmberError`."""
+    read_errors = _read_errors()
     for path in files:
         if part is not None and str(path) not in part.files:
             continue
-        fmt, compression = file_format(path)
-        piece = None if part is None else part.files[str(path)]
-        if fmt in (".jsonl", ".txt") or (fmt == ".json" and not _is_json_array(path, compression)):
-            byte_range, first_line = (None, 1) if piece is None else (piece[0], piece[1])
-            yield from _line_chunks(path, ".jsonl" if fmt == ".json" else fmt, compression,
-                                    chunk_size, byte_range, first_line)
-        elif fmt == ".json":
-            yield from _json_array_chunks(path, compression, chunk_size)
-        else:
-            yield from _columnar_chunks(path, fmt, chunk_size, columns, None if piece is None else piece[0])
+        try:
+            yield from _file_chunks(path, chunk_size, columns, part)
+        except read_errors as err:
+            raise unreadable(path, err) from None
+
+
+def _file_chunks(path: Path, chunk_size: int, columns: list[str] | None,
+                 part: "InputPart | None") -> Iterator[Chunk]:
+    fmt, compression = file_format(path)
+    piece = None if part is None else part.files[str(path)]
+    if fmt in (".jsonl", ".txt") or (fmt == ".json" and not _is_json_array(path, compression)):
+        byte_range, first_line = (None, 1) if piece is None else (piece[0], piece[1])
+        yield from _line_chunks(path, ".jsonl" if fmt == ".json" else fmt, compression,
+                                chunk_size, byte_range, first_line)
+    elif fmt == ".json":
+        yield from _json_array_chunks(path, compression, chunk_size)
+    else:
+        yield from _columnar_chunks(path, fmt, chunk_size, columns, None if piece is None else piece[0])
 
 
 @dataclass
@@ -197,20 +273,31 @@ def split_input(files: list[Path], parts: int) -> list[InputPart]:
     other files are kept whole. Pieces may be fewer than asked when the input is small.
     """
     units: list[tuple[str, tuple, int]] = []  # (file, piece, size)
+    read_errors = _read_errors()
     for path in files:
-        fmt, compression = file_format(path)
-        size = path.stat().st_size
-        if fmt in (".jsonl", ".txt", ".json") and compression is None and not (
-                fmt == ".json" and _is_json_array(path, None)):
-            units.extend(_line_units(path, max(1, parts), size))
-        elif fmt == ".parquet":
-            import pyarrow.parquet as pq
+        try:
+            units.extend(_units_of(path, parts))
+        except read_errors as err:
+            raise unreadable(path, err) from None
+    return _cut_units(units, parts)
 
-            meta = pq.ParquetFile(str(path)).metadata
-            units.extend((str(path), ([i],), meta.row_group(i).total_byte_size)
-                         for i in range(meta.num_row_groups))
-        else:
-            units.append((str(path), None, size))
+
+def _units_of(path: Path, parts: int) -> list[tuple[str, tuple, int]]:
+    """The pieces one file can be cut into: byte ranges, parquet row groups, or the whole file."""
+    fmt, compression = file_format(path)
+    size = path.stat().st_size
+    if fmt in (".jsonl", ".txt", ".json") and compression is None and not (
+            fmt == ".json" and _is_json_array(path, None)):
+        return _line_units(path, max(1, parts), size)
+    if fmt == ".parquet":
+        import pyarrow.parquet as pq
+
+        meta = pq.ParquetFile(str(path)).metadata
+        return [(str(path), ([i],), meta.row_group(i).total_byte_size) for i in range(meta.num_row_groups)]
+    return [(str(path), None, size)]
+
+
+def _cut_units(units: list[tuple[str, tuple, int]], parts: int) -> list[InputPart]:
     total = sum(u[2] for u in units) or 1
     result: list[InputPart] = []
     current: dict[str, tuple] = {}

@@ -25,9 +25,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ember.checkpoint import foreign
 from ember.checkpoint import training as ckpt
 from ember.checkpoint.initialize import converted_weight_chunks, initialize
 from ember.config import Config, Layout, validate
+from ember.config.run_identity import run_differences
 from ember.errors import EmberError
 from ember.models.initialization import initial_weight_chunks
 from ember.parallel.fsdp import accumulates_locally, set_gradient_sync
@@ -138,6 +140,8 @@ class Trainer:
             initial_scale=c.train.initial_loss_scale, min_scale=c.train.min_loss_scale,
             window=c.train.loss_scale_window, hysteresis=c.train.hysteresis)
         self._load_or_initialize(ref)
+        if c.checkpoint.overwrite and c.checkpoint.save:
+            self._remove_previous_run()
         if self.parts is not None:
             from ember.parallel.pipeline import build_schedule as build_pipeline_schedule
 
@@ -152,19 +156,20 @@ class Trainer:
         return self
 
     def _checkpoint_to_start_from(self) -> tuple[ckpt.CheckpointRef | None, bool]:
-        """(checkpoint, whether it is this run's own). A checkpoint under --save wins over --load,
-        so a preempted job relaunched with the same command continues instead of starting over."""
-        c = self.config.checkpoint
-        own = ckpt.find_checkpoint(c.save) if c.save and os.path.isdir(c.save) else None
-        if own is not None and own.kind == "training":
-            if c.load and os.path.abspath(c.load) != os.path.abspath(c.save):
-                self.metrics.print(f"--save {c.save} already has {own.path.name}: resuming this run from it "
-                                   f"instead of --load {c.load} (give a new --save to start over)")
-            return own, True
-        ref = ckpt.find_checkpoint(c.load) if c.load else None
-        if c.load and ref is None:
-            self.metrics.print(f"no checkpoint in {c.load} yet: starting from scratch")
-        return ref, False
+        return checkpoint_to_start_from(self.config, self.metrics.print)
+
+    def _remove_previous_run(self) -> None:
+        """--overwrite: the checkpoints of the run that --save held go, once every rank has read
+        what it loads (--load may be that same folder), before this run saves its own."""
+        if dist.is_initialized():
+            dist.barrier()
+        if self.rank == 0:
+            removed = foreign.remove_training_checkpoints(self.config.checkpoint.save)
+            if removed:
+                self.metrics.print(f"--overwrite: removed {', '.join(removed)} of the previous run in "
+                                   f"{self.config.checkpoint.save}")
+        if dist.is_initialized():
+            dist.barrier()
 
     def _init_distributed(self) -> None:
         if self.device.type == "cuda":
@@ -183,6 +188,8 @@ class Trainer:
     def _load_or_initialize(self, ref: ckpt.CheckpointRef | None) -> None:
         c = self.config
         if ref is not None and ref.kind == "training":
+            # files checked against their checksums; a damaged `latest` gives way to the previous one
+            ref = ckpt.usable_checkpoint(ref, self.metrics.print)
             saved = ref.train_state()
             resume = self.resuming_own_run or not c.train.finetune
             # a checkpoint saved with --no-save-optim resumes with a fresh optimizer
@@ -220,7 +227,7 @@ class Trainer:
     def _restore_rng(self, ref: ckpt.CheckpointRef) -> None:
         path = ref.path / "rng" / f"rank_{self.rank:05d}.pt"
         if path.is_file():
-            ckpt.restore_rng_state(torch.load(path, weights_only=True))
+            ckpt.restore_rng_state(ckpt.read_rng_state(path))
         else:  # another layout: this rank has no saved state; derive one from the position
             seed_everything(self.config.train.seed + self.state.iteration)
 
@@ -271,7 +278,7 @@ class Trainer:
         t = self.config.train
         return DataLoader(dataset, t.global_batch_size, t.micro_batch_size, self.dp_rank, self.dp_size,
                           consumed_samples=consumed_samples, num_workers=self.config.data.num_workers,
-                          pin_memory=self.device.type == "cuda")
+                          pin_memory=self.device.type == "cuda", vocab_size=self.model_args.vocab_size)
 
     def _next_micro_batches(self, batches) -> list[dict[str, torch.Tensor]]:
         out = []
@@ -329,11 +336,19 @@ class Trainer:
             edp = self.meshes.edp.get_group() if self.meshes.edp is not None else None
             gradients.reduce_expert_grads(self.expert_params, edp, average)
         norm_params = self.parts.parameters_for_grad_norm() if self.parts is not None else list(self.model.parameters())
-        outcome = gradients.clip_and_step(self.optimizer, self.config.optim.clip_grad, self.scaler.scale, norm_params,
+        # A global batch without one loss token has nothing to learn from, yet its zero gradient
+        # would still move the weights (AdamW's momentum and weight decay): skip its step, counted
+        # with the skipped iterations. No host sync: a NaN scale makes clip_and_step see a
+        # non-finite gradient norm, which skips the step on the device.
+        empty = (tokens == 0).float()
+        step_scale = torch.where(empty > 0, torch.full_like(self.scaler.scale, float("nan")), self.scaler.scale)
+        outcome = gradients.clip_and_step(self.optimizer, self.config.optim.clip_grad, step_scale, norm_params,
                                           self.parts.pp_group if self.parts is not None else None)
-        bad = outcome.found_inf * self.scaler.at_minimum().float()
-        self.scaler.update(outcome.found_inf)
-        return loss_sum, tokens, outcome.grad_norm, outcome.found_inf, bad
+        overflow = outcome.found_inf * (1.0 - empty)  # an empty batch says nothing about the loss scale
+        bad = overflow * self.scaler.at_minimum().float()
+        self.scaler.update(overflow)
+        grad_norm = torch.where(empty > 0, torch.zeros_like(outcome.grad_norm), outcome.grad_norm)
+        return loss_sum, tokens, grad_norm, outcome.found_inf, bad
 
     def _backward(self, micro_batches: list[dict[str, torch.Tensor]], tokens: torch.Tensor,
                   average: int) -> torch.Tensor:
@@ -470,10 +485,15 @@ class Trainer:
     def _log(self, pending: list[tuple], skipped: torch.Tensor, elapsed: float, result: TrainResult) -> None:
         t = self.config.train
         loss_sums = self._global_sum(torch.stack([p[2] for p in pending]))
-        counts = torch.stack([p[3] for p in pending]).clamp(min=1.0)
-        host = torch.stack([loss_sums / counts, torch.stack([p[4] for p in pending]),
-                            torch.stack([p[5] for p in pending])]).cpu().tolist()
-        losses, norms, _ = host
+        counts = torch.stack([p[3] for p in pending])
+        host = torch.stack([loss_sums / counts.clamp(min=1.0), torch.stack([p[4] for p in pending]),
+                            torch.stack([p[5] for p in pending]), counts]).cpu().tolist()
+        losses, norms, _, loss_tokens = host
+        empty = [iteration for (iteration, *_), count in zip(pending, loss_tokens) if count == 0]
+        if empty:
+            self.metrics.print(f"iteration(s) {', '.join(map(str, empty))}: no loss token in the global batch "
+                               f"(every target masked or cut); step skipped")
+        losses = [loss if count > 0 else float("nan") for loss, count in zip(losses, loss_tokens)]
         for (iteration, *_), loss in zip(pending, losses):
             result.losses[iteration] = loss
         # a skipped step still has a meaningful loss unless the loss itself is what overflowed
@@ -592,6 +612,67 @@ def _check_same_architecture(wanted, saved, ref: ckpt.CheckpointRef) -> None:
     if different:
         raise EmberError(f"--model differs from the checkpoint {ref.path} in {different}; drop --model to "
                          f"take the architecture from the checkpoint")
+
+
+def checkpoint_to_start_from(config: Config, notice=print) -> tuple[ckpt.CheckpointRef | None, bool]:
+    """(checkpoint, whether it is this run's own) for a validated config. A checkpoint of this run
+    under --save wins over --load, so a preempted job relaunched with the same command continues
+    instead of starting over; one of another run (other model or data) is never continued
+    silently, and a --load that holds no ember checkpoint never silently means random weights.
+    `ember train` calls this before it starts any process, each rank again at setup."""
+    c = config.checkpoint
+    if c.save:
+        foreign.check_save(c.save)
+    own = None
+    if c.save and os.path.isdir(c.save) and not c.overwrite:  # --overwrite: what it holds is replaced
+        own = ckpt.find_checkpoint(c.save)
+    if own is not None and own.kind == "training":
+        if not c.resume:
+            raise EmberError(f"--save {c.save} already holds {own.path.name} and resuming is off (--no-resume "
+                             f"or resume_training: False); pass --overwrite to replace it, or give a new --save")
+        different = _architecture_differences(config, own) + run_differences(_saved_config(own), config)
+        if different:
+            shown = "; ".join(different[:3]) + (f"; {len(different) - 3} more" if len(different) > 3 else "")
+            raise EmberError(
+                f"--save {c.save} holds {own.path.name} of a different run ({shown}); to "
+                f"continue it, run with its settings; to start from its weights, give a new --save with "
+                f"--load {c.save} --finetune; to replace it, pass --overwrite")
+        if c.load and os.path.abspath(c.load) != os.path.abspath(c.save):
+            notice(f"--save {c.save} already has {own.path.name}: resuming this run from it "
+                   f"instead of --load {c.load} (give a new --save to start over)")
+        return own, True
+    ref = ckpt.find_checkpoint(c.load) if c.load else None
+    if c.load:
+        foreign.check_load(c.load, ref is not None, save=c.save, finetune=config.train.finetune)
+    if c.load and ref is None:  # the first run of `--load DIR --save DIR`
+        notice(f"no checkpoint in {c.load} (this run's --save) yet: starting from scratch")
+    return ref, False
+
+
+def _architecture_differences(config: Config, own: ckpt.CheckpointRef) -> list[str]:
+    """`"model.field: saved X, now Y"` where the architecture this config describes (by name and
+    flags, or that of the weights --load names) is not the one the checkpoint holds. Nothing when
+    the config leaves the architecture to the checkpoint itself."""
+    c = config.checkpoint
+    start = None
+    if c.load and os.path.abspath(c.load) != os.path.abspath(c.save):
+        start = ckpt.find_checkpoint(c.load)
+    try:
+        wanted = model_setup.resolve_model_args(config, start).to_dict()
+        saved = own.model_args().to_dict()
+    except EmberError:  # no architecture without the checkpoint, or a damaged one (loading says so)
+        return []
+    wanted.pop("extra", None), saved.pop("extra", None)
+    return [f"model.{k}: saved {saved.get(k)}, now {wanted[k]}" for k in sorted(wanted) if wanted[k] != saved.get(k)]
+
+
+def _saved_config(ref: ckpt.CheckpointRef) -> dict:
+    """The config a checkpoint was written with; {} when its train_state.json is damaged (loading
+    it then reports the damage, or falls back to an older checkpoint)."""
+    try:
+        return ref.train_state().get("config") or {}
+    except EmberError:
+        return {}
 
 
 def run_training(config: Config, stream=None) -> TrainResult:
