@@ -1,0 +1,331 @@
+"""Real Megatron checkpoints for the conversion tests, written by megatron-core's own code.
+
+Run as every rank of a gloo group (tests/dist_utils.run_ranks sets RANK, WORLD_SIZE, ...):
+
+    python tests/megatron_checkpoints.py OUT --family llama --tp 2 --pp 2 --format both
+
+Each rank builds its part of a small megatron-core `GPTModel` (local layer spec, CPU), gives every
+weight random values (norm scales and biases too, so a norm or bias mapped to the wrong place shows
+in the logits), runs megatron-core's forward on fixed tokens (the pipeline stages hand their
+activations on with plain send/recv) and saves the model the way Megatron-LM's training loop does:
+
+- torch_dist: `megatron.core.dist_checkpointing.save` of {'model': sharded_state_dict, 'args',
+  'iteration', 'checkpoint_version'} into OUT/iter_0000007 (the non-sharded entries land in
+  common.pt, as in Megatron-LM);
+- legacy: torch.save of {'args', 'checkpoint_version': 3.0, 'iteration', 'model', 'rng_state'} per
+  rank into OUT/iter_0000007/mp_rank_TT[_PPP]/model_optim_rng.pt.
+
+With --format both the one model is saved both ways, into OUT/torch_dist and OUT/legacy. Each save
+folder gets latest_checkpointed_iteration.txt, and reference.pt: {'tokens': [B, S], 'logits':
+[B, S, V] fp32 (vocabulary gathered)} from the last stage. megatron-core 0.16.1 runs this on CPU
+with the local spec, use_cpu_initialization and every fusion off; Megatron-LM's `megatron.training`
+is not part of megatron-core, so its args Namespace is rebuilt here with the fields it holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import zlib
+from pathlib import Path
+
+ITERATION = 7
+BATCH, SEQ = 2, 12
+
+# name -> (TransformerConfig fields, GPTModel fields, Megatron-LM args beyond those)
+FAMILIES = {
+    # Llama 2/3: RMSNorm, SwiGLU, RoPE, GQA, no biases, untied output
+    "llama": dict(
+        config=dict(num_layers=4, hidden_size=64, num_attention_heads=8, num_query_groups=2, ffn_hidden_size=96,
+                    normalization="RMSNorm", gated_linear_unit=True, activation_func="silu", add_bias_linear=False,
+                    layernorm_epsilon=1e-5),
+        model=dict(vocab_size=128, max_sequence_length=64, position_embedding_type="rope", rotary_base=50000,
+                   share_embeddings_and_output_weights=False),
+    ),
+    # GPT-2: LayerNorm, GELU, learned positions, biases everywhere, tied output
+    "gpt2": dict(
+        config=dict(num_layers=4, hidden_size=64, num_attention_heads=4, ffn_hidden_size=256,
+                    normalization="LayerNorm", gated_linear_unit=False, activation_func="gelu", add_bias_linear=True,
+                    layernorm_epsilon=1e-5),
+        model=dict(vocab_size=128, max_sequence_length=32, position_embedding_type="learned_absolute",
+                   share_embeddings_and_output_weights=True),
+    ),
+    # Qwen3: Llama plus RMSNorm on queries and keys, head_dim set apart from hidden/heads, tied
+    "qwen3": dict(
+        config=dict(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, kv_channels=32,
+                    ffn_hidden_size=64, normalization="RMSNorm", gated_linear_unit=True, activation_func="silu",
+                    add_bias_linear=False, qk_layernorm=True, layernorm_epsilon=1e-6),
+        model=dict(vocab_size=128, max_sequence_length=64, position_embedding_type="rope", rotary_base=1000000,
+                   share_embeddings_and_output_weights=True),
+    ),
+    # for measuring conversion time and memory (not used by the tests): Llama-style, ~0.86B parameters
+    "llama1b": dict(
+        config=dict(num_layers=16, hidden_size=2048, num_attention_heads=16, num_query_groups=4, ffn_hidden_size=5632,
+                    normalization="RMSNorm", gated_linear_unit=True, activation_func="silu", add_bias_linear=False,
+                    layernorm_epsilon=1e-5),
+        model=dict(vocab_size=32000, max_sequence_length=2048, position_embedding_type="rope", rotary_base=10000,
+                   share_embeddings_and_output_weights=False),
+    ),
+}
+
+
+def megatron_args(family: str, tp: int, pp: int, ckpt_format: str) -> argparse.Namespace:
+    """The args Namespace Megatron-LM's training loop saves, with the fields a converter reads and
+    a few of the others it holds (enums, dtypes, lists) so the loader's allow-list is exercised."""
+    import torch
+    from megatron.core.enums import ModelType
+    from megatron.core.transformer.enums import AttnBackend
+
+    spec = FAMILIES[family]
+    c, m = spec["config"], spec["model"]
+    heads = c["num_attention_heads"]
+    return argparse.Namespace(
+        num_layers=c["num_layers"], hidden_size=c["hidden_size"], ffn_hidden_size=c["ffn_hidden_size"],
+        num_attention_heads=heads, group_query_attention="num_query_groups" in c,
+        num_query_groups=c.get("num_query_groups", 1), kv_channels=c.get("kv_channels", c["hidden_size"] // heads),
+        max_position_embeddings=m["max_sequence_length"], seq_length=16,
+        position_embedding_type=m["position_embedding_type"], use_rotary_position_embeddings=m["position_embedding_type"] == "rope",
+        rotary_base=m.get("rotary_base", 10000), rotary_percent=1.0, rotary_interleaved=False, use_rope_scaling=False,
+        normalization=c["normalization"], norm_epsilon=c["layernorm_epsilon"], apply_layernorm_1p=False,
+        swiglu=c["gated_linear_unit"], squared_relu=False, openai_gelu=False, onnx_safe=None,
+        untie_embeddings_and_output_weights=not m["share_embeddings_and_output_weights"],
+        add_bias_linear=c["add_bias_linear"], add_qkv_bias=c["add_bias_linear"],
+        qk_layernorm=c.get("qk_layernorm", False), num_experts=None, moe_router_topk=2, moe_ffn_hidden_size=None,
+        vocab_size=m["vocab_size"] - 3, padded_vocab_size=m["vocab_size"], make_vocab_size_divisible_by=32,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=1,
+        virtual_pipeline_model_parallel_size=None, num_layers_per_virtual_pipeline_stage=None,
+        decoder_first_pipeline_num_layers=None, decoder_last_pipeline_num_layers=None,
+        world_size=tp * pp, data_parallel_size=1, params_dtype=torch.float32, fp16=False, bf16=False,
+        ckpt_format=ckpt_format, transformer_impl="local", attention_backend=AttnBackend.auto,
+        model_type=ModelType.encoder_or_decoder, init_method_std=0.02, attention_dropout=0.0, hidden_dropout=0.0,
+        iteration=ITERATION, consumed_train_samples=ITERATION * 4, train_iters=100, lr=3e-4,
+        data_path=["/data/corpus_text_document"], load=None, save="/checkpoints", seed=1234,
+    )
+
+
+def build_model(family: str):
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    spec = FAMILIES[family]
+    c = dict(spec["config"])
+    activation = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}[c.pop("activation_func")]
+    config = TransformerConfig(
+        **c, activation_func=activation, tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        use_cpu_initialization=True, params_dtype=torch.float32, pipeline_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0,
+        gradient_accumulation_fusion=False, persist_layer_norm=False, bias_activation_fusion=False,
+        bias_dropout_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False, add_qkv_bias=c["add_bias_linear"],
+    )
+    layer_spec = get_gpt_layer_local_spec(normalization=c["normalization"], qk_layernorm=c.get("qk_layernorm", False))
+    return GPTModel(config, layer_spec, pre_process=parallel_state.is_pipeline_first_stage(),
+                    post_process=parallel_state.is_pipeline_last_stage(), parallel_output=False, **spec["model"])
+
+
+def randomize(model, family: str) -> None:
+    """Random values for every weight: a replicated tensor (norms, row-parallel biases) gets the same
+    values on every tensor-parallel rank, a split one different values per rank. The tied output
+    layer of the last stage gets the first stage's embedding, as Megatron keeps them equal."""
+    import torch
+    from megatron.core import parallel_state
+
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            shared = name in ("embedding.word_embeddings.weight", "output_layer.weight")
+            split = getattr(param, "tensor_model_parallel", False)
+            key = "word_embeddings" if shared and model.share_embeddings_and_output_weights else f"{pp_rank}:{name}"
+            key = f"{family}:{key}:{tp_rank if split else '-'}"
+            generator = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+            noise = torch.randn(param.shape, generator=generator)
+            if name.endswith("layer_norm_weight") or "layernorm.weight" in name or "norm.weight" in name:
+                param.copy_(1.0 + 0.2 * noise)
+            elif name.endswith("bias") or name.endswith("layer_norm_bias"):
+                param.copy_(0.1 * noise)
+            else:
+                param.copy_(0.05 * noise)
+
+
+def reference_forward(model, tokens):
+    """Logits of megatron-core's forward over the pipeline stages (last stage returns them)."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    positions = torch.arange(tokens.shape[1])[None].expand_as(tokens)
+    hidden_shape = (tokens.shape[1], tokens.shape[0], model.config.hidden_size)  # megatron: [s, b, h]
+    if not parallel_state.is_pipeline_first_stage():
+        received = torch.empty(hidden_shape)
+        dist.recv(received, src=parallel_state.get_pipeline_model_parallel_prev_rank())
+        model.set_input_tensor(received)
+    # megatron's mask convention: True = masked out (its default causal mask is made on "cuda")
+    causal = torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool).triu(1)[None, None]
+    with torch.no_grad():
+        out = model(tokens, positions, attention_mask=causal)
+    if not parallel_state.is_pipeline_last_stage():
+        dist.send(out.contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank())
+        return None
+    return out
+
+
+def save_torch_dist(model, args, folder: Path) -> None:
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    # The writer logs its memory use through psutil, which megatron-core does not depend on;
+    # the number is only logged, so without psutil it is 0.
+    if not filesystem_async.HAVE_PSUTIL:
+        filesystem_async._process_memory = lambda: 0
+
+    state = {"model": model.sharded_state_dict(), "args": args, "iteration": ITERATION, "checkpoint_version": 3.0}
+    folder.mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(state, str(folder))
+
+
+def save_legacy(model, args, folder: Path) -> None:
+    import numpy as np
+    import torch
+    from megatron.core import parallel_state
+
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    name = f"mp_rank_{tp_rank:02d}" if args.pipeline_model_parallel_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    rng_state = [{"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
+                  "torch_rng_state": torch.get_rng_state(), "cuda_rng_state": None, "rng_tracker_states": {}}]
+    state = {"args": args, "checkpoint_version": 3.0, "iteration": ITERATION,
+             "model": model.state_dict_for_save_checkpoint(), "rng_state": rng_state}
+    (folder / name).mkdir(parents=True, exist_ok=True)
+    torch.save(state, folder / name / "model_optim_rng.pt")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--family", choices=list(FAMILIES), required=True)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--format", choices=["torch_dist", "legacy", "both"], required=True,
+                        help="both: the same model saved in OUT/torch_dist and OUT/legacy")
+    opts = parser.parse_args(argv)
+
+    import warnings
+
+    import torch
+    import torch.distributed as dist
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    # megatron-core 0.16.1 allocates some forward-time buffers (RoPE frequencies, gathered
+    # tensor-parallel outputs) on torch.cuda.current_device(), moves the tied embedding to .cuda()
+    # before syncing the pipeline's two copies, and its checkpoint writer calls
+    # torch.cuda.synchronize(); on a CPU-only torch these become "cpu", no move, nothing to wait for.
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda device=None: None
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    dist.init_process_group("gloo")
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    try:
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=opts.tp, pipeline_model_parallel_size=opts.pp)
+        megatron_random.initialize_rng_tracker(inference_rng_tracker=True)  # no CUDA RNG to fork; dropout is 0
+        torch.manual_seed(1234)
+        model = build_model(opts.family)
+        randomize(model, opts.family)
+        model.eval()
+        tokens = torch.randint(0, FAMILIES[opts.family]["model"]["vocab_size"], (BATCH, SEQ),
+                               generator=torch.Generator().manual_seed(99))
+        logits = reference_forward(model, tokens)
+        formats = ["torch_dist", "legacy"] if opts.format == "both" else [opts.format]
+        for ckpt_format in formats:
+            out = opts.out / ckpt_format if opts.format == "both" else opts.out
+            args = megatron_args(opts.family, opts.tp, opts.pp, ckpt_format)
+            folder = out / f"iter_{ITERATION:07d}"
+            if ckpt_format == "torch_dist":
+                save_torch_dist(model, args, folder)
+            else:
+                save_legacy(model, args, folder)
+            dist.barrier()
+            if logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
+                torch.save({"tokens": tokens, "logits": logits.float()}, out / "reference.pt")
+            if dist.get_rank() == 0:
+                (out / "latest_checkpointed_iteration.txt").write_text(str(ITERATION))
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+# ----------------------------------------------------------------------------- for the tests
+def build(out: Path, family: str, tp: int, pp: int, ckpt_format: str = "both", timeout: float = 300.0) -> Path:
+    """Run this script as tp * pp gloo ranks (free port, hard timeout, no process left behind)."""
+    from dist_utils import run_ranks
+
+    result = run_ranks([__file__, str(out), "--family", family, "--tp", str(tp), "--pp", str(pp),
+                        "--format", ckpt_format], nprocs=tp * pp, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"building the megatron-core {family} checkpoint failed "
+                           f"(killed={result.killed}):\n{result.output[-8000:]}")
+    return out
+
+
+_TO_LEGACY_LAYER = {
+    "input_layernorm": "input_layernorm",
+    "self_attention.linear_qkv": "self_attention.query_key_value",
+    "self_attention.linear_proj": "self_attention.dense",
+    "pre_mlp_layernorm": "post_attention_layernorm",
+    "mlp.linear_fc1": "mlp.dense_h_to_4h",
+    "mlp.linear_fc2": "mlp.dense_4h_to_h",
+}
+
+
+def with_legacy_model_names(save_dir: Path, out: Path) -> Path:
+    """A copy of a per-rank save whose 'model' entries carry the legacy model's names and nesting
+    (megatron.legacy.model.GPTModel's state_dict_for_save_checkpoint), same tensors. The legacy
+    model class is not part of megatron-core 0.16.1, so the tensors come from megatron-core's own
+    save and only the names are rewritten, the way Megatron-LM names them."""
+    import re
+    import shutil
+
+    import torch
+
+    shutil.copytree(save_dir, out)
+    for path in out.glob("iter_*/mp_rank_*/model_optim_rng.pt"):
+        state = torch.load(path, weights_only=False)
+        embedding, encoder, output, tied_head = {}, {}, {}, None
+        for name, tensor in state["model"].items():
+            if name.endswith("_extra_state"):
+                continue
+            layer = re.match(r"decoder\.layers\.(\d+)\.(.+)\.(weight|bias)$", name)
+            if layer:
+                number, module, kind = layer.groups()
+                encoder[f"layers.{number}.{_TO_LEGACY_LAYER[module]}.{kind}"] = tensor
+            elif name.startswith("decoder.final_layernorm."):
+                encoder[name.replace("decoder.", "")] = tensor
+            elif name.startswith("embedding."):
+                table, kind = name.split(".")[1:]
+                embedding.setdefault(table, {})[kind] = tensor
+            elif name == "output_layer.weight" and state["args"].untie_embeddings_and_output_weights:
+                output["weight"] = tensor
+            elif name == "output_layer.weight":  # the tied head's copy on the last pipeline stage
+                tied_head = {"weight": tensor}
+            else:
+                raise AssertionError(f"no legacy name for {name}")
+        language_model = {"embedding": embedding, "encoder": encoder}
+        if output:
+            language_model["output_layer"] = output
+        state["model"] = {"language_model": language_model}
+        if tied_head is not None:
+            state["model"]["word_embeddings_for_head"] = tied_head
+        torch.save(state, path)
+    return out

@@ -1,0 +1,299 @@
+"""Megatron checkpoints -> ember (`ember.checkpoint.megatron`), proven on checkpoints megatron-core
+0.16.1 itself writes (tests/megatron_checkpoints.py: a GPTModel over gloo on CPU, saved with
+`dist_checkpointing.save` and in the per-rank layout of Megatron-LM's training loop): ember's logits
+from the converted weights must equal megatron-core's forward on the same tokens.
+
+Cases: {Llama (RMSNorm, SwiGLU, RoPE, GQA, no bias, untied), GPT-2 (LayerNorm, GELU, learned
+positions, biases, tied), Qwen3 (qk-layernorm, head_dim apart, tied)} x {torch_dist, per-rank
+files} x {TP 2 x PP 2, TP 2}, plus the legacy model's names, and the refusals: classes outside the
+allow-list (never executed), incomplete or inconsistent checkpoints, iterations that are not there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+
+import megatron_checkpoints  # noqa: E402  (tests/ is on sys.path, like dist_utils)
+from dist_utils import single_thread  # noqa: E402,F401  (autouse fixture: one torch thread)
+
+from ember.checkpoint.megatron import (  # noqa: E402
+    convert_megatron_to_ember,
+    fuse_qkv,
+    is_megatron_checkpoint,
+    locate_megatron_checkpoint,
+    model_args_from_megatron,
+    split_qkv,
+)
+from ember.checkpoint.weights import load_model, read_manifest  # noqa: E402
+from ember.errors import EmberError  # noqa: E402
+from ember.models.args import ModelArgs  # noqa: E402
+
+# (family, tensor-parallel, pipeline-parallel): each built once, saved in both formats
+BUILDS = {"llama": (2, 2), "gpt2": (2, 2), "qwen3": (2, 1)}
+
+
+@pytest.fixture(scope="module")
+def megatron_saves(tmp_path_factory):
+    """family -> folder with torch_dist/ and legacy/ save folders of one megatron-core model."""
+    root = tmp_path_factory.mktemp("megatron")
+    return {family: megatron_checkpoints.build(root / family, family, tp, pp) for family, (tp, pp) in BUILDS.items()}
+
+
+def assert_same_logits(save_dir: Path, ember_dir: Path) -> None:
+    reference = torch.load(save_dir / "reference.pt")
+    model = load_model(ember_dir).eval()
+    with torch.no_grad():
+        logits = model(reference["tokens"])
+    expected = reference["logits"]
+    assert logits.shape == expected.shape
+    scale = expected.abs().max().item()
+    assert scale > 0.3  # random norms and biases: a misplaced tensor moves the logits by about this
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("ckpt_format", ["torch_dist", "legacy"])
+@pytest.mark.parametrize("family", list(BUILDS))
+def test_megatron_core_checkpoint_gives_megatron_logits(megatron_saves, tmp_path, family, ckpt_format):
+    save_dir = megatron_saves[family] / ckpt_format
+    report = convert_megatron_to_ember(save_dir, tmp_path / "ember")
+    tp, pp = BUILDS[family]
+    assert (report["format"], report["naming"], report["iteration"]) == (ckpt_format, "mcore", 7)
+    assert (report["tensor_parallel"], report["pipeline_parallel"]) == (tp, pp)
+    assert report["family"] == family
+    manifest = read_manifest(tmp_path / "ember")
+    assert manifest["source"]["kind"] == "megatron" and manifest["source"]["format"] == ckpt_format
+    assert_same_logits(save_dir, tmp_path / "ember")
+
+
+def test_rank_folder_layouts_are_the_ones_megatron_writes(megatron_saves):
+    assert sorted(p.name for p in (megatron_saves["llama"] / "legacy/iter_0000007").iterdir()) == [
+        "mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
+    assert sorted(p.name for p in (megatron_saves["qwen3"] / "legacy/iter_0000007").iterdir()) == [
+        "mp_rank_00", "mp_rank_01"]
+    dist_files = {p.name for p in (megatron_saves["llama"] / "torch_dist/iter_0000007").iterdir()}
+    assert {".metadata", "common.pt", "metadata.json"} <= dist_files
+    assert any(name.endswith(".distcp") for name in dist_files)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_legacy_model_names(megatron_saves, tmp_path, family):
+    """`language_model.encoder.layers.N.self_attention.query_key_value.weight` & co, nested dicts,
+    the tied head's `word_embeddings_for_head` on the last stage (gpt2, PP 2)."""
+    save_dir = megatron_checkpoints.with_legacy_model_names(megatron_saves[family] / "legacy", tmp_path / "legacy")
+    report = convert_megatron_to_ember(save_dir, tmp_path / "ember")
+    assert report["naming"] == "legacy"
+    assert_same_logits(save_dir, tmp_path / "ember")
+
+
+def test_fused_norm_names_of_per_rank_files(megatron_saves, tmp_path):
+    """Transformer-Engine specs save the norms inside the next linear (`linear_qkv.layer_norm_weight`,
+    `linear_fc1.layer_norm_weight`): the same tensors under those names convert the same."""
+    save_dir = tmp_path / "fused"
+    shutil.copytree(megatron_saves["gpt2"] / "legacy", save_dir)
+    renames = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_", "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+    for path in save_dir.glob("iter_*/mp_rank_*/model_optim_rng.pt"):
+        state = torch.load(path, weights_only=False)
+        model = {}
+        for name, tensor in state["model"].items():
+            for old, new in renames.items():
+                name = name.replace(old, new)
+            model[name] = tensor
+        state["model"] = model
+        torch.save(state, path)
+    convert_megatron_to_ember(save_dir, tmp_path / "ember")
+    assert_same_logits(save_dir, tmp_path / "ember")
+
+
+def test_iteration_folders(megatron_saves, tmp_path):
+    save_dir = megatron_saves["qwen3"] / "torch_dist"
+    assert is_megatron_checkpoint(save_dir) and is_megatron_checkpoint(save_dir / "iter_0000007")
+    assert not is_megatron_checkpoint(tmp_path)
+    # an iteration folder on its own, and --iteration
+    assert locate_megatron_checkpoint(save_dir / "iter_0000007").iteration == 7
+    assert locate_megatron_checkpoint(save_dir, iteration=7).folder == save_dir / "iter_0000007"
+    with pytest.raises(EmberError, match=r"iter_0000008 does not exist; .* holds iter_0000007"):
+        locate_megatron_checkpoint(save_dir, iteration=8)
+    # a release folder, named by the tracker file
+    release = tmp_path / "release_save"
+    release.mkdir()
+    os.symlink(save_dir / "iter_0000007", release / "release")
+    (release / "latest_checkpointed_iteration.txt").write_text("release\n")
+    report = convert_megatron_to_ember(release, tmp_path / "ember")
+    assert report["iteration"] == "release"
+    assert_same_logits(save_dir, tmp_path / "ember")
+    # no tracker: say which iterations there are
+    untracked = tmp_path / "untracked"
+    untracked.mkdir()
+    os.symlink(save_dir / "iter_0000007", untracked / "iter_0000007")
+    with pytest.raises(EmberError, match="no latest_checkpointed_iteration.txt .* holds iter_0000007; pass --iteration"):
+        locate_megatron_checkpoint(untracked)
+    assert locate_megatron_checkpoint(untracked, iteration=7).format == "torch_dist"
+
+
+def test_output_dtype_and_existing_output(megatron_saves, tmp_path):
+    save_dir = megatron_saves["qwen3"] / "legacy"
+    convert_megatron_to_ember(save_dir, tmp_path / "ember", dtype=torch.bfloat16)
+    model = load_model(tmp_path / "ember")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with pytest.raises(EmberError, match="already exists"):
+        convert_megatron_to_ember(save_dir, tmp_path / "ember")
+    convert_megatron_to_ember(save_dir, tmp_path / "ember", overwrite=True)
+
+
+# ----------------------------------------------------------------------------- refusals
+class _Marker:
+    """Unpickling this would create a folder: the tests check that it never appears."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def _rewrite_rank_files(save_dir: Path, change) -> None:
+    for path in save_dir.glob("iter_*/mp_rank_*/model_optim_rng.pt"):
+        state = torch.load(path, weights_only=False)
+        change(state)
+        torch.save(state, path)
+
+
+def test_args_holding_other_classes_are_refused_unexecuted(megatron_saves, tmp_path):
+    save_dir = tmp_path / "evil"
+    shutil.copytree(megatron_saves["qwen3"] / "legacy", save_dir)
+    marker = tmp_path / "pwned"
+    _rewrite_rank_files(save_dir, lambda state: setattr(state["args"], "hook", _Marker(str(marker))))
+    with pytest.raises(EmberError, match=r"holds a posix\.mkdir object, which is not among the classes") as err:
+        convert_megatron_to_ember(save_dir, tmp_path / "ember")
+    assert "\n" not in str(err.value)
+    assert not marker.exists() and not (tmp_path / "ember").exists()
+
+
+def test_distributed_metadata_holding_other_classes_is_refused_unexecuted(megatron_saves, tmp_path):
+    save_dir = tmp_path / "evil"
+    shutil.copytree(megatron_saves["qwen3"] / "torch_dist", save_dir)
+    marker = tmp_path / "pwned"
+    metadata = save_dir / "iter_0000007" / ".metadata"
+    with open(metadata, "rb") as f:
+        loaded = pickle.load(f)
+    loaded.planner_data = _Marker(str(marker))
+    metadata.write_bytes(pickle.dumps(loaded))
+    with pytest.raises(EmberError, match=r"\.metadata is not DCP checkpoint metadata \(.*posix\.mkdir is not part of"):
+        convert_megatron_to_ember(save_dir, tmp_path / "ember")
+    assert not marker.exists()
+
+
+def test_common_pt_holding_other_classes_is_refused_unexecuted(megatron_saves, tmp_path):
+    save_dir = tmp_path / "evil"
+    shutil.copytree(megatron_saves["qwen3"] / "torch_dist", save_dir)
+    marker = tmp_path / "pwned"
+    common = save_dir / "iter_0000007" / "common.pt"
+    state = torch.load(common, weights_only=False)
+    state["extra"] = _Marker(str(marker))
+    torch.save(state, common)
+    with pytest.raises(EmberError, match=r"common\.pt: holds a posix\.mkdir object"):
+        convert_megatron_to_ember(save_dir, tmp_path / "ember")
+    assert not marker.exists()
+
+
+def test_missing_rank_file_and_missing_chunk_file(megatron_saves, tmp_path):
+    legacy = tmp_path / "legacy"
+    shutil.copytree(megatron_saves["llama"] / "legacy", legacy)
+    shutil.rmtree(legacy / "iter_0000007" / "mp_rank_01_001")
+    with pytest.raises(EmberError, match="mp_rank_01_001 is missing"):
+        convert_megatron_to_ember(legacy, tmp_path / "ember")
+    dist = tmp_path / "dist"
+    shutil.copytree(megatron_saves["llama"] / "torch_dist", dist)
+    victim = sorted((dist / "iter_0000007").glob("*.distcp"))[-1]
+    victim.unlink()
+    with pytest.raises(EmberError, match=f"{victim.name}: cannot read .* the checkpoint is incomplete"):
+        convert_megatron_to_ember(dist, tmp_path / "ember")
+    assert not (tmp_path / "ember").exists()
+
+
+def test_args_that_disagree_with_the_weights(megatron_saves, tmp_path):
+    save_dir = tmp_path / "wrong"
+    shutil.copytree(megatron_saves["qwen3"] / "legacy", save_dir)
+    _rewrite_rank_files(save_dir, lambda state: setattr(state["args"], "num_layers", 5))
+    with pytest.raises(EmberError, match=r"tensor decoder\.layers\.4\.input_layernorm\.weight is missing"):
+        convert_megatron_to_ember(save_dir, tmp_path / "ember")
+    shutil.rmtree(save_dir)
+    shutil.copytree(megatron_saves["qwen3"] / "legacy", save_dir)
+    _rewrite_rank_files(save_dir, lambda state: setattr(state["args"], "num_layers", 3))
+    with pytest.raises(EmberError, match=r"decoder\.layers\.3\..* is not part of the model the saved args describe"):
+        convert_megatron_to_ember(save_dir, tmp_path / "ember")
+    shutil.rmtree(save_dir)
+    shutil.copytree(megatron_saves["qwen3"] / "legacy", save_dir)
+    _rewrite_rank_files(save_dir, lambda state: state.pop("args"))
+    with pytest.raises(EmberError, match="holds no saved 'args'"):
+        convert_megatron_to_ember(save_dir, tmp_path / "ember")
+
+
+# ----------------------------------------------------------------------------- pieces
+def _namespace(**changes) -> argparse.Namespace:
+    base = dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, group_query_attention=False,
+                num_query_groups=1, kv_channels=16, max_position_embeddings=32, position_embedding_type="rope",
+                normalization="RMSNorm", norm_epsilon=1e-6, swiglu=True, untie_embeddings_and_output_weights=True,
+                add_bias_linear=False, add_qkv_bias=False, qk_layernorm=False, padded_vocab_size=256,
+                rotary_base=10000, num_experts=None)
+    base.update(changes)
+    return argparse.Namespace(**base)
+
+
+def test_args_mapping():
+    family, args = model_args_from_megatron(_namespace())
+    assert family == "llama"
+    assert (args.n_kv_heads, args.mlp_type, args.activation, args.tie_embeddings, args.qkv_bias) == (4, "gated", "silu", False, False)
+    # num_query_groups counts only with group_query_attention (Megatron keeps its default of 1)
+    assert model_args_from_megatron(_namespace(group_query_attention=True, num_query_groups=2))[1].n_kv_heads == 2
+    _, qwen2 = model_args_from_megatron(_namespace(add_qkv_bias=True))
+    assert (qwen2.qkv_bias, qwen2.attn_out_bias, qwen2.mlp_bias) == (True, False, False)
+    _, scaled = model_args_from_megatron(_namespace(use_rope_scaling=True, rope_scaling_factor=32.0))
+    assert scaled.rope_scaling["factor"] == 32.0 and scaled.rope_scaling["type"] == "llama3"
+    _, gpt = model_args_from_megatron(_namespace(position_embedding_type="learned_absolute", normalization="LayerNorm",
+                                                 swiglu=False, openai_gelu=True, add_bias_linear=True,
+                                                 untie_embeddings_and_output_weights=False))
+    assert (gpt.activation, gpt.mlp_bias, gpt.tie_embeddings, gpt.position_type) == ("gelu_tanh", True, True, "learned")
+    for changes, message in ((dict(num_experts=8), "mixture-of-experts"), (dict(rotary_percent=0.5), "partial RoPE"),
+                             (dict(position_embedding_type="alibi"), "alibi is not supported"),
+                             (dict(padded_vocab_size=None), "padded_vocab_size")):
+        with pytest.raises(EmberError, match=message):
+            model_args_from_megatron(_namespace(**changes))
+
+
+def test_qkv_interleaving_per_query_group():
+    args = ModelArgs(dim=16, n_heads=4, n_kv_heads=2, head_dim=2, n_layers=1, vocab_size=8, ffn_dim=8)
+    rows = torch.arange(2 * (2 + 2) * 2, dtype=torch.float32)[:, None]  # 2 groups x (2 q + k + v) x head_dim 2
+    q, k, v = split_qkv(args, rows)
+    assert q.flatten().tolist() == [0, 1, 2, 3, 8, 9, 10, 11]
+    assert k.flatten().tolist() == [4, 5, 12, 13]
+    assert v.flatten().tolist() == [6, 7, 14, 15]
+    assert torch.equal(fuse_qkv(args, q, k, v), rows)
+
+
+def test_ember_convert_from_megatron_command(megatron_saves, tmp_path, capsys):
+    """`ember convert --from megatron --to ember` runs the conversion and says what it read; its
+    output never replaces the source."""
+    from ember.cli import main
+    from ember.checkpoint.weights import read_manifest
+
+    src = megatron_saves["llama"] / "torch_dist"
+    out = tmp_path / "converted"
+    assert main(["convert", "--from", "megatron", "--to", "ember", str(src), str(out)]) == 0
+    line = capsys.readouterr().out
+    assert "megatron torch_dist" in line and "-> ember llama" in line
+    assert read_manifest(out)["model_args"]["n_layers"] > 0
+    assert main(["convert", "--from", "megatron", "--to", "ember", str(src), str(src.parent), "--force"]) == 2
+    assert "holds the source" in capsys.readouterr().err
+    assert src.is_dir()
+    assert main(["convert", "--from", "hf", "--to", "ember", str(src), str(out), "--iteration", "3"]) == 2
+    assert "--iteration" in capsys.readouterr().err
