@@ -204,6 +204,30 @@ def save_legacy(model, args, folder: Path) -> None:
     torch.save(state, folder / name / "model_optim_rng.pt")
 
 
+def load_saved(model, save_dir: Path, ckpt_format: str) -> None:
+    """Load a Megatron save folder into this rank's model the way Megatron-LM's load_checkpoint
+    does: torch_dist through dist_checkpointing.load of the model's sharded_state_dict, legacy by
+    torch.load of this rank's mp_rank file; both with load_state_dict(strict=True)."""
+    import torch
+    from megatron.core import dist_checkpointing, parallel_state
+
+    folder = save_dir / f"iter_{int((save_dir / 'latest_checkpointed_iteration.txt').read_text()):07d}"
+    if ckpt_format == "torch_dist":
+        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(folder))
+        assert loaded["checkpoint_version"] == 3.0 and loaded["args"].num_layers == model.config.num_layers
+        state = loaded["model"]
+    else:
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+        name = f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+        saved = torch.load(folder / name / "model_optim_rng.pt", weights_only=False)
+        assert saved["checkpoint_version"] == 3.0 and saved["args"].tensor_model_parallel_size == \
+            parallel_state.get_tensor_model_parallel_world_size()
+        state = saved["model"]
+    model.load_state_dict(state, strict=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
@@ -212,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--format", choices=["torch_dist", "legacy", "both"], required=True,
                         help="both: the same model saved in OUT/torch_dist and OUT/legacy")
+    parser.add_argument("--load", type=Path, default=None,
+                        help="instead of saving: load this Megatron save folder (e.g. ember's export) into the "
+                             "model at this layout (strict), run the forward on the tokens of OUT/reference.pt and "
+                             "write its logits to OUT/loaded.pt")
     opts = parser.parse_args(argv)
 
     import warnings
@@ -237,6 +265,15 @@ def main(argv: list[str] | None = None) -> int:
         megatron_random.initialize_rng_tracker(inference_rng_tracker=True)  # no CUDA RNG to fork; dropout is 0
         torch.manual_seed(1234)
         model = build_model(opts.family)
+        if opts.load is not None:
+            load_saved(model, opts.load, opts.format)
+            model.eval()
+            tokens = torch.load(opts.out / "reference.pt")["tokens"]
+            logits = reference_forward(model, tokens)
+            if logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
+                torch.save({"tokens": tokens, "logits": logits.float()}, opts.out / "loaded.pt")
+            dist.barrier()
+            return 0
         randomize(model, opts.family)
         model.eval()
         tokens = torch.randint(0, FAMILIES[opts.family]["model"]["vocab_size"], (BATCH, SEQ),
@@ -277,6 +314,20 @@ def build(out: Path, family: str, tp: int, pp: int, ckpt_format: str = "both", t
         raise RuntimeError(f"building the megatron-core {family} checkpoint failed "
                            f"(killed={result.killed}):\n{result.output[-8000:]}")
     return out
+
+
+def load_with_megatron(out: Path, save_dir: Path, family: str, tp: int, pp: int, ckpt_format: str,
+                       timeout: float = 300.0) -> dict:
+    """megatron-core loads `save_dir` into a GPTModel at TP x PP and runs its forward on the tokens
+    of out/reference.pt: {'tokens', 'logits'} (written to out/loaded.pt)."""
+    import torch
+    from dist_utils import run_ranks
+
+    result = run_ranks([__file__, str(out), "--family", family, "--tp", str(tp), "--pp", str(pp),
+                        "--format", ckpt_format, "--load", str(save_dir)], nprocs=tp * pp, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"megatron-core could not load {save_dir} (killed={result.killed}):\n{result.output[-8000:]}")
+    return torch.load(out / "loaded.pt")
 
 
 _TO_LEGACY_LAYER = {

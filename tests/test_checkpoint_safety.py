@@ -250,7 +250,7 @@ def test_convert_force_never_deletes_its_source(tmp_path, capsys):
     refused = {
         str(weights): "is the source",
         str(tmp_path / "root"): "holds the source",
-        str(unrelated): "not an earlier ember or Hugging Face export",
+        str(unrelated): "is not an earlier export",
     }
     for out, message in refused.items():
         assert ember(["convert", "--from", "ember", "--to", "hf", str(weights), out, "--force"]) == 2

@@ -297,3 +297,93 @@ def test_ember_convert_from_megatron_command(megatron_saves, tmp_path, capsys):
     assert src.is_dir()
     assert main(["convert", "--from", "hf", "--to", "ember", str(src), str(out), "--iteration", "3"]) == 2
     assert "--iteration" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- ember -> megatron
+def _same_ember_weights(a: Path, b: Path) -> None:
+    from ember.checkpoint.weights import load_ember_weights
+
+    args_a, state_a = load_ember_weights(a)
+    args_b, state_b = load_ember_weights(b)
+    assert args_a.to_dict() == args_b.to_dict()
+    assert state_a.keys() == state_b.keys()
+    for name in state_a:
+        assert state_a[name].dtype == state_b[name].dtype and torch.equal(state_a[name], state_b[name]), name
+
+
+@pytest.mark.parametrize("layout", [("legacy", 2, 2), ("torch_dist", 2, 2), ("legacy", 1, 4), ("torch_dist", 1, 1),
+                                    ("legacy", 2, 1)])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_round_trip_megatron_ember_megatron_ember_is_bit_exact(megatron_saves, tmp_path, family, layout):
+    from ember.checkpoint.megatron_export import convert_ember_to_megatron
+
+    ckpt_format, tp, pp = layout
+    convert_megatron_to_ember(megatron_saves[family] / "legacy", tmp_path / "ember1")
+    report = convert_ember_to_megatron(tmp_path / "ember1", tmp_path / "megatron", ckpt_format, tp, pp)
+    assert (report["format"], report["tensor_parallel"], report["pipeline_parallel"]) == (ckpt_format, tp, pp)
+    back = convert_megatron_to_ember(tmp_path / "megatron", tmp_path / "ember2")
+    assert (back["format"], back["tensor_parallel"], back["pipeline_parallel"]) == (ckpt_format, tp, pp)
+    _same_ember_weights(tmp_path / "ember1", tmp_path / "ember2")
+
+
+@pytest.mark.parametrize("ckpt_format", ["legacy", "torch_dist"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_megatron_core_loads_ember_export_and_gives_ember_logits(megatron_saves, tmp_path, family, ckpt_format):
+    """megatron-core itself loads ember's export at TP 2 x PP 2 (legacy: each rank's
+    model_optim_rng.pt with load_state_dict(strict=True); torch_dist: dist_checkpointing.load of
+    the model's sharded_state_dict, then strict load_state_dict) and its forward gives ember's logits."""
+    from ember.checkpoint.megatron_export import convert_ember_to_megatron
+
+    convert_megatron_to_ember(megatron_saves[family] / "legacy", tmp_path / "ember")
+    convert_ember_to_megatron(tmp_path / "ember", tmp_path / "save", ckpt_format, 2, 2)
+    assert (tmp_path / "save" / "latest_checkpointed_iteration.txt").read_text() == "0"
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(megatron_saves[family] / "legacy" / "reference.pt", work / "reference.pt")
+    loaded = megatron_checkpoints.load_with_megatron(work, tmp_path / "save", family, 2, 2, ckpt_format)
+    model = load_model(tmp_path / "ember").eval()
+    with torch.no_grad():
+        ember_logits = model(loaded["tokens"])
+    scale = ember_logits.abs().max().item()
+    assert scale > 0.3
+    torch.testing.assert_close(loaded["logits"], ember_logits, rtol=0, atol=1e-5 * scale)
+
+
+def test_ember_convert_to_megatron_command_and_refusals(megatron_saves, tmp_path, capsys):
+    from ember.checkpoint.megatron_export import convert_ember_to_megatron
+    from ember.cli import main
+
+    ember_dir = tmp_path / "ember"
+    convert_megatron_to_ember(megatron_saves["llama"] / "legacy", ember_dir)
+    out = tmp_path / "megatron"
+    assert main(["convert", "--from", "ember", "--to", "megatron", str(ember_dir), str(out), "--format", "legacy",
+                 "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2"]) == 0
+    assert "-> megatron legacy" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "iter_0000000").iterdir()) == [
+        "mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
+    state = torch.load(out / "iter_0000000/mp_rank_01_001/model_optim_rng.pt", weights_only=False)
+    assert state["checkpoint_version"] == 3.0 and state["iteration"] == 0
+    assert (state["args"].tensor_model_parallel_size, state["args"].pipeline_model_parallel_size) == (2, 2)
+    # an existing output needs --force; then it is replaced whole (atomically)
+    assert main(["convert", "--from", "ember", "--to", "megatron", str(ember_dir), str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["convert", "--from", "ember", "--to", "megatron", str(ember_dir), str(out), "--force"]) == 0
+    assert (out / "iter_0000000" / ".metadata").is_file() and not (out / "iter_0000000" / "mp_rank_00_000").exists()
+    # --force replaces an earlier export only, never an unrelated folder
+    unrelated = tmp_path / "notes"
+    unrelated.mkdir()
+    (unrelated / "keep.txt").write_text("mine")
+    with pytest.raises(EmberError, match="is not an earlier export"):
+        convert_ember_to_megatron(ember_dir, unrelated, overwrite=True)
+    assert (unrelated / "keep.txt").read_text() == "mine"
+    # never over the source; layouts that do not divide the model; flags for the other direction
+    with pytest.raises(EmberError, match="holds the source"):
+        convert_ember_to_megatron(ember_dir, tmp_path, overwrite=True)
+    with pytest.raises(EmberError, match="does not divide the 2 query groups"):
+        convert_ember_to_megatron(ember_dir, tmp_path / "tp4", tensor_parallel=4)
+    with pytest.raises(EmberError, match="does not divide the 4 layers"):
+        convert_ember_to_megatron(ember_dir, tmp_path / "pp3", pipeline_parallel=3)
+    assert not (tmp_path / "tp4").exists() and not (tmp_path / "pp3").exists()
+    assert main(["convert", "--from", "ember", "--to", "hf", str(ember_dir), str(tmp_path / "hf"),
+                 "--target-tensor-parallel-size", "2"]) == 2
+    assert "--to megatron" in capsys.readouterr().err

@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -294,19 +294,21 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
 # atomic output folders
 # =============================================================================================
 @contextlib.contextmanager
-def atomic_folder(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_folder(out_dir: Path, overwrite: bool = False,
+                  replaceable: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Yield a temporary sibling folder; rename it to out_dir only when the block succeeds,
-    so a crash never leaves a half-written out_dir. `overwrite` replaces only an earlier output (an
-    ember weight folder or a Hugging Face model folder), never a file or an unrelated folder."""
+    so a crash never leaves a half-written out_dir. `overwrite` replaces only an earlier output
+    (`replaceable(out_dir)`; by default an ember weight folder or a Hugging Face model folder),
+    never a file or an unrelated folder."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise EmberError(f"{out_dir} is a file; choose a folder for the output")
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not overwrite:
             raise EmberError(f"{out_dir} already exists and is not empty; choose another output or pass --force")
-        if not is_weight_folder(out_dir):
-            raise EmberError(f"{out_dir} is not an earlier ember or Hugging Face export (no {MANIFEST} or "
-                             f"config.json with weights): --force replaces only those; choose another output")
+        if not (replaceable or is_weight_folder)(out_dir):
+            raise EmberError(f"{out_dir} is not an earlier export (an ember, Hugging Face or Megatron checkpoint "
+                             f"folder): --force replaces only those; choose another output")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
     "launch": ("ember.commands.launch",
                "start training on this node with torchrun (GPUS_PER_NODE, NNODES, NODE_RANK, ...)"),
     "train": ("ember.commands.train", "pretrain or fine-tune (Megatron-style flags, YAML config, torchrun)"),
-    "convert": ("ember.commands.convert", "convert weights between Hugging Face and ember folders"),
+    "convert": ("ember.commands.convert", "convert weights between Hugging Face, Megatron and ember folders"),
     "generate": ("ember.commands.generate", "generate text from an ember weight folder (greedy or sampled, KV cache)"),
     "models": ("ember.commands.models", "list the named models (family, size, source) that --model accepts"),
     "plot": ("ember.commands.plot", "plot a run's loss curve (logs/metrics.jsonl) to a PNG"),

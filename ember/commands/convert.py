@@ -1,11 +1,13 @@
-"""`ember convert`: Hugging Face checkpoints <-> ember weight folders, streamed.
+"""`ember convert`: checkpoints between Hugging Face, Megatron and ember folders, streamed.
 
     ember convert --from hf --to ember HF_DIR OUT_DIR
     ember convert --from ember --to hf EMBER_DIR OUT_DIR   (EMBER_DIR may be an `ember train --save` folder)
     ember convert --from megatron --to ember MEGATRON_SAVE_DIR OUT_DIR [--iteration N]
+    ember convert --from ember --to megatron EMBER_DIR OUT_DIR [--format torch_dist|legacy]
+        [--target-tensor-parallel-size T] [--target-pipeline-parallel-size P]
 
-The conversions themselves are `ember.checkpoint.convert` and `ember.checkpoint.megatron`; this
-module reads the flags.
+The conversions themselves are `ember.checkpoint.convert`, `ember.checkpoint.megatron` and
+`ember.checkpoint.megatron_export`; this module reads the flags.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ _DTYPE_CHOICES = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16, "
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="from_format", choices=["hf", "ember", "megatron"], required=True,
                         help="format of SRC")
-    parser.add_argument("--to", dest="to_format", choices=["hf", "ember"], required=True, help="format to write")
+    parser.add_argument("--to", dest="to_format", choices=["hf", "ember", "megatron"], required=True,
+                        help="format to write")
     parser.add_argument("src", type=Path,
                         help="Hugging Face model folder, ember weight folder, (--from ember) an ember train --save "
                              "folder, or (--from megatron) a Megatron save folder or one of its iter_* folders")
@@ -38,14 +41,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--iteration", type=int, default=None,
                         help="--from megatron: the iteration to read (default: latest_checkpointed_iteration.txt)")
+    parser.add_argument("--format", dest="megatron_format", choices=["torch_dist", "legacy"], default="torch_dist",
+                        help="--to megatron: Megatron-Core distributed checkpoint (torch_dist, default) or the "
+                             "per-rank mp_rank_* files (legacy, --ckpt-format torch)")
+    parser.add_argument("--target-tensor-parallel-size", type=int, default=1,
+                        help="--to megatron: tensor-parallel size of the written checkpoint (default 1)")
+    parser.add_argument("--target-pipeline-parallel-size", type=int, default=1,
+                        help="--to megatron: pipeline-parallel size of the written checkpoint (default 1)")
     parser.add_argument("--force", action="store_true",
                         help="replace OUT if it is an earlier output (an ember or Hugging Face model folder)")
 
 
 def run(args: argparse.Namespace) -> int:
-    if (args.from_format, args.to_format) not in (("hf", "ember"), ("ember", "hf"), ("megatron", "ember")):
+    if (args.from_format, args.to_format) not in (("hf", "ember"), ("ember", "hf"), ("megatron", "ember"),
+                                                  ("ember", "megatron")):
         raise EmberError(f"cannot convert --from {args.from_format} --to {args.to_format}; use hf->ember, "
-                         f"ember->hf or megatron->ember")
+                         f"ember->hf, megatron->ember or ember->megatron")
+    if args.to_format != "megatron" and (args.target_tensor_parallel_size != 1 or args.target_pipeline_parallel_size != 1
+                                         or args.megatron_format != "torch_dist"):
+        raise EmberError("--format and --target-*-parallel-size describe a Megatron output; use them with --to megatron")
     if args.iteration is not None and args.from_format != "megatron":
         raise EmberError("--iteration picks a Megatron checkpoint's iteration; use it with --from megatron")
     max_shard = parse_size(args.max_shard_size)
@@ -54,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.from_format == "megatron":
             return _from_megatron(args, max_shard, dtype, started)
+        if args.to_format == "megatron":
+            return _to_megatron(args, dtype, started)
         if args.from_format == "hf":
             summary = convert_hf_to_ember(args.src, args.out, max_shard_bytes=max_shard, dtype=dtype,
                                           overwrite=args.force)
@@ -77,4 +93,17 @@ def _from_megatron(args: argparse.Namespace, max_shard: int, dtype, started: flo
                                        dtype=dtype, max_shard_bytes=max_shard)
     print(f"ember convert: {describe_megatron_source(report)} -> {args.out} in {report['shards']} shard(s), "
           f"{time.perf_counter() - started:.1f}s")
+    return 0
+
+
+def _to_megatron(args: argparse.Namespace, dtype, started: float) -> int:
+    from ember.checkpoint.megatron_export import convert_ember_to_megatron
+
+    report = convert_ember_to_megatron(args.src, args.out, format=args.megatron_format,
+                                       tensor_parallel=args.target_tensor_parallel_size,
+                                       pipeline_parallel=args.target_pipeline_parallel_size,
+                                       overwrite=args.force, dtype=dtype)
+    print(f"ember convert: ember {report['family']} -> megatron {report['format']} {args.out} "
+          f"(TP {report['tensor_parallel']} x PP {report['pipeline_parallel']}): {report['tensors']} tensors, "
+          f"{report['bytes'] / 1e6:.1f} MB in {report['files']} file(s), {time.perf_counter() - started:.1f}s")
     return 0

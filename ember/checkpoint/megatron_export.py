@@ -1,0 +1,340 @@
+"""ember weights -> Megatron-LM checkpoints (`ember convert --from ember --to megatron`).
+
+Writes what Megatron-LM's training loop writes for a Megatron-Core GPTModel (local or TE spec
+naming), at any tensor/pipeline-parallel layout:
+
+- legacy (`--ckpt-format torch`): OUT/latest_checkpointed_iteration.txt and
+  OUT/iter_0000000/mp_rank_TT[_PPP]/model_optim_rng.pt = {'args', 'checkpoint_version': 3.0,
+  'iteration': 0, 'model': this rank's state_dict}; q/k/v rows interleaved per query group and
+  split by groups, SwiGLU's fc1 as [this rank's gate rows; its up rows], column-parallel tensors
+  (and the vocab-parallel embedding/output) split on rows, row-parallel ones on columns, layer
+  numbers local to the pipeline stage, the tied output's copy on the last stage;
+- torch_dist: OUT/iter_0000000/ as `megatron.core.dist_checkpointing.save` writes it: a torch DCP
+  checkpoint (`.metadata`, `__0_0.distcp`) with global shapes and the layers stacked on a leading
+  dimension (`decoder.layers.self_attention.linear_qkv.weight` is [num_layers, ...], norms under
+  their fused names `linear_qkv.layer_norm_weight`), SwiGLU's fc1 as [all gates; all ups], plus
+  `common.pt` ({'args', 'iteration', 'checkpoint_version'}) and `metadata.json`. The layout is
+  the reader's choice there: the same folder loads at any TP/PP (the args say the one asked for).
+
+Streamed: legacy files are made one pipeline stage at a time, distributed chunks one tensor at a
+time (one chunk per layer), each read from the ember folder when needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import pickle
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ember.checkpoint import weights as io_weights
+from ember.checkpoint.megatron import RANK_FILE, TRACKER_FILE, fuse_qkv, is_megatron_checkpoint
+from ember.errors import EmberError
+from ember.models.args import ModelArgs
+
+ITERATION = 0
+_LINEARS = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
+_COLUMN = {"self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias", "mlp.linear_fc1.weight",
+           "mlp.linear_fc1.bias", "embedding.word_embeddings.weight", "output_layer.weight"}
+_ROW = {"self_attention.linear_proj.weight", "mlp.linear_fc2.weight"}
+# names of the norms in Megatron-Core's sharded_state_dict (fused into the next linear)
+_DIST_NAMES = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "input_layernorm.bias": "self_attention.linear_qkv.layer_norm_bias",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+    "pre_mlp_layernorm.bias": "mlp.linear_fc1.layer_norm_bias",
+}
+
+
+# =============================================================================================
+# ModelArgs -> Megatron-LM args
+# =============================================================================================
+def megatron_args_from_ember(args: ModelArgs, tensor_parallel: int, pipeline_parallel: int, ckpt_format: str,
+                             params_dtype: torch.dtype = torch.float32) -> argparse.Namespace:
+    """The Namespace Megatron-LM saves for this model (the inverse of `model_args_from_megatron`);
+    what Megatron-Core cannot express is refused in one line."""
+    unsupported = [
+        (args.num_experts, "mixture-of-experts models"),
+        (args.position_type == "alibi", "ALiBi positions"),
+        (args.embedding_norm, "an embedding layernorm (Bloom)"),
+        (args.sandwich_norm, "sandwich norms (Grok-1)"),
+        (args.sliding_window, "sliding-window attention"),
+        (args.attn_logit_softcap, "attention logit soft-capping"),
+        (args.embedding_multiplier != 1.0 or args.output_multiplier != 1.0, "embedding/output multipliers"),
+    ]
+    for present, what in unsupported:
+        if present:
+            raise EmberError(f"{what} have no Megatron-Core GPTModel equivalent; ember cannot export this model to Megatron")
+    if args.mlp_type == "gated" and args.activation != "silu":
+        raise EmberError(f"a gated MLP with {args.activation} is not expressible in Megatron-LM's args (only SwiGLU)")
+    if args.mlp_type != "gated" and args.activation not in ("gelu", "gelu_tanh"):
+        raise EmberError(f"activation {args.activation} is not expressible in Megatron-LM's args (gelu, gelu_tanh, swiglu)")
+    biases = (args.qkv_bias, args.attn_out_bias, args.mlp_bias)
+    if biases not in ((False, False, False), (True, False, False), (True, True, True)):
+        raise EmberError(f"biases (qkv, attention output, mlp) = {biases}: Megatron has --add-bias-linear for all "
+                         "linears and --add-qkv-bias for q/k/v only")
+    rope_scaling = args.rope_scaling
+    if rope_scaling is not None and not (
+            rope_scaling.get("type") == "llama3" and rope_scaling.get("low_freq_factor") == 1.0
+            and rope_scaling.get("high_freq_factor") == 4.0 and rope_scaling.get("original_max_seq_len") == 8192):
+        raise EmberError(f"RoPE scaling {rope_scaling} is not Megatron's --use-rope-scaling (Llama-3.1 with fixed factors)")
+    tp, pp = tensor_parallel, pipeline_parallel
+    checks = [(args.n_heads, "attention heads"), (args.n_kv_heads, "query groups"), (args.ffn_dim, "ffn_hidden_size"),
+              (args.vocab_size, "vocabulary rows")]
+    for count, what in checks:
+        if count % tp:
+            raise EmberError(f"--target-tensor-parallel-size {tp} does not divide the {count} {what}")
+    if args.n_layers % pp:
+        raise EmberError(f"--target-pipeline-parallel-size {pp} does not divide the {args.n_layers} layers")
+    position = {"rope": "rope", "learned": "learned_absolute", "none": "none"}[args.position_type]
+    namespace = argparse.Namespace(
+        num_layers=args.n_layers, hidden_size=args.dim, ffn_hidden_size=args.ffn_dim,
+        num_attention_heads=args.n_heads, group_query_attention=args.n_kv_heads != args.n_heads,
+        num_query_groups=args.n_kv_heads, kv_channels=args.head_dim,
+        max_position_embeddings=args.max_seq_len, seq_length=args.max_seq_len,
+        position_embedding_type=position, use_rotary_position_embeddings=position == "rope",
+        rotary_base=int(args.rope_theta) if float(args.rope_theta).is_integer() else args.rope_theta,
+        rotary_percent=1.0, rotary_interleaved=False,
+        use_rope_scaling=rope_scaling is not None,
+        rope_scaling_factor=float(rope_scaling["factor"]) if rope_scaling else 8.0,
+        normalization="RMSNorm" if args.norm_type == "rmsnorm" else "LayerNorm", norm_epsilon=args.norm_eps,
+        apply_layernorm_1p=False, swiglu=args.mlp_type == "gated", squared_relu=False,
+        openai_gelu=args.activation == "gelu_tanh", untie_embeddings_and_output_weights=not args.tie_embeddings,
+        add_bias_linear=args.mlp_bias, add_qkv_bias=args.qkv_bias, qk_layernorm=args.qk_norm,
+        softmax_scale=args.attn_scale, num_experts=None,
+        vocab_size=args.vocab_size, padded_vocab_size=args.vocab_size, make_vocab_size_divisible_by=1,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=1,
+        virtual_pipeline_model_parallel_size=None, world_size=tp * pp, data_parallel_size=1,
+        params_dtype=params_dtype, fp16=params_dtype == torch.float16, bf16=params_dtype == torch.bfloat16,
+        ckpt_format=ckpt_format, init_method_std=args.init_std, attention_dropout=0.0, hidden_dropout=0.0,
+        iteration=ITERATION, consumed_train_samples=0, consumed_valid_samples=0,
+    )
+    return namespace
+
+
+# =============================================================================================
+# ember tensors -> Megatron global tensors
+# =============================================================================================
+def megatron_tensors(args: ModelArgs, get: Callable[[str], torch.Tensor], layers: range | None = None,
+                     first: bool = True, last: bool = True) -> Iterator[tuple[int | None, str, torch.Tensor]]:
+    """(global layer or None, Megatron-Core name, global tensor) for the layers `layers` (and the
+    model-level tensors of the first/last stage), made from ember tensors `get(name)`; the
+    inverse of `megatron.ember_tensors`."""
+    norm_parts = ("weight", "bias") if args.norm_type == "layernorm" else ("weight",)
+    if first:
+        yield None, "embedding.word_embeddings.weight", get("tok_embeddings.weight")
+        if args.position_type == "learned":
+            yield None, "embedding.position_embeddings.weight", get("pos_embeddings.weight")
+    for i in layers if layers is not None else range(args.n_layers):
+        p = f"layers.{i}."
+        for part in norm_parts:
+            yield i, f"input_layernorm.{part}", get(p + f"attention_norm.{part}")
+        for part, present in (("weight", True), ("bias", args.qkv_bias)):
+            if present:
+                yield i, f"self_attention.linear_qkv.{part}", fuse_qkv(
+                    args, get(p + f"attention.wq.{part}"), get(p + f"attention.wk.{part}"), get(p + f"attention.wv.{part}"))
+        if args.qk_norm:
+            for which in ("q", "k"):
+                for part in norm_parts:
+                    yield i, f"self_attention.{which}_layernorm.{part}", get(p + f"attention.{which}_norm.{part}")
+        yield i, "self_attention.linear_proj.weight", get(p + "attention.wo.weight")
+        if args.attn_out_bias:
+            yield i, "self_attention.linear_proj.bias", get(p + "attention.wo.bias")
+        for part in norm_parts:
+            yield i, f"pre_mlp_layernorm.{part}", get(p + f"ffn_norm.{part}")
+        for part, present in (("weight", True), ("bias", args.mlp_bias)):
+            if not present:
+                continue
+            if args.mlp_type == "gated":  # global [all gates; all ups]
+                fc1 = torch.cat([get(p + f"feed_forward.w1.{part}"), get(p + f"feed_forward.w3.{part}")], dim=0)
+            else:
+                fc1 = get(p + f"feed_forward.w1.{part}")
+            yield i, f"mlp.linear_fc1.{part}", fc1
+            yield i, f"mlp.linear_fc2.{part}", get(p + f"feed_forward.w2.{part}")
+    if last:
+        for part in norm_parts:
+            yield None, f"decoder.final_layernorm.{part}", get(f"norm.{part}")
+        if not args.tie_embeddings:
+            yield None, "output_layer.weight", get("output.weight")
+
+
+def tp_slice(args: ModelArgs, key: str, tensor: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """Tensor-parallel rank `rank`'s part of a global tensor, as a per-rank file holds it."""
+    if size == 1:
+        return tensor
+    if key.startswith("mlp.linear_fc1.") and args.mlp_type == "gated":
+        gate, up = tensor.chunk(2, dim=0)
+        return torch.cat([gate.chunk(size, dim=0)[rank], up.chunk(size, dim=0)[rank]], dim=0)
+    if key in _COLUMN:
+        return tensor.chunk(size, dim=0)[rank]
+    if key in _ROW:
+        return tensor.chunk(size, dim=1)[rank]
+    return tensor
+
+
+class _EmberSource:
+    """Random access to the tensors of an ember weight folder, one at a time."""
+
+    def __init__(self, folder: Path, dtype: torch.dtype | None):
+        self.files = io_weights.WeightFiles(folder)
+        self.entries = {entry.name: (path, entry) for path, entry in self.files.entries()}
+        self.dtype = dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.entries:
+            raise EmberError(f"{self.files.folder}: tensor {name} is missing")
+        path, entry = self.entries[name]
+        if isinstance(entry, io_weights.StoredTensor):
+            with open(path, "rb") as f:
+                tensor = io_weights.read_stored_tensor(f, entry)
+        else:
+            tensor = io_weights._load_bin(path)[name]
+        if self.dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(self.dtype)
+        return tensor
+
+
+# =============================================================================================
+# the two formats
+# =============================================================================================
+def _write_legacy(args: ModelArgs, source: _EmberSource, folder: Path, namespace: argparse.Namespace,
+                  tp: int, pp: int) -> int:
+    per_stage = args.n_layers // pp
+    files = 0
+    for stage in range(pp):
+        first, last = stage == 0, stage == pp - 1
+        layers = range(stage * per_stage, (stage + 1) * per_stage)
+        ranks: list[dict[str, Any]] = [{} for _ in range(tp)]
+        for layer, key, tensor in megatron_tensors(args, source.get, layers, first, last):
+            name = key if layer is None else f"decoder.layers.{layer - layers.start}.{key}"
+            for r in range(tp):
+                ranks[r][name] = tp_slice(args, key, tensor, r, tp).clone()
+            if layer is not None and key.endswith(".weight") and key[: -len(".weight")] in _LINEARS:
+                for r in range(tp):
+                    ranks[r][f"decoder.layers.{layer - layers.start}.{key[:-len('.weight')]}._extra_state"] = None
+        if last:
+            if args.tie_embeddings and pp > 1:  # the last stage keeps its own copy of the tied embedding
+                embedding = source.get("tok_embeddings.weight")
+                for r in range(tp):
+                    ranks[r]["output_layer.weight"] = tp_slice(args, "output_layer.weight", embedding, r, tp).clone()
+            for r in range(tp):
+                ranks[r]["output_layer._extra_state"] = None
+        for r in range(tp):
+            name = f"mp_rank_{r:02d}" if pp == 1 else f"mp_rank_{r:02d}_{stage:03d}"
+            (folder / name).mkdir(parents=True)
+            state = {"args": namespace, "checkpoint_version": 3.0, "iteration": ITERATION, "model": _ordered(ranks[r])}
+            torch.save(state, folder / name / RANK_FILE)
+            files += 1
+        del ranks
+    return files
+
+
+def _ordered(model: dict[str, Any]) -> dict[str, Any]:
+    """The order of Megatron-Core's state_dict: embedding, layers, final norm, output layer."""
+    def rank(name: str) -> int:
+        return 0 if name.startswith("embedding.") else 2 if name.startswith(("decoder.final", "output_layer")) else 1
+    return dict(sorted(model.items(), key=lambda item: rank(item[0])))
+
+
+def _write_torch_dist(args: ModelArgs, source: _EmberSource, folder: Path, namespace: argparse.Namespace) -> int:
+    """One DCP file holding every tensor with its global shape (one chunk per layer), the
+    metadata megatron-core's loader reads, common.pt and metadata.json."""
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex, TensorProperties,
+        TensorStorageMetadata)
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    folder.mkdir(parents=True)
+    data_name = "__0_0.distcp"
+    state_meta: dict[str, Any] = {}
+    storage: dict[Any, Any] = {}
+    layers = args.n_layers
+    with open(folder / data_name, "wb") as f:
+        def put(index: Any, payload: bytes) -> None:
+            storage[index] = _StorageInfo(relative_path=data_name, offset=f.tell(), length=len(payload))
+            f.write(payload)
+
+        def saved(obj: Any) -> bytes:
+            buffer = io.BytesIO()
+            torch.save(obj, buffer)
+            return buffer.getvalue()
+
+        for layer, key, tensor in megatron_tensors(args, source.get):
+            if layer is None:
+                fqn, shape, offsets, chunk = key, tuple(tensor.shape), (0,) * tensor.dim(), tensor
+            else:
+                fqn = "decoder.layers." + _DIST_NAMES.get(key, key)
+                shape, offsets, chunk = (layers, *tensor.shape), (layer, *(0,) * tensor.dim()), tensor[None]
+            item = state_meta.get(fqn)
+            if item is None:
+                item = state_meta[fqn] = TensorStorageMetadata(
+                    properties=TensorProperties(dtype=tensor.dtype), size=torch.Size(shape), chunks=[])
+            item.chunks.append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(chunk.shape)))
+            put(MetadataIndex(fqn, torch.Size(offsets)), saved(chunk.contiguous().clone()))
+            if layer is not None and key.endswith(".weight") and key[: -len(".weight")] in _LINEARS:
+                extra = f"decoder.layers.{key[:-len('.weight')]}._extra_state/shard_{layer}_{layers}"
+                state_meta[extra] = BytesStorageMetadata()
+                put(MetadataIndex(extra), saved([None]))  # what megatron-core saves for a local linear
+    metadata = Metadata(state_dict_metadata=state_meta, storage_data=storage)
+    with open(folder / ".metadata", "wb") as f:
+        pickle.dump(metadata, f)
+    torch.save({"args": namespace, "iteration": ITERATION, "checkpoint_version": 3.0}, folder / "common.pt")
+    (folder / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                                                      "common_backend": "torch", "common_backend_version": 1}))
+    return 1
+
+
+def convert_ember_to_megatron(
+    src: str | Path,
+    out: str | Path,
+    format: str = "torch_dist",
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    overwrite: bool = False,
+    dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """ember weight folder (or `ember train --save` folder) -> Megatron save folder, written
+    atomically. Returns a report: family, format, layout, tensors, files."""
+    import tempfile
+
+    from ember.checkpoint.convert import check_output_folder
+    from ember.checkpoint.export import export_training_checkpoint, is_training_checkpoint
+    from ember.models.hf import ember_state_shapes
+
+    if format not in ("torch_dist", "legacy"):
+        raise EmberError(f"--format {format}: expected torch_dist or legacy")
+    if tensor_parallel < 1 or pipeline_parallel < 1:
+        raise EmberError("the target tensor/pipeline-parallel sizes must be at least 1")
+    src, out = Path(src), Path(out)
+    check_output_folder(src, out)
+    if is_training_checkpoint(src):
+        with tempfile.TemporaryDirectory(prefix="ember-export-", dir=out.parent if out.parent.is_dir() else None) as tmp:
+            weights = export_training_checkpoint(src, Path(tmp) / "weights")
+            return convert_ember_to_megatron(weights, out, format, tensor_parallel, pipeline_parallel, overwrite, dtype)
+    manifest = io_weights.read_manifest(src)
+    args = ModelArgs.from_dict(manifest["model_args"])
+    source = _EmberSource(src, dtype)
+    found = {name: (entry.shape, entry.dtype) for name, (_, entry) in source.entries.items()}
+    io_weights.check_tensor_set(found, ember_state_shapes(args), where=str(src))
+    first = next(iter(source.entries.values()))[1]
+    params_dtype = dtype or first.dtype
+    namespace = megatron_args_from_ember(args, tensor_parallel, pipeline_parallel, format, params_dtype)
+    # --force replaces an earlier Megatron export (or ember/HF output), never anything else
+    with io_weights.atomic_folder(out, overwrite, replaceable=is_megatron_checkpoint) as tmp:
+        folder = tmp / f"iter_{ITERATION:07d}"
+        if format == "legacy":
+            files = _write_legacy(args, source, folder, namespace, tensor_parallel, pipeline_parallel)
+        else:
+            files = _write_torch_dist(args, source, folder, namespace)
+        (tmp / TRACKER_FILE).write_text(str(ITERATION))
+    return {"family": manifest.get("family"), "format": format, "tensor_parallel": tensor_parallel,
+            "pipeline_parallel": pipeline_parallel, "tensors": len(found), "files": files,
+            "bytes": sum(e.nbytes for _, e in source.entries.values())}
+
+
+__all__ = ["convert_ember_to_megatron", "megatron_args_from_ember", "megatron_tensors", "tp_slice"]
