@@ -41,17 +41,28 @@ EP = 2
 STEPS = 3
 SEED = 1234
 BATCH, SEQ = 2, 32
-# (name, model, capacity factor): dropless, and capacity 1.0 (with 64 tokens x top-2 over 4
-# experts, capacity is 32 per expert; random routing overfills some experts, so tokens drop).
-CASES = [("mixtral-dropless", "tiny-mixtral", None), ("mixtral-capacity", "tiny-mixtral", 1.0),
-         ("grok1-dropless", "tiny-grok1", None), ("grok1-capacity", "tiny-grok1", 1.0)]
+# (name, model, routing settings): dropless, and capacity 1.0 (with 64 tokens x top-2 over 4
+# experts, capacity is 32 per expert; random routing overfills some experts, so tokens drop)
+# under both of Megatron's drop policies, one with the router z-loss; "grouped_mm": the experts
+# run as one grouped GEMM (CPU's default is the per-expert loop) in both runs.
+CAPACITY = {"moe_capacity_factor": 1.0}
+CASES = [("mixtral-dropless", "tiny-mixtral", {}), ("mixtral-capacity", "tiny-mixtral", CAPACITY),
+         ("mixtral-capacity-position-zloss-grouped", "tiny-mixtral",
+          {**CAPACITY, "moe_drop_policy": "position", "moe_z_loss_coef": 1e-3, "grouped_mm": True}),
+         ("grok1-dropless", "tiny-grok1", {}), ("grok1-capacity", "tiny-grok1", CAPACITY),
+         ("grok1-dropless-grouped", "tiny-grok1", {"grouped_mm": True})]
 
 
-def build_model(model_name: str, capacity: float | None) -> Transformer:
-    args = get_model_args(model_name, moe_capacity_factor=capacity)
+def build_model(model_name: str, settings: dict) -> Transformer:
+    settings = dict(settings)
+    grouped_mm = settings.pop("grouped_mm", None)
+    args = get_model_args(model_name, **settings)
     torch.manual_seed(SEED)
     model = Transformer(args)
     model.init_weights(seed=SEED)
+    for layer in model.layers.values():
+        if layer.moe is not None:
+            layer.moe.experts.use_grouped_mm = grouped_mm
     return model
 
 
@@ -77,8 +88,8 @@ def make_optimizer(model: Transformer) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
 
 
-def run_reference(model_name: str, capacity: float | None) -> dict:
-    model = build_model(model_name, capacity)
+def run_reference(model_name: str, settings: dict) -> dict:
+    model = build_model(model_name, settings)
     optimizer = make_optimizer(model)
     batches = micro_batches(model.args.vocab_size)
     result = {"losses": [], "dropped": 0}
@@ -133,8 +144,8 @@ def rank_main(out_dir: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     mesh = init_device_mesh("cpu", (EP,), mesh_dim_names=("ep",))
-    for case, model_name, capacity in CASES:
-        model = build_model(model_name, capacity)
+    for case, model_name, settings in CASES:
+        model = build_model(model_name, settings)
         apply_expert_parallel(model, mesh)
         optimizer = make_optimizer(model)
         inputs, labels = micro_batches(model.args.vocab_size)[rank]
@@ -182,11 +193,11 @@ def ep_results(tmp_path_factory):
 
 
 @pytest.mark.slow  # starts processes: see tests/conftest.py
-@pytest.mark.parametrize("case,model_name,capacity", CASES, ids=[c[0] for c in CASES])
-def test_ep2_matches_single_process(ep_results, case, model_name, capacity):
-    reference = run_reference(model_name, capacity)
+@pytest.mark.parametrize("case,model_name,settings", CASES, ids=[c[0] for c in CASES])
+def test_ep2_matches_single_process(ep_results, case, model_name, settings):
+    reference = run_reference(model_name, settings)
     ranks = ep_results[case]
-    if capacity is not None:
+    if settings.get("moe_capacity_factor") is not None:
         assert reference["dropped"] > 0, "the capacity case must actually drop tokens"
     args = get_model_args(model_name)
     assert ranks[0]["local_expert_shape"][0] == args.num_experts // EP

@@ -54,6 +54,11 @@ def _flags() -> list[Flag]:
         Flag(("--moe-router-topk",), m + "moe_router_topk"),
         Flag(("--moe-ffn-hidden-size",), m + "moe_ffn_hidden_size"),
         Flag(("--moe-aux-loss-coeff",), m + "moe_aux_loss_coeff"),
+        Flag(("--moe-expert-capacity-factor",), m + "moe_expert_capacity_factor",
+             "tokens per expert past capacity_factor * tokens * topk / experts are dropped; unset: dropless"),
+        Flag(("--moe-token-drop-policy",), m + "moe_token_drop_policy",
+             "over capacity, drop the lowest router probabilities (probs, default) or later tokens (position)"),
+        Flag(("--moe-z-loss-coeff",), m + "moe_z_loss_coeff", "router z-loss coefficient"),
         Flag(("--init-method-std",), m + "init_method_std"),
         # data
         Flag(("--data-path", "--train_dataset_dir", "--train-dataset-dir"), d + "data_path",

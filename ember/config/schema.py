@@ -56,6 +56,9 @@ class ModelConfig:
     moe_router_topk: int | None = None
     moe_ffn_hidden_size: int | None = None
     moe_aux_loss_coeff: float | None = None
+    moe_expert_capacity_factor: float | None = None
+    moe_token_drop_policy: str | None = None  # probs | position
+    moe_z_loss_coeff: float | None = None
     init_method_std: float | None = None
 
 

@@ -21,6 +21,7 @@ ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 POSITION_TYPES = ("rope", "alibi", "learned", "none")
 ROPE_SCALING_TYPES = ("llama3", "linear")
 GATING_TYPES = ("softmax", "sigmoid")
+DROP_POLICIES = ("probs", "position")  # Megatron --moe-token-drop-policy
 
 
 @dataclass
@@ -80,6 +81,8 @@ class ModelArgs:
     num_shared_experts: int = 0  # always-on experts, fused into one MLP of width n * moe_ffn_dim
     moe_aux_loss_coef: float = 0.0  # Switch/Megatron load-balancing loss coefficient
     moe_capacity_factor: float | None = None  # None: dropless; else tokens past capacity dropped
+    moe_drop_policy: str = "probs"  # over capacity, drop the lowest router weights (probs) or later tokens (position)
+    moe_z_loss_coef: float = 0.0  # ST-MoE / Megatron router z-loss coefficient
     moe_input_jitter: float = 0.0  # Megatron --input-jitter: router input * U(1-eps, 1+eps)
 
     # initialisation
@@ -123,6 +126,9 @@ class ModelArgs:
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("type")
             need(kind in ROPE_SCALING_TYPES, f"rope_scaling type {kind!r} not in {ROPE_SCALING_TYPES}")
+        need(self.moe_drop_policy in DROP_POLICIES, f"moe_drop_policy {self.moe_drop_policy!r} not in {DROP_POLICIES}")
+        need(self.moe_capacity_factor is None or self.moe_capacity_factor > 0,
+             f"moe_capacity_factor must be positive (or None: dropless), got {self.moe_capacity_factor}")
         if self.num_experts:
             need(0 < self.moe_top_k <= self.num_experts, f"moe_top_k {self.moe_top_k} must be in 1..{self.num_experts}")
 

@@ -22,6 +22,10 @@ _POSITIONS = {"rope": "rope", "learned_absolute": "learned", "learned": "learned
 _NORMS = {"rmsnorm": "rmsnorm", "layernorm": "layernorm"}
 
 
+# ModelArgs fields that change how tokens are routed, not the parameters a checkpoint holds.
+ROUTING_SETTINGS = ("moe_capacity_factor", "moe_drop_policy", "moe_z_loss_coef")
+
+
 def megatron_overrides(config: Config) -> dict[str, Any]:
     """Megatron architecture flags -> ModelArgs fields (only those the user gave)."""
     m = config.model
@@ -30,7 +34,9 @@ def megatron_overrides(config: Config) -> dict[str, Any]:
               "num_attention_heads": "n_heads", "kv_channels": "head_dim", "norm_epsilon": "norm_eps",
               "max_position_embeddings": "max_seq_len", "rotary_base": "rope_theta", "vocab_size": "vocab_size",
               "num_experts": "num_experts", "moe_router_topk": "moe_top_k", "moe_ffn_hidden_size": "moe_ffn_dim",
-              "moe_aux_loss_coeff": "moe_aux_loss_coef", "init_method_std": "init_std"}
+              "moe_aux_loss_coeff": "moe_aux_loss_coef", "init_method_std": "init_std",
+              "moe_expert_capacity_factor": "moe_capacity_factor", "moe_token_drop_policy": "moe_drop_policy",
+              "moe_z_loss_coeff": "moe_z_loss_coef"}
     for flag, name in simple.items():
         value = getattr(m, flag)
         if value is not None:
@@ -108,7 +114,9 @@ def model_args_from_config(config: Config, checkpoint_args: ModelArgs | None = N
                 overrides["vocab_size"] = pad_vocab(vocab, m.make_vocab_size_divisible_by)
         args = args.replace(**overrides) if overrides else args
     elif checkpoint_args is not None:
-        args = checkpoint_args
+        # Routing settings (capacity, drop policy, z-loss) may change between runs, like Megatron's.
+        routing = {k: overrides.pop(k) for k in ROUTING_SETTINGS if k in overrides}
+        args = checkpoint_args.replace(**routing) if routing else checkpoint_args
         if overrides:
             changed = {k: v for k, v in overrides.items() if getattr(args, k) != v}
             if changed:

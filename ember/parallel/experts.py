@@ -10,8 +10,8 @@ sharded on dim 0 over the EP mesh (so DCP can reshard them between layouts), poi
 Semantics, chosen to match Megatron-LM and a single-process run of the same micro-batch:
 - Routing is per rank: every rank routes its own tokens with the replicated router.
 - Capacity (`moe_capacity_factor`) is computed from the rank's own token count and tokens over it
-  are dropped on the rank before dispatch, with the same `MoE.sort_assignments` the local
-  dispatch uses for that micro-batch in one process. Dropless routing (capacity None) sends every
+  are dropped on the rank before dispatch, with the same `MoE.sort_assignments` (and drop
+  policy) the local dispatch uses for that micro-batch in one process. Dropless routing (capacity None) sends every
   assignment.
 - The load-balancing loss is the one `MoE.forward` computes on the rank's tokens (Megatron's
   "aux_loss": per micro-batch per data-parallel rank; the trainer averages it like the LM loss).
@@ -83,15 +83,19 @@ class ExpertParallelDispatch:
         self.ep_size = ep_size
 
     def __call__(self, moe: MoE, tokens: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        order, counts = moe.sort_assignments(experts)
-        token_of = order // moe.top_k
+        order, counts = moe.sort_assignments(experts, weights)
 
         # Each rank learns how many rows every peer sends to each of its local experts.
         received_counts = torch.empty_like(counts)
         dist.all_to_all_single(received_counts, counts, group=self.group)
         received_counts = received_counts.view(self.ep_size, -1)  # [source, local expert]
+        # all_to_all_single takes its splits as host integers (NCCL's API needs the sizes before
+        # it launches), so this path reads the counts on the host once per block; the local
+        # dispatch does not. Assignments past capacity (after sum(input_splits)) stay home.
         input_splits = counts.view(self.ep_size, -1).sum(1).tolist()
         output_splits = received_counts.sum(1).tolist()
+        order = order[: sum(input_splits)]
+        token_of = order // moe.top_k
 
         received = all_to_all(tokens[token_of], output_splits, input_splits, self.group)
         expert_out = self._run_local_experts(moe.experts, received, received_counts)
@@ -102,13 +106,13 @@ class ExpertParallelDispatch:
 
     def _run_local_experts(self, experts: GroupedExperts, received: torch.Tensor,
                            received_counts: torch.Tensor) -> torch.Tensor:
-        """Rows arrive grouped by source rank, then expert; regroup by expert for one matmul per
-        expert, then restore the arrival order for the return trip."""
+        """Rows arrive grouped by source rank, then expert; regroup by expert for the experts'
+        grouped GEMM, then restore the arrival order for the return trip."""
         num_local = received_counts.shape[1]
         local_ids = torch.arange(num_local, device=received.device).repeat(self.ep_size)
         row_expert = torch.repeat_interleave(local_ids, received_counts.reshape(-1))
         by_expert = torch.argsort(row_expert, stable=True)
-        grouped_out = experts(received[by_expert], received_counts.sum(0).tolist())
+        grouped_out = experts(received[by_expert], received_counts.sum(0))
         return grouped_out[torch.argsort(by_expert)]
 
 
