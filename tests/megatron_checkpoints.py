@@ -15,6 +15,10 @@ activations on with plain send/recv) and saves the model the way Megatron-LM's t
 - legacy: torch.save of {'args', 'checkpoint_version': 3.0, 'iteration', 'model', 'rng_state'} per
   rank into OUT/iter_0000007/mp_rank_TT[_PPP]/model_optim_rng.pt.
 
+--family mixtral is a mixture-of-experts model (SequentialMLP experts); --ep N adds expert
+parallelism (world tp * pp * N, the expert ranks being data-parallel ranks; legacy files are then
+mp_rank_TT[_PPP]_EEE as Megatron-LM names them).
+
 With --format both the one model is saved both ways, into OUT/torch_dist and OUT/legacy. Each save
 folder gets latest_checkpointed_iteration.txt, and reference.pt: {'tokens': [B, S], 'logits':
 [B, S, V] fp32 (vocabulary gathered)} from the last stage. megatron-core 0.16.1 runs this on CPU
@@ -60,6 +64,18 @@ FAMILIES = {
         model=dict(vocab_size=128, max_sequence_length=64, position_embedding_type="rope", rotary_base=1000000,
                    share_embeddings_and_output_weights=True),
     ),
+    # Mixtral-style MoE: the Llama layer with 4 SwiGLU experts (top-2, softmax, renormalized) in place
+    # of the MLP, SequentialMLP (local spec, no grouped GEMM), all-gather token dispatch (the all-to-all
+    # one makes a torch.cuda.Stream in its constructor, which a CPU-only torch refuses), aux loss 0
+    "mixtral": dict(
+        config=dict(num_layers=2, hidden_size=64, num_attention_heads=8, num_query_groups=2, ffn_hidden_size=96,
+                    normalization="RMSNorm", gated_linear_unit=True, activation_func="silu", add_bias_linear=False,
+                    layernorm_epsilon=1e-5, num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=48,
+                    moe_token_dispatcher_type="allgather", moe_aux_loss_coeff=0.0, moe_grouped_gemm=False,
+                    moe_router_load_balancing_type="aux_loss"),
+        model=dict(vocab_size=128, max_sequence_length=64, position_embedding_type="rope", rotary_base=10000,
+                   share_embeddings_and_output_weights=False),
+    ),
     # for measuring conversion time and memory (not used by the tests): Llama-style, ~0.86B parameters
     "llama1b": dict(
         config=dict(num_layers=16, hidden_size=2048, num_attention_heads=16, num_query_groups=4, ffn_hidden_size=5632,
@@ -71,7 +87,7 @@ FAMILIES = {
 }
 
 
-def megatron_args(family: str, tp: int, pp: int, ckpt_format: str) -> argparse.Namespace:
+def megatron_args(family: str, tp: int, pp: int, ckpt_format: str, ep: int = 1) -> argparse.Namespace:
     """The args Namespace Megatron-LM's training loop saves, with the fields a converter reads and
     a few of the others it holds (enums, dtypes, lists) so the loader's allow-list is exercised."""
     import torch
@@ -92,12 +108,20 @@ def megatron_args(family: str, tp: int, pp: int, ckpt_format: str) -> argparse.N
         swiglu=c["gated_linear_unit"], squared_relu=False, openai_gelu=False, onnx_safe=None,
         untie_embeddings_and_output_weights=not m["share_embeddings_and_output_weights"],
         add_bias_linear=c["add_bias_linear"], add_qkv_bias=c["add_bias_linear"],
-        qk_layernorm=c.get("qk_layernorm", False), num_experts=None, moe_router_topk=2, moe_ffn_hidden_size=None,
+        qk_layernorm=c.get("qk_layernorm", False), num_experts=c.get("num_moe_experts"),
+        moe_router_topk=c.get("moe_router_topk", 2), moe_ffn_hidden_size=c.get("moe_ffn_hidden_size"),
+        moe_aux_loss_coeff=c.get("moe_aux_loss_coeff", 0.0), moe_grouped_gemm=c.get("moe_grouped_gemm", False),
+        moe_router_load_balancing_type=c.get("moe_router_load_balancing_type", "aux_loss"),
+        moe_router_score_function="softmax", moe_router_pre_softmax=False, moe_shared_expert_intermediate_size=None,
+        moe_token_dispatcher_type=c.get("moe_token_dispatcher_type", "allgather"), moe_layer_freq=1,
+        moe_router_topk_scaling_factor=None, moe_expert_capacity_factor=None, moe_input_jitter_eps=None,
+        moe_z_loss_coeff=None, moe_router_enable_expert_bias=False, moe_router_num_groups=None,
         vocab_size=m["vocab_size"] - 3, padded_vocab_size=m["vocab_size"], make_vocab_size_divisible_by=32,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=1,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=tp,
         virtual_pipeline_model_parallel_size=None, num_layers_per_virtual_pipeline_stage=None,
         decoder_first_pipeline_num_layers=None, decoder_last_pipeline_num_layers=None,
-        world_size=tp * pp, data_parallel_size=1, params_dtype=torch.float32, fp16=False, bf16=False,
+        world_size=tp * pp * ep, data_parallel_size=ep, params_dtype=torch.float32, fp16=False, bf16=False,
         ckpt_format=ckpt_format, transformer_impl="local", attention_backend=AttnBackend.auto,
         model_type=ModelType.encoder_or_decoder, init_method_std=0.02, attention_dropout=0.0, hidden_dropout=0.0,
         iteration=ITERATION, consumed_train_samples=ITERATION * 4, train_iters=100, lr=3e-4,
@@ -118,11 +142,13 @@ def build_model(family: str):
     config = TransformerConfig(
         **c, activation_func=activation, tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
         use_cpu_initialization=True, params_dtype=torch.float32, pipeline_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0,
         gradient_accumulation_fusion=False, persist_layer_norm=False, bias_activation_fusion=False,
         bias_dropout_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False, add_qkv_bias=c["add_bias_linear"],
     )
-    layer_spec = get_gpt_layer_local_spec(normalization=c["normalization"], qk_layernorm=c.get("qk_layernorm", False))
+    layer_spec = get_gpt_layer_local_spec(num_experts=c.get("num_moe_experts"), moe_grouped_gemm=c.get("moe_grouped_gemm", False),
+                                          normalization=c["normalization"], qk_layernorm=c.get("qk_layernorm", False))
     return GPTModel(config, layer_spec, pre_process=parallel_state.is_pipeline_first_stage(),
                     post_process=parallel_state.is_pipeline_last_stage(), parallel_output=False, **spec["model"])
 
@@ -136,12 +162,15 @@ def randomize(model, family: str) -> None:
 
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
     with torch.no_grad():
         for name, param in model.named_parameters():
             shared = name in ("embedding.word_embeddings.weight", "output_layer.weight")
             split = getattr(param, "tensor_model_parallel", False)
             key = "word_embeddings" if shared and model.share_embeddings_and_output_weights else f"{pp_rank}:{name}"
             key = f"{family}:{key}:{tp_rank if split else '-'}"
+            if ".experts." in name:  # expert-parallel ranks hold different experts
+                key += f":ep{ep_rank}"
             generator = torch.Generator().manual_seed(zlib.crc32(key.encode()))
             noise = torch.randn(param.shape, generator=generator)
             if name.endswith("layer_norm_weight") or "layernorm.weight" in name or "norm.weight" in name:
@@ -196,6 +225,8 @@ def save_legacy(model, args, folder: Path) -> None:
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     name = f"mp_rank_{tp_rank:02d}" if args.pipeline_model_parallel_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    if args.expert_model_parallel_size > 1:  # Megatron-LM's get_checkpoint_name: _EEE for the expert rank
+        name += f"_{parallel_state.get_expert_model_parallel_rank():03d}"
     rng_state = [{"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
                   "torch_rng_state": torch.get_rng_state(), "cuda_rng_state": None, "rng_tracker_states": {}}]
     state = {"args": args, "checkpoint_version": 3.0, "iteration": ITERATION,
@@ -221,6 +252,8 @@ def load_saved(model, save_dir: Path, ckpt_format: str) -> None:
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         pp_size = parallel_state.get_pipeline_model_parallel_world_size()
         name = f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+        if parallel_state.get_expert_model_parallel_world_size() > 1:
+            name += f"_{parallel_state.get_expert_model_parallel_rank():03d}"
         saved = torch.load(folder / name / "model_optim_rng.pt", weights_only=False)
         assert saved["checkpoint_version"] == 3.0 and saved["args"].tensor_model_parallel_size == \
             parallel_state.get_tensor_model_parallel_world_size()
@@ -234,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--family", choices=list(FAMILIES), required=True)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel size (world: tp * pp * ep, data-parallel ep)")
     parser.add_argument("--format", choices=["torch_dist", "legacy", "both"], required=True,
                         help="both: the same model saved in OUT/torch_dist and OUT/legacy")
     parser.add_argument("--load", type=Path, default=None,
@@ -259,9 +293,16 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group("gloo")
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import random as megatron_random
+    from megatron.core.transformer.moe import moe_utils
+
+    # megatron-core 0.16.1's MoE router reads moe_utils.te_general_gemm, which it only defines
+    # when Transformer Engine imports; without TE it means "no TE gemm" (the torch matmul path).
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
     try:
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=opts.tp, pipeline_model_parallel_size=opts.pp)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=opts.tp, pipeline_model_parallel_size=opts.pp,
+                                                 expert_model_parallel_size=opts.ep)
         megatron_random.initialize_rng_tracker(inference_rng_tracker=True)  # no CUDA RNG to fork; dropout is 0
         torch.manual_seed(1234)
         model = build_model(opts.family)
@@ -270,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             model.eval()
             tokens = torch.load(opts.out / "reference.pt")["tokens"]
             logits = reference_forward(model, tokens)
-            if logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
+            if logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0:
                 torch.save({"tokens": tokens, "logits": logits.float()}, opts.out / "loaded.pt")
             dist.barrier()
             return 0
@@ -282,14 +323,14 @@ def main(argv: list[str] | None = None) -> int:
         formats = ["torch_dist", "legacy"] if opts.format == "both" else [opts.format]
         for ckpt_format in formats:
             out = opts.out / ckpt_format if opts.format == "both" else opts.out
-            args = megatron_args(opts.family, opts.tp, opts.pp, ckpt_format)
+            args = megatron_args(opts.family, opts.tp, opts.pp, ckpt_format, opts.ep)
             folder = out / f"iter_{ITERATION:07d}"
             if ckpt_format == "torch_dist":
                 save_torch_dist(model, args, folder)
             else:
                 save_legacy(model, args, folder)
             dist.barrier()
-            if logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
+            if logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0:
                 torch.save({"tokens": tokens, "logits": logits.float()}, out / "reference.pt")
             if dist.get_rank() == 0:
                 (out / "latest_checkpointed_iteration.txt").write_text(str(ITERATION))
@@ -304,12 +345,12 @@ if __name__ == "__main__":
 
 
 # ----------------------------------------------------------------------------- for the tests
-def build(out: Path, family: str, tp: int, pp: int, ckpt_format: str = "both", timeout: float = 300.0) -> Path:
-    """Run this script as tp * pp gloo ranks (free port, hard timeout, no process left behind)."""
+def build(out: Path, family: str, tp: int, pp: int, ckpt_format: str = "both", timeout: float = 300.0, ep: int = 1) -> Path:
+    """Run this script as tp * pp * ep gloo ranks (free port, hard timeout, no process left behind)."""
     from dist_utils import run_ranks
 
-    result = run_ranks([__file__, str(out), "--family", family, "--tp", str(tp), "--pp", str(pp),
-                        "--format", ckpt_format], nprocs=tp * pp, timeout=timeout)
+    result = run_ranks([__file__, str(out), "--family", family, "--tp", str(tp), "--pp", str(pp), "--ep", str(ep),
+                        "--format", ckpt_format], nprocs=tp * pp * ep, timeout=timeout)
     if result.returncode != 0:
         raise RuntimeError(f"building the megatron-core {family} checkpoint failed "
                            f"(killed={result.killed}):\n{result.output[-8000:]}")
@@ -317,14 +358,15 @@ def build(out: Path, family: str, tp: int, pp: int, ckpt_format: str = "both", t
 
 
 def load_with_megatron(out: Path, save_dir: Path, family: str, tp: int, pp: int, ckpt_format: str,
-                       timeout: float = 300.0) -> dict:
+                       timeout: float = 300.0, ep: int = 1) -> dict:
     """megatron-core loads `save_dir` into a GPTModel at TP x PP and runs its forward on the tokens
     of out/reference.pt: {'tokens', 'logits'} (written to out/loaded.pt)."""
     import torch
     from dist_utils import run_ranks
 
     result = run_ranks([__file__, str(out), "--family", family, "--tp", str(tp), "--pp", str(pp),
-                        "--format", ckpt_format, "--load", str(save_dir)], nprocs=tp * pp, timeout=timeout)
+                        "--ep", str(ep), "--format", ckpt_format, "--load", str(save_dir)], nprocs=tp * pp * ep,
+                       timeout=timeout)
     if result.returncode != 0:
         raise RuntimeError(f"megatron-core could not load {save_dir} (killed={result.killed}):\n{result.output[-8000:]}")
     return torch.load(out / "loaded.pt")

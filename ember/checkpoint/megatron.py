@@ -17,6 +17,16 @@ lay their tensors out alike: q/k/v rows interleaved per query group ([q heads of
 v of g] for each g, the groups split over tensor-parallel ranks), and SwiGLU's fc1 as [gate; up]
 per tensor-parallel rank in the per-rank files (the distributed format stores [all gate; all up]).
 
+Mixture of experts (Mixtral style: `--num-experts`, top-k softmax or sigmoid router, SwiGLU
+experts, every layer MoE): `mlp.router.weight` and per expert `linear_fc1` / `linear_fc2`, split
+over tensor-parallel ranks like the dense MLP; per-rank files name experts locally
+(`mlp.experts.local_experts.L.` or TE's grouped `mlp.experts.linear_fc1.weightL`) and, with expert
+parallelism, hold one expert rank's experts each (`mp_rank_TT[_PPP]_EEE`: global expert
+EEE * local experts + L); the distributed format stacks them [layers, experts, ...]
+(`decoder.layers.mlp.experts.experts.linear_fc1.weight`). ember stacks each layer's experts into
+`layers.N.moe.experts.w1/w3/w2` [E, ...]. Shared experts, expert bias, group-limited routing,
+top-k scaling, dense/MoE layer mixes, expert biases and the legacy GroupedMLP layout are refused.
+
 The architecture comes from the checkpoint's saved `args` (an argparse Namespace), read by
 `torch.load(weights_only=True)` with an allow-list: the Namespace itself, and inert stand-ins for
 the Megatron enums, optimizer config and numpy RNG state a checkpoint also holds. Anything else is
@@ -72,15 +82,11 @@ def _format_of(folder: Path) -> str | None:
 
 
 def is_megatron_checkpoint(path: str | Path) -> bool:
-    """Whether `path` looks like a Megatron save folder or one iteration of it (no file is read
-    beyond a directory listing)."""
-    path = Path(path)
-    if not path.is_dir():
-        return False
-    if (path / TRACKER_FILE).is_file():
-        return True
-    return (path / "metadata.json").is_file() and (path / ".metadata").is_file() or (
-        _format_of(path) == "legacy")
+    """Whether `path` is a Megatron save folder or one iteration of it (`ember.checkpoint.foreign`'s
+    recognition, the one `ember train --load` uses; no file is read beyond directory listings)."""
+    from ember.checkpoint.foreign import foreign_checkpoint
+
+    return Path(path).is_dir() and foreign_checkpoint(path) == "megatron"
 
 
 def locate_megatron_checkpoint(src: str | Path, iteration: int | None = None) -> MegatronCheckpoint:
@@ -256,7 +262,17 @@ def model_args_from_megatron(saved: Any, where: str = "the checkpoint") -> tuple
         if get(name) is None:
             raise EmberError(f"{where}: the saved args have no {name}; is this a GPT model checkpoint?")
     unsupported = [
-        (get("num_experts"), "mixture-of-experts models (num_experts)"),
+        (get("num_experts") and get("moe_shared_expert_intermediate_size"),
+         "shared experts (--moe-shared-expert-intermediate-size)"),
+        (get("num_experts") and get("moe_router_enable_expert_bias", False), "routers with expert bias"),
+        (get("num_experts") and get("add_bias_linear", True), "experts with biases (MoE without --disable-bias-linear)"),
+        (get("num_experts") and get("moe_router_num_groups"), "group-limited routing (--moe-router-num-groups)"),
+        (get("num_experts") and get("moe_router_topk_scaling_factor", 1.0) != 1.0,
+         f"router top-k scaling (--moe-router-topk-scaling-factor {get('moe_router_topk_scaling_factor')})"),
+        (get("num_experts") and not _every_layer_moe(get("moe_layer_freq", 1)),
+         f"models mixing dense and MoE layers (--moe-layer-freq {get('moe_layer_freq')})"),
+        (get("num_experts") and str(get("moe_router_score_function", "softmax")) not in ("softmax", "sigmoid"),
+         f"router score function {get('moe_router_score_function')}"),
         (get("multi_latent_attention", False), "multi-latent attention"),
         (get("rotary_interleaved", False), "interleaved RoPE (--rotary-interleaved)"),
         (get("rotary_percent", 1.0) != 1.0, f"partial RoPE (--rotary-percent {get('rotary_percent')})"),
@@ -301,7 +317,26 @@ def model_args_from_megatron(saved: Any, where: str = "the checkpoint") -> tuple
     m.vocab_size = int(vocab)
     m.init_method_std = get("init_method_std")
     config.data.seq_length = int(get("seq_length", get("max_position_embeddings", 2048)))
+    if get("num_experts"):
+        m.num_experts = int(get("num_experts"))
+        m.moe_router_topk = int(get("moe_router_topk", 2))
+        m.moe_ffn_hidden_size = int(get("moe_ffn_hidden_size", m.ffn_hidden_size))
+        m.moe_aux_loss_coeff = _aux_loss_coefficient(get, where)
+        if get("moe_expert_capacity_factor") is not None:
+            m.moe_expert_capacity_factor = float(get("moe_expert_capacity_factor"))
+            m.moe_token_drop_policy = str(get("moe_token_drop_policy", "probs"))
+        if get("moe_z_loss_coeff"):
+            m.moe_z_loss_coeff = float(get("moe_z_loss_coeff"))
     fields = megatron_default_args(config, megatron_overrides(config))
+    if get("num_experts"):
+        # Megatron's softmax router: top-k of the logits, softmax over those k (= ember's softmax,
+        # top-k, renormalized), or with --moe-router-pre-softmax softmax over all then top-k (not
+        # renormalized); sigmoid: top-k of the sigmoids, normalized to sum 1 when k > 1.
+        sigmoid = str(get("moe_router_score_function", "softmax")) == "sigmoid"
+        fields["moe_gating"] = "sigmoid" if sigmoid else "softmax"
+        fields["moe_renormalize"] = fields["moe_top_k"] > 1 if sigmoid else not get("moe_router_pre_softmax", False)
+        if get("moe_input_jitter_eps"):
+            fields["moe_input_jitter"] = float(get("moe_input_jitter_eps"))
     if not m.swiglu and get("openai_gelu", False):
         fields["activation"] = "gelu_tanh"
     if position == "rope" and get("use_rope_scaling", False):
@@ -314,7 +349,33 @@ def model_args_from_megatron(saved: Any, where: str = "the checkpoint") -> tuple
     return _family_of(args), args
 
 
+def _every_layer_moe(freq: Any) -> bool:
+    if isinstance(freq, (list, tuple)):
+        return all(int(f) == 1 for f in freq)
+    if isinstance(freq, str):  # Megatron's "([1]*N)" pattern strings
+        return freq.strip() in ("1", "[1]") or bool(re.fullmatch(r"\(?\[1\]\s*\*\s*\d+\)?", freq.strip()))
+    return int(freq) == 1
+
+
+def _aux_loss_coefficient(get: Callable[..., Any], where: str) -> float:
+    """ember's load-balancing loss is Megatron's 'aux_loss' (Switch, over the micro-batch)."""
+    kinds, coefficients = get("moe_router_load_balancing_type", "aux_loss"), get("moe_aux_loss_coeff", 0.0)
+    kinds = list(kinds) if isinstance(kinds, (list, tuple)) else [kinds]
+    coefficients = list(coefficients) if isinstance(coefficients, (list, tuple)) else [coefficients] * len(kinds)
+    total = 0.0
+    for kind, coefficient in zip(kinds, coefficients):
+        if kind == "none" or not coefficient:
+            continue
+        if kind != "aux_loss":
+            raise EmberError(f"{where}: --moe-router-load-balancing-type {kind} is not supported by ember's "
+                             "mixture of experts (aux_loss, or none)")
+        total += float(coefficient)
+    return total
+
+
 def _family_of(args: ModelArgs) -> str:
+    if args.num_experts:
+        return "mixtral"
     """The Hugging Face family an `ember convert --to hf` of the result would write."""
     if args.qk_norm:
         return "qwen3"
@@ -353,7 +414,19 @@ LAYER_TENSORS = (
     "pre_mlp_layernorm.weight", "pre_mlp_layernorm.bias",
     "mlp.linear_fc1.weight", "mlp.linear_fc1.bias",
     "mlp.linear_fc2.weight", "mlp.linear_fc2.bias",
+    "mlp.router.weight",
 )
+# Mixture-of-experts expert tensors, canonically `mlp.experts.{E}.linear_fc1.weight` (E: the global
+# expert index). Stored as:
+# - per-rank SequentialMLP (local spec / TE non-grouped): mlp.experts.local_experts.{L}.linear_fc1.weight
+# - per-rank TEGroupedMLP: mlp.experts.linear_fc1.weight{L}
+#   (L: the index local to the expert-parallel rank; the reader makes it global)
+# - distributed: decoder.layers.mlp.experts.experts.linear_fc1.weight, stacked [layers, experts, ...]
+#   (or, saved with singleton_local_shards, ...experts.experts.{E}.linear_fc1.weight)
+_LOCAL_EXPERT = re.compile(r"mlp\.experts\.(?:local_experts\.(\d+)\.(linear_fc[12])\.(weight|bias)"
+                           r"|(linear_fc[12])\.(weight|bias)(\d+))$")
+_DIST_EXPERT = re.compile(r"mlp\.experts\.experts\.(?:(\d+)\.)?(linear_fc[12])\.(weight|bias)$")
+_EXPERT_KEY = re.compile(r"mlp\.experts\.(\*|\d+|local\d+)\.(linear_fc[12])\.(weight|bias)$")
 TOP_TENSORS = (
     "embedding.word_embeddings.weight", "embedding.position_embeddings.weight",
     "decoder.final_layernorm.weight", "decoder.final_layernorm.bias", "output_layer.weight",
@@ -367,7 +440,20 @@ _LAYER_NAME = re.compile(r"decoder\.layers\.(\d+)\.(.+)$")
 _STACKED_NAME = re.compile(r"decoder\.layers\.(?!\d+\.)(.+)$")
 
 
+def expert_key(expert: int | str, linear: str, part: str) -> str:
+    """The canonical name of expert `expert`'s `linear` ("linear_fc1") `part` ("weight")."""
+    return f"mlp.experts.{expert}.{linear}.{part}"
+
+
+def dense_key(key: str) -> str:
+    """An expert tensor's name as the dense MLP's (its tensor-parallel split and SwiGLU layout are
+    the same); other names unchanged."""
+    found = _EXPERT_KEY.match(key)
+    return f"mlp.{found.group(2)}.{found.group(3)}" if found else key
+
+
 def split_dim(key: str) -> int | None:
+    key = dense_key(key)
     if key in _COLUMN_PARALLEL:
         return 0
     if key in _ROW_PARALLEL:
@@ -404,10 +490,22 @@ def canonical_name(name: str) -> tuple[int | None, str] | None:
         key = _FUSED_NORMS.get(key, key)
         if key in LAYER_TENSORS:
             return layer, key
+        local = _LOCAL_EXPERT.match(key)
+        if local:
+            index, linear, part = (local.group(1), local.group(2), local.group(3)) if local.group(1) is not None \
+                else (local.group(6), local.group(4), local.group(5))
+            return layer, expert_key(f"local{int(index)}", linear, part)
+        stacked_experts = _DIST_EXPERT.match(key)
+        if stacked_experts:
+            index, linear, part = stacked_experts.groups()
+            return layer, expert_key("*" if index is None else int(index), linear, part)
+        if re.fullmatch(r"mlp\.experts\.weight[12]", key):
+            raise EmberError(f"Megatron tensor {original}: the legacy GroupedMLP layout (--moe-use-legacy-grouped-gemm) "
+                             "is not supported; resave with the SequentialMLP or TE grouped-GEMM experts")
     elif key in TOP_TENSORS:
         return None, key
     raise EmberError(f"Megatron tensor {original} is not part of a GPT model ember can import "
-                     "(supported: dense GPT/Llama/Qwen-style models)")
+                     "(supported: GPT/Llama/Qwen-style models, Mixtral-style mixture of experts)")
 
 
 def _naming_of(name: str) -> str:
@@ -461,7 +559,8 @@ class TorchDistReader(_Reader):
         self.saved_args = state.get("args") if isinstance(state, dict) else None
         self.iteration = state.get("iteration") if isinstance(state, dict) else None
         self.shapes = {}
-        self._sources: dict[tuple[int | None, str], tuple[str, int | None]] = {}
+        # (layer, key) -> (fqn, its indices on the stacked leading dimensions: layer[, expert])
+        self._sources: dict[tuple[int | None, str], tuple[str, tuple[int, ...]]] = {}
         self.extras = []
         naming = set()
         for fqn, item in self.metadata.state_dict_metadata.items():
@@ -477,34 +576,40 @@ class TorchDistReader(_Reader):
             layer, key = found
             shape = tuple(item.size)
             dtype = item.properties.dtype
-            if layer == -1:
+            if layer == -1 and "*" in key:  # [layers, experts, ...]
                 for i in range(shape[0]):
-                    self._add((i, key), shape[1:], dtype, fqn, i)
+                    for e in range(shape[1]):
+                        self._add((i, key.replace("*", str(e))), shape[2:], dtype, fqn, (i, e))
+            elif layer == -1:
+                for i in range(shape[0]):
+                    self._add((i, key), shape[1:], dtype, fqn, (i,))
             else:
-                self._add((layer, key), shape, dtype, fqn, None)
+                self._add((layer, key), shape, dtype, fqn, ())
         self.naming = "/".join(sorted(naming)) or "mcore"
         self._chunk_cache: tuple[Any, torch.Tensor] | None = None
 
-    def _add(self, where: tuple[int | None, str], shape: tuple[int, ...], dtype: torch.dtype, fqn: str, index: int | None) -> None:
+    def _add(self, where: tuple[int | None, str], shape: tuple[int, ...], dtype: torch.dtype, fqn: str,
+             index: tuple[int, ...]) -> None:
         if where in self.shapes:
             raise EmberError(f"{self.folder}: tensor {where[1]} of layer {where[0]} is stored twice (again as {fqn})")
         self.shapes[where] = (shape, dtype)
         self._sources[where] = (fqn, index)
 
     def get(self, layer: int | None, key: str) -> torch.Tensor:
-        fqn, index = self._sources[(layer, key)]
+        fqn, lead = self._sources[(layer, key)]
         item = self.metadata.state_dict_metadata[fqn]
         shape, dtype = self.shapes[(layer, key)]
         out = torch.empty(shape, dtype=dtype)
         filled = 0
-        lead = () if index is None else (index,)
+        n = len(lead)
         for chunk_index, chunk in enumerate(item.chunks):
             offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
-            if lead and not offsets[0] <= index < offsets[0] + sizes[0]:
+            if not all(o <= i < o + z for i, o, z in zip(lead, offsets, sizes)):
                 continue
             data = self._read_chunk(fqn, offsets, chunk_index)
-            if lead:
-                data, offsets = data[index - offsets[0]], offsets[1:]
+            if n:
+                data = data[tuple(i - o for i, o in zip(lead, offsets))]
+                offsets = offsets[n:]
             region = tuple(slice(o, o + s) for o, s in zip(offsets, data.shape))
             out[region] = data
             filled += data.numel()
@@ -545,30 +650,53 @@ class TorchDistReader(_Reader):
 
 
 class LegacyReader(_Reader):
-    """Per-rank `mp_rank_TT[_PPP]/model_optim_rng.pt` files, memory-mapped; a tensor is the
+    """Per-rank `mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt` files, memory-mapped; a tensor is the
     concatenation of its tensor-parallel slices (SwiGLU's fc1: gates, then ups), and layer
-    numbers are made global by counting the layers of the stages before."""
+    numbers are made global by counting the layers of the stages before. With expert parallelism
+    (`_EEE`, Megatron-LM's name when --expert-model-parallel-size > 1) each expert rank's file holds
+    its own experts (local index L is global expert EEE * local experts + L) and a copy of the
+    rest, read from expert rank 0."""
 
     format = "legacy"
 
     def __init__(self, folder: Path):
         self.folder = folder
-        ranks: dict[tuple[int, int], Path] = {}
-        for path in sorted(folder.iterdir()):
-            found = _RANK_DIR.match(path.name)
-            if not found or not path.is_dir():
-                continue
-            if found.group(3) is not None:
-                raise EmberError(f"{path}: expert-parallel per-rank files (mixture of experts) are not supported yet")
-            tp, pp = int(found.group(1)), int(found.group(2) or 0)
-            ranks[(tp, pp)] = path / RANK_FILE
-        tp_size = 1 + max(tp for tp, _ in ranks)
-        pp_size = 1 + max(pp for _, pp in ranks)
-        missing = [f"mp_rank_{tp:02d}" + (f"_{pp:03d}" if pp_size > 1 else "")
-                   for tp in range(tp_size) for pp in range(pp_size) if (tp, pp) not in ranks]
+        found_dirs = [(path, found) for path in sorted(folder.iterdir())
+                      if (found := _RANK_DIR.match(path.name)) and path.is_dir()]
+        # mp_rank_TT_XXX is TP x PP, or TP x EP when only expert parallelism is on: the saved args say which
+        two_parts_are_ep = False
+        if any(f.group(2) is not None and f.group(3) is None for _, f in found_dirs):
+            peek = load_megatron_pickle(found_dirs[0][0] / RANK_FILE)
+            saved = peek.get("args") if isinstance(peek, dict) else None
+            if isinstance(saved, (argparse.Namespace, dict)):
+                a = _as_dict(saved, str(folder))
+                two_parts_are_ep = (a.get("expert_model_parallel_size") or 1) > 1 and (
+                    a.get("pipeline_model_parallel_size") or 1) == 1
+            del peek
+        ranks: dict[tuple[int, int, int], Path] = {}
+        for path, found in found_dirs:
+            tp, second, third = int(found.group(1)), found.group(2), found.group(3)
+            if third is not None:
+                pp, ep = int(second), int(third)
+            elif two_parts_are_ep:
+                pp, ep = 0, int(second)
+            else:
+                pp, ep = int(second or 0), 0
+            ranks[(tp, pp, ep)] = path / RANK_FILE
+        tp_size = 1 + max(r[0] for r in ranks)
+        pp_size = 1 + max(r[1] for r in ranks)
+        ep_size = 1 + max(r[2] for r in ranks)
+
+        def rank_name(tp: int, pp: int, ep: int) -> str:
+            return (f"mp_rank_{tp:02d}" + (f"_{pp:03d}" if pp_size > 1 else "")
+                    + (f"_{ep:03d}" if ep_size > 1 else ""))
+
+        missing = [rank_name(tp, pp, ep) for tp in range(tp_size) for pp in range(pp_size) for ep in range(ep_size)
+                   if (tp, pp, ep) not in ranks]
         if missing:
-            raise EmberError(f"{folder}: {missing[0]} is missing ({len(ranks)} of {tp_size * pp_size} rank folders found)")
-        self.tp_size, self.pp_size = tp_size, pp_size
+            raise EmberError(f"{folder}: {missing[0]} is missing ({len(ranks)} of {tp_size * pp_size * ep_size} "
+                             "rank folders found)")
+        self.tp_size, self.pp_size, self.ep_size = tp_size, pp_size, ep_size
         self.saved_args = None
         self.iteration = None
         self.extras = []
@@ -576,7 +704,7 @@ class LegacyReader(_Reader):
         self._naming: set[str] = set()
         layer_counts: dict[int, int] = {}
         local: dict[tuple[int, int], dict[tuple[int | None, str], torch.Tensor]] = {}
-        for (tp, pp) in sorted(ranks):
+        for (tp, pp) in sorted({(tp, pp) for tp, pp, _ in ranks}):
             # memory-mapped: only the pickle is read here, no tensor data
             local[(tp, pp)] = tensors = self._load_rank(tp, pp)
             if tp == 0:
@@ -605,13 +733,35 @@ class LegacyReader(_Reader):
             self.shapes[where] = (tuple(shape), slices[0].dtype)
         del local, parts
         self._gated = bool(_as_dict(self.saved_args, str(folder)).get("swiglu")) if self.saved_args is not None else False
+        if self.saved_args is not None:
+            saved = _as_dict(self.saved_args, str(folder))
+            etp = saved.get("expert_tensor_parallel_size")
+            if saved.get("num_experts") and etp is not None and etp != tp_size:
+                raise EmberError(f"{folder}: per-rank files with --expert-tensor-parallel-size {etp} != tensor-parallel "
+                                 f"size {tp_size} are not supported; resave with --ckpt-format torch_dist")
         # The files of one pipeline stage at a time are mapped while tensors are read (ember's
         # writing order goes through the stages in order), so touched pages of the others go.
         self._stage: int | None = None
         self._stage_tensors: list[dict[tuple[int | None, str], torch.Tensor]] = []
 
     def _load_rank(self, tp: int, pp: int) -> dict[tuple[int | None, str], torch.Tensor]:
-        path = self._ranks[(tp, pp)]
+        """Tensor-parallel rank tp's tensors of stage pp: expert rank 0's file, plus the experts of
+        the other expert ranks' files with global expert numbers."""
+        tensors: dict[tuple[int | None, str], torch.Tensor] = {}
+        for ep in range(self.ep_size):
+            local = self._load_rank_file(self._ranks[(tp, pp, ep)])
+            experts = {key: found for _, key in local if (found := _EXPERT_KEY.match(key)) and found.group(1).startswith("local")}
+            per_rank = len({found.group(1) for found in experts.values()})
+            for (layer, key), tensor in local.items():
+                if key in experts:
+                    found = experts[key]
+                    global_index = ep * per_rank + int(found.group(1)[len("local"):])
+                    tensors[(layer, expert_key(global_index, found.group(2), found.group(3)))] = tensor
+                elif ep == 0:
+                    tensors[(layer, key)] = tensor
+        return tensors
+
+    def _load_rank_file(self, path: Path) -> dict[tuple[int | None, str], torch.Tensor]:
         if not path.is_file():
             raise EmberError(f"{path} is missing; the checkpoint is incomplete")
         state = load_megatron_pickle(path)
@@ -628,7 +778,7 @@ class LegacyReader(_Reader):
                              "resave it with a Megatron-LM from 2021 or later")
         if self.saved_args is None:
             self.saved_args, self.iteration = state.get("args"), state.get("iteration")
-        if (tp, pp) == (0, 0):
+        if path == self._ranks[(0, 0, 0)]:
             self.extras = [k for k in ("optimizer", "opt_param_scheduler", "rng_state") if state.get(k) is not None]
         tensors: dict[tuple[int | None, str], torch.Tensor] = {}
         for name, value in _flatten(state["model"]):
@@ -649,7 +799,7 @@ class LegacyReader(_Reader):
         dim = split_dim(key)
         if dim is None:
             return parts[0].clone()
-        if key.startswith("mlp.linear_fc1.") and self._gated:
+        if dense_key(key).startswith("mlp.linear_fc1.") and self._gated:
             # each rank holds [its gate rows; its up rows]: all gates first, then all ups
             halves = [p.chunk(2, dim=0) for p in parts]
             return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
@@ -719,6 +869,9 @@ def ember_tensors(args: ModelArgs, get: Callable[[int | None, str], torch.Tensor
             yield prefix + "attention.wo.bias", get(i, "self_attention.linear_proj.bias")
         for part in norm_parts:
             yield prefix + f"ffn_norm.{part}", get(i, f"pre_mlp_layernorm.{part}")
+        if args.num_experts:
+            yield from _moe_tensors(args, prefix, lambda key, i=i: get(i, key))
+            continue
         for part, present in (("weight", True), ("bias", args.mlp_bias)):
             if not present:
                 continue
@@ -735,6 +888,19 @@ def ember_tensors(args: ModelArgs, get: Callable[[int | None, str], torch.Tensor
         yield f"norm.{part}", get(None, f"decoder.final_layernorm.{part}")
     if not args.tie_embeddings:
         yield "output.weight", get(None, "output_layer.weight")
+
+
+def _moe_tensors(args: ModelArgs, prefix: str, get: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """One MoE layer: the router, then each stacked expert tensor [E, ...] from the E experts' tensors."""
+    yield prefix + "moe.router.weight", get("mlp.router.weight")
+    fc1 = [get(expert_key(e, "linear_fc1", "weight")) for e in range(args.num_experts)]
+    if args.mlp_type == "gated":
+        yield prefix + "moe.experts.w1", torch.stack([t.chunk(2, dim=0)[0] for t in fc1])
+        yield prefix + "moe.experts.w3", torch.stack([t.chunk(2, dim=0)[1] for t in fc1])
+    else:
+        yield prefix + "moe.experts.w1", torch.stack(fc1)
+    del fc1
+    yield prefix + "moe.experts.w2", torch.stack([get(expert_key(e, "linear_fc2", "weight")) for e in range(args.num_experts)])
 
 
 def _json_safe(value: Any) -> Any:
@@ -811,6 +977,7 @@ def convert_megatron_to_ember(
         "family": family, "format": reader.format, "naming": reader.naming, "iteration": checkpoint.iteration,
         "tensor_parallel": saved.get("tensor_model_parallel_size"),
         "pipeline_parallel": saved.get("pipeline_model_parallel_size"),
+        "expert_parallel": saved.get("expert_model_parallel_size") or 1,
         "tensors": len(entries), "bytes": sum(e.nbytes for e in entries), "shards": len(writer.shards),
         "dropped": reader.extras, "model_args": args.to_dict(),
     }
@@ -820,7 +987,9 @@ def describe_megatron_source(report: dict[str, Any]) -> str:
     """One line for a command to print after `convert_megatron_to_ember`."""
     dropped = f"; not imported: {', '.join(report['dropped'])}" if report.get("dropped") else ""
     return (f"megatron {report['format']} ({report['naming']} names, iteration {report['iteration']}, "
-            f"TP {report['tensor_parallel']} x PP {report['pipeline_parallel']}) -> ember {report['family']}: "
+            f"TP {report['tensor_parallel']} x PP {report['pipeline_parallel']}"
+            f"{' x EP ' + str(report['expert_parallel']) if (report.get('expert_parallel') or 1) > 1 else ''}"
+            f") -> ember {report['family']}: "
             f"{report['tensors']} tensors, {report['bytes'] / 1e6:.1f} MB{dropped}")
 
 

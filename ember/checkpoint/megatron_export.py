@@ -16,6 +16,12 @@ naming), at any tensor/pipeline-parallel layout:
   `common.pt` ({'args', 'iteration', 'checkpoint_version'}) and `metadata.json`. The layout is
   the reader's choice there: the same folder loads at any TP/PP (the args say the one asked for).
 
+Mixture-of-experts models (Mixtral style) are written as Megatron-Core's SequentialMLP experts:
+`mlp.router.weight`, per expert `mlp.experts.local_experts.L.linear_fc1/linear_fc2.weight` in the
+per-rank files, one file per (tensor, pipeline, expert) rank with `expert_parallel` > 1
+(`mp_rank_TT[_PPP]_EEE`, holding that expert rank's experts), and
+`decoder.layers.mlp.experts.experts.linear_fc1.weight` [layers, experts, ...] in torch_dist.
+
 Streamed: legacy files are made one pipeline stage at a time, distributed chunks one tensor at a
 time (one chunk per layer), each read from the ember folder when needed.
 """
@@ -33,7 +39,8 @@ from typing import Any
 import torch
 
 from ember.checkpoint import weights as io_weights
-from ember.checkpoint.megatron import RANK_FILE, TRACKER_FILE, fuse_qkv, is_megatron_checkpoint
+from ember.checkpoint.megatron import (
+    RANK_FILE, TRACKER_FILE, _EXPERT_KEY, dense_key, expert_key, fuse_qkv, is_megatron_checkpoint)
 from ember.errors import EmberError
 from ember.models.args import ModelArgs
 
@@ -55,11 +62,16 @@ _DIST_NAMES = {
 # ModelArgs -> Megatron-LM args
 # =============================================================================================
 def megatron_args_from_ember(args: ModelArgs, tensor_parallel: int, pipeline_parallel: int, ckpt_format: str,
-                             params_dtype: torch.dtype = torch.float32) -> argparse.Namespace:
+                             params_dtype: torch.dtype = torch.float32, expert_parallel: int = 1) -> argparse.Namespace:
     """The Namespace Megatron-LM saves for this model (the inverse of `model_args_from_megatron`);
     what Megatron-Core cannot express is refused in one line."""
+    moe = bool(args.num_experts)
     unsupported = [
-        (args.num_experts, "mixture-of-experts models"),
+        (moe and args.num_shared_experts, "shared experts (ember's have no Megatron --moe-shared-expert-intermediate-size "
+                                          "equivalent in this exporter)"),
+        (moe and args.mlp_bias, "mixture-of-experts models with MLP biases"),
+        (moe and args.moe_gating == "sigmoid" and args.moe_renormalize != (args.moe_top_k > 1),
+         "sigmoid routers whose top-k weights are renormalized other than Megatron's (only when top-k > 1)"),
         (args.position_type == "alibi", "ALiBi positions"),
         (args.embedding_norm, "an embedding layernorm (Bloom)"),
         (args.sandwich_norm, "sandwich norms (Grok-1)"),
@@ -84,13 +96,19 @@ def megatron_args_from_ember(args: ModelArgs, tensor_parallel: int, pipeline_par
             and rope_scaling.get("high_freq_factor") == 4.0 and rope_scaling.get("original_max_seq_len") == 8192):
         raise EmberError(f"RoPE scaling {rope_scaling} is not Megatron's --use-rope-scaling (Llama-3.1 with fixed factors)")
     tp, pp = tensor_parallel, pipeline_parallel
-    checks = [(args.n_heads, "attention heads"), (args.n_kv_heads, "query groups"), (args.ffn_dim, "ffn_hidden_size"),
-              (args.vocab_size, "vocabulary rows")]
+    ffn = (args.moe_ffn_dim, "moe_ffn_hidden_size") if moe else (args.ffn_dim, "ffn_hidden_size")
+    checks = [(args.n_heads, "attention heads"), (args.n_kv_heads, "query groups"), ffn, (args.vocab_size, "vocabulary rows")]
     for count, what in checks:
         if count % tp:
             raise EmberError(f"--target-tensor-parallel-size {tp} does not divide the {count} {what}")
     if args.n_layers % pp:
         raise EmberError(f"--target-pipeline-parallel-size {pp} does not divide the {args.n_layers} layers")
+    ep = expert_parallel
+    if ep < 1 or (ep > 1 and not moe):
+        raise EmberError(f"--target-expert-parallel-size {ep}: " + (
+            "must be at least 1" if ep < 1 else "needs a mixture-of-experts model; this one has no experts"))
+    if moe and args.num_experts % ep:
+        raise EmberError(f"--target-expert-parallel-size {ep} does not divide the {args.num_experts} experts")
     position = {"rope": "rope", "learned": "learned_absolute", "none": "none"}[args.position_type]
     namespace = argparse.Namespace(
         num_layers=args.n_layers, hidden_size=args.dim, ffn_hidden_size=args.ffn_dim,
@@ -106,10 +124,22 @@ def megatron_args_from_ember(args: ModelArgs, tensor_parallel: int, pipeline_par
         apply_layernorm_1p=False, swiglu=args.mlp_type == "gated", squared_relu=False,
         openai_gelu=args.activation == "gelu_tanh", untie_embeddings_and_output_weights=not args.tie_embeddings,
         add_bias_linear=args.mlp_bias, add_qkv_bias=args.qkv_bias, qk_layernorm=args.qk_norm,
-        softmax_scale=args.attn_scale, num_experts=None,
+        softmax_scale=args.attn_scale, num_experts=args.num_experts or None,
+        moe_router_topk=args.moe_top_k, moe_ffn_hidden_size=args.moe_ffn_dim if moe else None,
+        moe_aux_loss_coeff=args.moe_aux_loss_coef, moe_router_load_balancing_type="aux_loss",
+        moe_router_score_function=args.moe_gating,
+        moe_router_pre_softmax=moe and args.moe_gating == "softmax" and not args.moe_renormalize,
+        moe_grouped_gemm=False, moe_token_dispatcher_type="allgather", moe_layer_freq=1,
+        moe_shared_expert_intermediate_size=None, moe_router_topk_scaling_factor=None,
+        moe_router_enable_expert_bias=False, moe_router_num_groups=None,
+        moe_expert_capacity_factor=args.moe_capacity_factor,
+        moe_token_drop_policy=getattr(args, "moe_drop_policy", "probs"),
+        moe_z_loss_coeff=getattr(args, "moe_z_loss_coef", 0.0) or None,
+        moe_input_jitter_eps=args.moe_input_jitter or None,
         vocab_size=args.vocab_size, padded_vocab_size=args.vocab_size, make_vocab_size_divisible_by=1,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=1,
-        virtual_pipeline_model_parallel_size=None, world_size=tp * pp, data_parallel_size=1,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=tp,
+        virtual_pipeline_model_parallel_size=None, world_size=tp * pp * ep, data_parallel_size=ep,
         params_dtype=params_dtype, fp16=params_dtype == torch.float16, bf16=params_dtype == torch.bfloat16,
         ckpt_format=ckpt_format, init_method_std=args.init_std, attention_dropout=0.0, hidden_dropout=0.0,
         iteration=ITERATION, consumed_train_samples=0, consumed_valid_samples=0,
@@ -147,6 +177,19 @@ def megatron_tensors(args: ModelArgs, get: Callable[[str], torch.Tensor], layers
             yield i, "self_attention.linear_proj.bias", get(p + "attention.wo.bias")
         for part in norm_parts:
             yield i, f"pre_mlp_layernorm.{part}", get(p + f"ffn_norm.{part}")
+        if args.num_experts:
+            yield i, "mlp.router.weight", get(p + "moe.router.weight")
+            w1 = get(p + "moe.experts.w1")
+            w3 = get(p + "moe.experts.w3") if args.mlp_type == "gated" else None
+            for e in range(args.num_experts):  # per expert: [gate; up] like the dense fc1
+                fc1 = torch.cat([w1[e], w3[e]], dim=0) if w3 is not None else w1[e]
+                yield i, expert_key(e, "linear_fc1", "weight"), fc1
+            del w1, w3
+            w2 = get(p + "moe.experts.w2")
+            for e in range(args.num_experts):
+                yield i, expert_key(e, "linear_fc2", "weight"), w2[e]
+            del w2
+            continue
         for part, present in (("weight", True), ("bias", args.mlp_bias)):
             if not present:
                 continue
@@ -167,6 +210,7 @@ def tp_slice(args: ModelArgs, key: str, tensor: torch.Tensor, rank: int, size: i
     """Tensor-parallel rank `rank`'s part of a global tensor, as a per-rank file holds it."""
     if size == 1:
         return tensor
+    key = dense_key(key)  # an expert's linears split like the dense MLP's
     if key.startswith("mlp.linear_fc1.") and args.mlp_type == "gated":
         gate, up = tensor.chunk(2, dim=0)
         return torch.cat([gate.chunk(size, dim=0)[rank], up.chunk(size, dim=0)[rank]], dim=0)
@@ -203,31 +247,46 @@ class _EmberSource:
 # the two formats
 # =============================================================================================
 def _write_legacy(args: ModelArgs, source: _EmberSource, folder: Path, namespace: argparse.Namespace,
-                  tp: int, pp: int) -> int:
+                  tp: int, pp: int, ep: int = 1) -> int:
+    """Per-rank files; with expert parallelism (ep > 1) one file per (tensor, pipeline, expert)
+    rank, `mp_rank_TT[_PPP]_EEE`, each with its experts under local numbers and the rest copied."""
     per_stage = args.n_layers // pp
+    local_experts = args.num_experts // ep if args.num_experts else 0
     files = 0
     for stage in range(pp):
         first, last = stage == 0, stage == pp - 1
         layers = range(stage * per_stage, (stage + 1) * per_stage)
-        ranks: list[dict[str, Any]] = [{} for _ in range(tp)]
-        for layer, key, tensor in megatron_tensors(args, source.get, layers, first, last):
-            name = key if layer is None else f"decoder.layers.{layer - layers.start}.{key}"
+        ranks: dict[tuple[int, int], dict[str, Any]] = {(r, e): {} for r in range(tp) for e in range(ep)}
+
+        def put(expert_ranks: range, name: str, key: str, tensor: torch.Tensor | None) -> None:
             for r in range(tp):
-                ranks[r][name] = tp_slice(args, key, tensor, r, tp).clone()
+                part = None if tensor is None else tp_slice(args, key, tensor, r, tp).clone()
+                for e in expert_ranks:
+                    ranks[(r, e)][name] = part
+
+        for layer, key, tensor in megatron_tensors(args, source.get, layers, first, last):
+            local = None if layer is None else layer - layers.start
+            expert = _EXPERT_KEY.match(key)
+            if expert:
+                index = int(expert.group(1))
+                owner = range(index // local_experts, index // local_experts + 1)
+                module = f"decoder.layers.{local}.mlp.experts.local_experts.{index % local_experts}.{expert.group(2)}"
+                put(owner, f"{module}.{expert.group(3)}", key, tensor)
+                if expert.group(3) == "weight":
+                    put(owner, f"{module}._extra_state", key, None)
+                continue
+            name = key if layer is None else f"decoder.layers.{local}.{key}"
+            put(range(ep), name, key, tensor)
             if layer is not None and key.endswith(".weight") and key[: -len(".weight")] in _LINEARS:
-                for r in range(tp):
-                    ranks[r][f"decoder.layers.{layer - layers.start}.{key[:-len('.weight')]}._extra_state"] = None
+                put(range(ep), f"decoder.layers.{local}.{key[:-len('.weight')]}._extra_state", key, None)
         if last:
             if args.tie_embeddings and pp > 1:  # the last stage keeps its own copy of the tied embedding
-                embedding = source.get("tok_embeddings.weight")
-                for r in range(tp):
-                    ranks[r]["output_layer.weight"] = tp_slice(args, "output_layer.weight", embedding, r, tp).clone()
-            for r in range(tp):
-                ranks[r]["output_layer._extra_state"] = None
-        for r in range(tp):
-            name = f"mp_rank_{r:02d}" if pp == 1 else f"mp_rank_{r:02d}_{stage:03d}"
+                put(range(ep), "output_layer.weight", "output_layer.weight", source.get("tok_embeddings.weight"))
+            put(range(ep), "output_layer._extra_state", "", None)
+        for (r, e), model in ranks.items():
+            name = f"mp_rank_{r:02d}" + (f"_{stage:03d}" if pp > 1 else "") + (f"_{e:03d}" if ep > 1 else "")
             (folder / name).mkdir(parents=True)
-            state = {"args": namespace, "checkpoint_version": 3.0, "iteration": ITERATION, "model": _ordered(ranks[r])}
+            state = {"args": namespace, "checkpoint_version": 3.0, "iteration": ITERATION, "model": _ordered(model)}
             torch.save(state, folder / name / RANK_FILE)
             files += 1
         del ranks
@@ -265,8 +324,14 @@ def _write_torch_dist(args: ModelArgs, source: _EmberSource, folder: Path, names
             return buffer.getvalue()
 
         for layer, key, tensor in megatron_tensors(args, source.get):
+            expert = _EXPERT_KEY.match(key) if layer is not None else None
             if layer is None:
                 fqn, shape, offsets, chunk = key, tuple(tensor.shape), (0,) * tensor.dim(), tensor
+            elif expert:  # [layers, experts, ...], as SequentialMLP.sharded_state_dict stores them
+                index, experts = int(expert.group(1)), args.num_experts
+                fqn = f"decoder.layers.mlp.experts.experts.{expert.group(2)}.{expert.group(3)}"
+                shape = (layers, experts, *tensor.shape)
+                offsets, chunk = (layer, index, *(0,) * tensor.dim()), tensor[None, None]
             else:
                 fqn = "decoder.layers." + _DIST_NAMES.get(key, key)
                 shape, offsets, chunk = (layers, *tensor.shape), (layer, *(0,) * tensor.dim()), tensor[None]
@@ -276,7 +341,12 @@ def _write_torch_dist(args: ModelArgs, source: _EmberSource, folder: Path, names
                     properties=TensorProperties(dtype=tensor.dtype), size=torch.Size(shape), chunks=[])
             item.chunks.append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(chunk.shape)))
             put(MetadataIndex(fqn, torch.Size(offsets)), saved(chunk.contiguous().clone()))
-            if layer is not None and key.endswith(".weight") and key[: -len(".weight")] in _LINEARS:
+            if expert and expert.group(3) == "weight":
+                extra = (f"decoder.layers.mlp.experts.experts.{expert.group(2)}._extra_state/"
+                         f"shard_{layer}.{index}_{layers}.{experts}")
+                state_meta[extra] = BytesStorageMetadata()
+                put(MetadataIndex(extra), saved([None]))
+            elif layer is not None and key.endswith(".weight") and key[: -len(".weight")] in _LINEARS:
                 extra = f"decoder.layers.{key[:-len('.weight')]}._extra_state/shard_{layer}_{layers}"
                 state_meta[extra] = BytesStorageMetadata()
                 put(MetadataIndex(extra), saved([None]))  # what megatron-core saves for a local linear
@@ -297,9 +367,12 @@ def convert_ember_to_megatron(
     pipeline_parallel: int = 1,
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
+    expert_parallel: int = 1,
 ) -> dict[str, Any]:
     """ember weight folder (or `ember train --save` folder) -> Megatron save folder, written
-    atomically. Returns a report: family, format, layout, tensors, files."""
+    atomically. Returns a report: family, format, layout, tensors, files. `expert_parallel`
+    (`--target-expert-parallel-size`): the expert-parallel size the args name and, for the
+    per-rank format, the number of `_EEE` expert-rank files per (tensor, pipeline) rank."""
     import tempfile
 
     from ember.checkpoint.convert import check_output_folder
@@ -315,7 +388,8 @@ def convert_ember_to_megatron(
     if is_training_checkpoint(src):
         with tempfile.TemporaryDirectory(prefix="ember-export-", dir=out.parent if out.parent.is_dir() else None) as tmp:
             weights = export_training_checkpoint(src, Path(tmp) / "weights")
-            return convert_ember_to_megatron(weights, out, format, tensor_parallel, pipeline_parallel, overwrite, dtype)
+            return convert_ember_to_megatron(weights, out, format, tensor_parallel, pipeline_parallel, overwrite, dtype,
+                                             expert_parallel)
     manifest = io_weights.read_manifest(src)
     args = ModelArgs.from_dict(manifest["model_args"])
     source = _EmberSource(src, dtype)
@@ -323,17 +397,17 @@ def convert_ember_to_megatron(
     io_weights.check_tensor_set(found, ember_state_shapes(args), where=str(src))
     first = next(iter(source.entries.values()))[1]
     params_dtype = dtype or first.dtype
-    namespace = megatron_args_from_ember(args, tensor_parallel, pipeline_parallel, format, params_dtype)
+    namespace = megatron_args_from_ember(args, tensor_parallel, pipeline_parallel, format, params_dtype, expert_parallel)
     # --force replaces an earlier Megatron export (or ember/HF output), never anything else
     with io_weights.atomic_folder(out, overwrite, replaceable=is_megatron_checkpoint) as tmp:
         folder = tmp / f"iter_{ITERATION:07d}"
         if format == "legacy":
-            files = _write_legacy(args, source, folder, namespace, tensor_parallel, pipeline_parallel)
+            files = _write_legacy(args, source, folder, namespace, tensor_parallel, pipeline_parallel, expert_parallel)
         else:
             files = _write_torch_dist(args, source, folder, namespace)
         (tmp / TRACKER_FILE).write_text(str(ITERATION))
     return {"family": manifest.get("family"), "format": format, "tensor_parallel": tensor_parallel,
-            "pipeline_parallel": pipeline_parallel, "tensors": len(found), "files": files,
+            "pipeline_parallel": pipeline_parallel, "expert_parallel": expert_parallel, "tensors": len(found), "files": files,
             "bytes": sum(e.nbytes for _, e in source.entries.values())}
 
 

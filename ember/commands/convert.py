@@ -4,7 +4,7 @@
     ember convert --from ember --to hf EMBER_DIR OUT_DIR   (EMBER_DIR may be an `ember train --save` folder)
     ember convert --from megatron --to ember MEGATRON_SAVE_DIR OUT_DIR [--iteration N]
     ember convert --from ember --to megatron EMBER_DIR OUT_DIR [--format torch_dist|legacy]
-        [--target-tensor-parallel-size T] [--target-pipeline-parallel-size P]
+        [--target-tensor-parallel-size T] [--target-pipeline-parallel-size P] [--target-expert-parallel-size E]
 
 The conversions themselves are `ember.checkpoint.convert`, `ember.checkpoint.megatron` and
 `ember.checkpoint.megatron_export`; this module reads the flags.
@@ -48,8 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--to megatron: tensor-parallel size of the written checkpoint (default 1)")
     parser.add_argument("--target-pipeline-parallel-size", type=int, default=1,
                         help="--to megatron: pipeline-parallel size of the written checkpoint (default 1)")
+    parser.add_argument("--target-expert-parallel-size", type=int, default=1,
+                        help="--to megatron: expert-parallel size of the written checkpoint (MoE models, default 1)")
     parser.add_argument("--force", action="store_true",
-                        help="replace OUT if it is an earlier output (an ember or Hugging Face model folder)")
+                        help="replace OUT if it is an earlier output (an ember, Hugging Face or Megatron folder)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,8 +59,8 @@ def run(args: argparse.Namespace) -> int:
                                                   ("ember", "megatron")):
         raise EmberError(f"cannot convert --from {args.from_format} --to {args.to_format}; use hf->ember, "
                          f"ember->hf, megatron->ember or ember->megatron")
-    if args.to_format != "megatron" and (args.target_tensor_parallel_size != 1 or args.target_pipeline_parallel_size != 1
-                                         or args.megatron_format != "torch_dist"):
+    layout = (args.target_tensor_parallel_size, args.target_pipeline_parallel_size, args.target_expert_parallel_size)
+    if args.to_format != "megatron" and (layout != (1, 1, 1) or args.megatron_format != "torch_dist"):
         raise EmberError("--format and --target-*-parallel-size describe a Megatron output; use them with --to megatron")
     if args.iteration is not None and args.from_format != "megatron":
         raise EmberError("--iteration picks a Megatron checkpoint's iteration; use it with --from megatron")
@@ -102,8 +104,10 @@ def _to_megatron(args: argparse.Namespace, dtype, started: float) -> int:
     report = convert_ember_to_megatron(args.src, args.out, format=args.megatron_format,
                                        tensor_parallel=args.target_tensor_parallel_size,
                                        pipeline_parallel=args.target_pipeline_parallel_size,
+                                       expert_parallel=args.target_expert_parallel_size,
                                        overwrite=args.force, dtype=dtype)
     print(f"ember convert: ember {report['family']} -> megatron {report['format']} {args.out} "
-          f"(TP {report['tensor_parallel']} x PP {report['pipeline_parallel']}): {report['tensors']} tensors, "
+          f"(TP {report['tensor_parallel']} x PP {report['pipeline_parallel']} x EP {report['expert_parallel']}): "
+          f"{report['tensors']} tensors, "
           f"{report['bytes'] / 1e6:.1f} MB in {report['files']} file(s), {time.perf_counter() - started:.1f}s")
     return 0
