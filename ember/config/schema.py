@@ -246,10 +246,6 @@ def _unique_field_sections() -> dict[str, str]:
     return {name: sections[0] for name, sections in seen.items() if len(sections) == 1}
 
 
-def _all_paths() -> list[str]:
-    return [f"{s}.{n}" for s, fields in _section_fields().items() for n in fields]
-
-
 # Names users bring from elsewhere (Megatron's short forms, other tools) -> the setting they mean.
 _ALIASES = {
     "tp": "parallel.tensor_model_parallel_size", "pp": "parallel.pipeline_model_parallel_size",
