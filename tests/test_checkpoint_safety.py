@@ -18,10 +18,10 @@ import shutil
 
 import pytest
 import torch
-from torch import nn
 
 from dist_utils import single_thread  # noqa: F401 (autouse fixture: one torch thread)
 from dist_utils import train_config, write_token_dataset
+from test_train_checkpoint import _model_and_optimizer
 from ember.checkpoint.training import (CHECKSUMS, Checkpointer, CorruptCheckpointError, CheckpointRef,
                                        find_checkpoint, load_training_state, training_state_dict,
                                        usable_checkpoint, write_checksums)
@@ -64,15 +64,6 @@ def _copy(trained, tmp_path):
     return shutil.copytree(trained, tmp_path / "save")
 
 
-def _model_and_optimizer(seed=0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    model(torch.randn(3, 4)).sum().backward()
-    optimizer.step()
-    return model, optimizer
-
-
 def _one_line_error(capsys, command):
     err = capsys.readouterr().err.strip().splitlines()
     assert err and err[-1].startswith(f"ember {command}: error:") and "Traceback" not in "\n".join(err), err
@@ -103,7 +94,7 @@ def test_a_pickled_object_in_a_shard_runs_no_code(tmp_path):
     """DCP stores non-tensor values (optimizer hyper-parameters) as pickles inside the shards."""
     import torch.distributed.checkpoint as dcp
 
-    model, optimizer = _model_and_optimizer()
+    model, optimizer = _model_and_optimizer(0)
     state = training_state_dict(model, optimizer)
     marker = tmp_path / "marker"
     state["optimizer"]["param_groups.0.weight.lr"] = _RunsCode(marker)
@@ -124,7 +115,7 @@ def _damage(path):
 
 
 def test_a_damaged_shard_is_named_and_the_previous_checkpoint_taken(tmp_path):
-    model, optimizer = _model_and_optimizer()
+    model, optimizer = _model_and_optimizer(0)
     saver = Checkpointer(tmp_path)
     for iteration in (1, 2, 3):
         saver.save(iteration, model, optimizer, {"state": {"iteration": iteration}})
@@ -156,7 +147,7 @@ def test_training_resumes_from_the_previous_checkpoint_when_the_newest_is_damage
 
 
 def test_nan_weights_are_never_published_nor_prune(tmp_path):
-    model, optimizer = _model_and_optimizer()
+    model, optimizer = _model_and_optimizer(0)
     saver = Checkpointer(tmp_path, keep_last=1)
     saver.save(1, model, optimizer, {"state": {}})
     with torch.no_grad():
@@ -168,7 +159,7 @@ def test_nan_weights_are_never_published_nor_prune(tmp_path):
 
 
 def test_a_checkpoint_without_checksums_loads_with_a_notice(tmp_path):
-    model, optimizer = _model_and_optimizer()
+    model, optimizer = _model_and_optimizer(0)
     Checkpointer(tmp_path).save(1, model, optimizer, {"state": {}})
     (tmp_path / "iter_0000001" / CHECKSUMS).unlink()  # saved by an older ember
     notices = []
@@ -193,7 +184,7 @@ def test_save_to_a_file_or_below_one_is_an_error(tmp_path):
 def test_a_full_disk_during_save_is_an_error_and_latest_stays(tmp_path, monkeypatch):
     import torch.distributed.checkpoint.filesystem as dcp_files
 
-    model, optimizer = _model_and_optimizer()
+    model, optimizer = _model_and_optimizer(0)
     saver = Checkpointer(tmp_path)
     saver.save(1, model, optimizer, {"state": {}})
 
@@ -207,7 +198,7 @@ def test_a_full_disk_during_save_is_an_error_and_latest_stays(tmp_path, monkeypa
 
 
 def test_unreadable_latest_and_train_state_are_errors(tmp_path, capsys):
-    model, optimizer = _model_and_optimizer()
+    model, optimizer = _model_and_optimizer(0)
     Checkpointer(tmp_path).save(1, model, optimizer, {"state": {}})
     (tmp_path / "latest").write_bytes(b"\xff\xfe iter")
     with pytest.raises(EmberError, match="not UTF-8"):
@@ -227,7 +218,7 @@ def test_unreadable_latest_and_train_state_are_errors(tmp_path, capsys):
 
 
 def test_a_missing_shard_is_an_error_not_a_traceback(tmp_path):
-    model, optimizer = _model_and_optimizer()
+    model, optimizer = _model_and_optimizer(0)
     Checkpointer(tmp_path).save(1, model, optimizer, {"state": {}})
     (tmp_path / "iter_0000001" / CHECKSUMS).unlink()
     next((tmp_path / "iter_0000001").glob("*.distcp")).unlink()
