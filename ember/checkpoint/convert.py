@@ -75,10 +75,6 @@ def read_hf_config(hf_dir: Path) -> dict[str, Any]:
         raise EmberError(f"{path}: invalid JSON ({err})") from None
 
 
-def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
-
-
 def convert_hf_to_ember(
     hf_dir: str | Path,
     out_dir: str | Path,
@@ -111,7 +107,7 @@ def convert_hf_to_ember(
     entries: list[io.TensorEntry] = []
     for name, (shape, tensor_dtype) in found.items():
         for ember_name, tensor in planner.to_ember(name, torch.empty(shape, dtype=tensor_dtype, device="meta")):
-            tensor = _cast(tensor, dtype)
+            tensor = io.cast_floating(tensor, dtype)
             entries.append(io.TensorEntry(ember_name, tensor.dtype, tuple(tensor.shape)))
     io.check_tensor_set({e.name: (e.shape, e.dtype) for e in entries}, ember_state_shapes(args), where="the converted model")
 
@@ -122,7 +118,7 @@ def convert_hf_to_ember(
         for _, name, tensor in files.tensors():
             for hf_name, part in normalise_hf_tensor(family, args, name, tensor):
                 for ember_name, out in mapper.to_ember(hf_name, part):
-                    writer.write(ember_name, _cast(out, dtype))
+                    writer.write(ember_name, io.cast_floating(out, dtype))
         writer.close()
         source = {"kind": "huggingface", "path": str(hf_dir.resolve()), "hf_config": config}
         io.write_manifest(tmp, args, family, source)
@@ -149,14 +145,14 @@ def convert_ember_to_hf(
     found = {entry.name: (entry.shape, entry.dtype) for _, entry in stored}
     io.check_tensor_set(found, ember_state_shapes(args), where=str(ember_dir))
 
-    weight_dtype = _cast(torch.empty((), dtype=stored[0][1].dtype), dtype).dtype
+    weight_dtype = io.cast_floating(torch.empty((), dtype=stored[0][1].dtype), dtype).dtype
     config = hf_config_from_args(args, family, base=manifest.get("source", {}).get("hf_config"), dtype=weight_dtype)
 
     planner = TensorMapper(family, args)
     entries: list[io.TensorEntry] = []
     for _, entry in stored:
         for hf_name, tensor in planner.to_hf(entry.name, torch.empty(entry.shape, dtype=entry.dtype, device="meta")):
-            tensor = _cast(tensor, dtype)
+            tensor = io.cast_floating(tensor, dtype)
             entries.append(io.TensorEntry(hf_name, tensor.dtype, tuple(tensor.shape)))
 
     mapper = TensorMapper(family, args)
@@ -164,7 +160,7 @@ def convert_ember_to_hf(
         writer = io.ShardedWriter(tmp, entries, max_shard_bytes)
         for _, name, tensor in files.tensors():
             for hf_name, out in mapper.to_hf(name, tensor):
-                writer.write(hf_name, _cast(out, dtype))
+                writer.write(hf_name, io.cast_floating(out, dtype))
         writer.close()
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         io.copy_tokenizer_files(ember_dir / "tokenizer", tmp)

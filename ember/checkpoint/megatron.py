@@ -946,10 +946,7 @@ def convert_megatron_to_ember(
         used.add((layer, key))
         return reader.meta(layer, key)
 
-    def cast(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
-
-    entries = [io_weights.TensorEntry(name, cast(t).dtype, tuple(t.shape)) for name, t in ember_tensors(args, planned)]
+    entries = [io_weights.TensorEntry(name, io_weights.cast_floating(t, dtype).dtype, tuple(t.shape)) for name, t in ember_tensors(args, planned)]
     leftover = sorted(set(reader.shapes) - used, key=str)
     tied_copy = ((None, "output_layer.weight"),) if args.tie_embeddings else ()
     leftover = [w for w in leftover if w not in tied_copy]
@@ -969,7 +966,7 @@ def convert_megatron_to_ember(
     with io_weights.atomic_folder(Path(out), overwrite=overwrite) as tmp:
         writer = io_weights.ShardedWriter(tmp, entries, max_shard_bytes)
         for name, tensor in ember_tensors(args, reader.get):
-            writer.write(name, cast(tensor))
+            writer.write(name, io_weights.cast_floating(tensor, dtype))
         writer.close()
         io_weights.write_manifest(tmp, args, family, source)
     reader.close()

@@ -238,9 +238,7 @@ class _EmberSource:
                 tensor = io_weights.read_stored_tensor(f, entry)
         else:
             tensor = io_weights._load_bin(path)[name]
-        if self.dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(self.dtype)
-        return tensor
+        return io_weights.cast_floating(tensor, self.dtype)
 
 
 # =============================================================================================

@@ -293,6 +293,11 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
 # =============================================================================================
 # atomic output folders
 # =============================================================================================
+def cast_floating(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """`tensor` in `dtype` when it holds floating-point values (None: as stored); integers stay."""
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
 @contextlib.contextmanager
 def atomic_folder(out_dir: Path, overwrite: bool = False,
                   replaceable: Callable[[Path], bool] | None = None) -> Iterator[Path]:
