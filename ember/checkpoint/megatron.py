@@ -53,10 +53,11 @@ from typing import Any
 import torch
 
 from ember.checkpoint import weights as io_weights
+from ember.checkpoint.foreign import MEGATRON_TRACKER, foreign_checkpoint
 from ember.errors import EmberError
 from ember.models.args import ModelArgs
 
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
+TRACKER_FILE = MEGATRON_TRACKER  # latest_checkpointed_iteration.txt
 RANK_FILE = "model_optim_rng.pt"
 _RANK_DIR = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 
@@ -84,8 +85,6 @@ def _format_of(folder: Path) -> str | None:
 def is_megatron_checkpoint(path: str | Path) -> bool:
     """Whether `path` is a Megatron save folder or one iteration of it (`ember.checkpoint.foreign`'s
     recognition, the one `ember train --load` uses; no file is read beyond directory listings)."""
-    from ember.checkpoint.foreign import foreign_checkpoint
-
     return Path(path).is_dir() and foreign_checkpoint(path) == "megatron"
 
 
