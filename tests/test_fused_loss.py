@@ -140,6 +140,7 @@ _DATA_PARALLEL_SCRIPT = textwrap.dedent("""
         assert calls, f"{mode}: the fused path was not taken"
         calls.clear()
     print("rank", rank, "ok")
+    dist.barrier()
     dist.destroy_process_group()
 """)
 

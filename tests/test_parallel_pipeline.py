@@ -239,6 +239,7 @@ def _worker(out_dir: str, layout: str) -> None:
     cases = CASES_PP2 if layout == "pp2" else CASES_PP4
     results = {case["id"]: _run_case(case, mesh["pp"]) for case in cases}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    dist.barrier()  # the last pipeline sends land before any rank tears the group down
     dist.destroy_process_group()
 
 

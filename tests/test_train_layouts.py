@@ -207,6 +207,7 @@ def _drive(spec_path: str) -> int:
             code = main(run_argv)
             if code:
                 return code
+        dist.barrier()  # every run finished on every rank: safe to tear the group down
     finally:
         dist.destroy_process_group()
     return 0

@@ -592,7 +592,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ teardown
 
-    def close(self) -> None:
+    def close(self, *, finished: bool = False) -> None:
+        """Release what setup() took. `finished`: every rank returned from train(), so a barrier is
+        safe and lets the last pipeline sends land before the process group is torn down (gloo
+        aborts a rank whose peer destroys the group under an in-flight send)."""
         if self.checkpointer is not None:
             self.checkpointer.wait()
         if hasattr(self, "train_loader"):
@@ -602,6 +605,8 @@ class Trainer:
         if hasattr(self, "metrics"):
             self.metrics.close()
         if self._owns_process_group and dist.is_initialized():
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -680,6 +685,9 @@ def run_training(config: Config, stream=None) -> TrainResult:
     trainer = Trainer(config, stream=stream)
     try:
         trainer.setup()
-        return trainer.train()
-    finally:
+        result = trainer.train()
+    except BaseException:
         trainer.close()
+        raise
+    trainer.close(finished=True)
+    return result
