@@ -117,6 +117,30 @@ def torchtitan_step(model: torch.nn.Module, config, device: torch.device):
     return step
 
 
+# kernel-name fragments that show which path a step took (CUDA kernel names as the profiler reports them)
+KERNEL_PATHS = {
+    "flash_attention": ("flash",),  # SDPA's flash backend: pytorch_flash::flash_fwd/bwd kernels
+    "cudnn_attention": ("cudnn", "fmha"),
+    "efficient_attention": ("efficient_attention", "mem_efficient", "fmha_cutlass"),
+    "compiled_triton": ("triton_",),  # torch.compile's Inductor kernels
+    "float8_gemm": ("f8", "fp8", "e4m3"),
+}
+
+
+def kernel_paths(step, batch, device: torch.device) -> dict[str, int]:
+    """How many kernel launches of one more step fall under each KERNEL_PATHS entry: proof that the
+    flash-attention and compiled paths were taken, not assumed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step(batch)
+        torch.cuda.synchronize(device)
+    names = [event.name.lower() for event in prof.events() if event.device_type.name == "CUDA"]
+    counts = {path: sum(any(part in name for part in parts) for name in names) for path, parts in KERNEL_PATHS.items()}
+    counts["all_kernels"] = len(names)
+    return counts
+
+
 def run_model(shape: Shape, args: argparse.Namespace, device: torch.device) -> list[dict]:
     steps = args.steps + args.warmup
     # blocks compiled on a GPU (ember's default there); eager elsewhere, where compiling a smoke run costs minutes
@@ -144,9 +168,19 @@ def run_model(shape: Shape, args: argparse.Namespace, device: torch.device) -> l
                 continue
             try:
                 seconds, losses = time_steps(step, batches, device, warmup=args.warmup)
+                if args.check_kernels and device.type == "cuda":
+                    counts = kernel_paths(step, batches[-1], device)
+                    print(f"train_gpu model={shape.name} side={side} kernels "
+                          + " ".join(f"{k}={v}" for k, v in counts.items()), flush=True)
             except torch.cuda.OutOfMemoryError:
                 print(f"train_gpu model={shape.name} side={side} out of memory: try --recompute full or a "
                       f"smaller --micro-batch-size", flush=True)
+                continue
+            except Exception as error:  # an optional side that builds but cannot run here (float8 kernels, ...)
+                if side in ("ember", "hf"):
+                    raise
+                print(f"train_gpu model={shape.name} side={side} failed: {type(error).__name__}: "
+                      f"{str(error).splitlines()[0] if str(error) else ''}", flush=True)
                 continue
             finally:
                 peak_mem = _peak_memory_gib(device)
@@ -212,6 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recompute", choices=["selective", "full"], help="activation recomputation (default none)")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="eager blocks (default: compiled on GPU, eager on CPU)")
+    parser.add_argument("--check-kernels", action="store_true",
+                        help="profile one extra step per side and count flash-attention / compiled / float8 kernels")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, if not in ember's table")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
