@@ -16,6 +16,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 # another process that spinning stalls every tiny op (the model tests ran 1.4x slower on a busy
 # 2-core machine). Set before torch is imported, as OMP_NUM_THREADS.
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+# Tiny runs of the seed scripts (EMBER_TINY) train 10 iterations by default, so a person sees the
+# loss fall; the tests check the plumbing, and 3 iterations do that in a third of the time.
+os.environ.setdefault("EMBER_TINY_ITERS", "3")
 
 
 @pytest.fixture(scope="session")

@@ -139,6 +139,26 @@ def write_token_dataset(prefix: str | os.PathLike, documents: int = 120, vocab: 
     return str(prefix)
 
 
+def write_finetune_dataset(prefix: str | os.PathLike, examples: int = 40, seed: int = 3, low: int = 0) -> str:
+    """Instruction examples as `ember preprocess` writes them: a prompt of 3-11 tokens (labels -100)
+    then a response of 2-9 tokens (labels = the tokens), token ids in [low, 500)."""
+    import numpy as np
+
+    from ember.data.indexed import IndexedDatasetWriter
+
+    rng = np.random.default_rng(seed)
+    ids = IndexedDatasetWriter(f"{prefix}_packed_input_ids_document", np.uint16)
+    labels = IndexedDatasetWriter(f"{prefix}_packed_labels_document", np.int32)
+    for _ in range(examples):
+        prompt = rng.integers(low, 500, int(rng.integers(3, 12)))
+        response = rng.integers(low, 500, int(rng.integers(2, 10)))
+        ids.add_document(np.concatenate([prompt, response]))
+        labels.add_document(np.concatenate([np.full(prompt.size, -100), response]))
+    ids.finalize()
+    labels.finalize()
+    return str(prefix)
+
+
 def read_metrics(output_dir: str | os.PathLike) -> tuple[dict[int, dict], dict[int, dict]]:
     """(training records, validation records) of a run's logs/metrics.jsonl, by iteration; a
     resumed run's later record of an iteration wins (the final validation, after training, wins

@@ -124,7 +124,7 @@ _DATA_PARALLEL_SCRIPT = textwrap.dedent("""
         torch.manual_seed(0)
         model = Transformer(get_model_args("tiny-llama", vocab_size=96))
         mesh = init_device_mesh("cpu", shape, mesh_dim_names=("dp_replicate", "dp_shard"))
-        apply_data_parallel(model, mesh, mode, overlap_grad_reduce=False)
+        apply_data_parallel(model, mesh, mode, overlap=False)
         results = []
         for loss_fn in (lambda: cross_entropy_sum(model(tokens), labels, mask),
                         lambda: fused_loss.lm_loss_sum(model, tokens, labels, mask, chunk_rows=8)):

@@ -15,7 +15,7 @@ from ember.checkpoint.convert import convert_hf_to_ember  # noqa: E402
 from ember.checkpoint.weights import load_model  # noqa: E402
 from ember.cli import main  # noqa: E402
 from ember.errors import EmberError  # noqa: E402
-from ember.generation import TextCodec, generate, sample_next_token  # noqa: E402
+from ember.generation import TextCodec, generate, generate_batch, sample_next_token  # noqa: E402
 from ember.models import Transformer, get_model_args  # noqa: E402
 
 VOCAB = 128
@@ -59,6 +59,33 @@ def test_greedy_equals_transformers_generate(family, tmp_path):
     got = list(generate(model, prompt[0], new_tokens))
     assert got == expected
     assert len(set(got)) > 1, "a constant continuation would not test much"
+
+
+# rope, sliding window (left padding shifts it), ALiBi and learned positions
+@pytest.mark.parametrize("family", ["llama", "mistral", "bloom", "gpt2"])
+def test_left_padded_batch_equals_transformers_generate(family, tmp_path):
+    """Prompts of different lengths decode together (one forward per step) and give, row by
+    row, what transformers' generate gives the same left-padded batch with its attention mask."""
+    hf_model = _hf_model(family)
+    hf_model.save_pretrained(tmp_path / "hf")
+    convert_hf_to_ember(tmp_path / "hf", tmp_path / "ember")
+    model = load_model(tmp_path / "ember")
+    generator = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(1, VOCAB, (n,), generator=generator).tolist() for n in (9, 4, 7)]
+    width, new_tokens = 9, 16
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    attention_mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    expected = hf_model.generate(ids, attention_mask=attention_mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 do_sample=False, eos_token_id=None, pad_token_id=0)[:, width:].tolist()
+    got = generate_batch(model, prompts, new_tokens)
+    assert got == expected
+    assert len({tuple(row) for row in got}) == 3 and any(len(set(row)) > 1 for row in got), "too flat to test much"
+    assert got[1] == list(generate(model, prompts[1], new_tokens))  # padding changes nothing for a row
+    # a stop token ends each row after its first occurrence; the others run on
+    stop = expected[0][3]
+    assert generate_batch(model, prompts, new_tokens, eos_id=stop) == [
+        row[: row.index(stop) + 1] if stop in row else row for row in expected
+    ]
 
 
 def test_sampling_filters():

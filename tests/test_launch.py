@@ -78,7 +78,8 @@ def test_msrun_positional_form():
 @pytest.mark.parametrize("argv, message", [
     (["--nnodes", "2", "--node-rank", "2", "--", "x"], "NODE_RANK 2 is outside 0..1"),
     (["--msrun", "run_mindformer.py", "12", "8"], "not a multiple of LOCAL_WORKER"),
-    (["--msrun", "run_mindformer.py"], "needs at least WORKER_NUM"),
+    (["--msrun", "run_mindformer.py", "8", "8", "localhost", "8118", "0", "log", "False", "300", "extra"],
+     "takes at most 8"),
 ])
 def test_bad_layouts_are_reported(argv, message):
     from ember.errors import EmberError

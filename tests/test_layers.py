@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("ember.config",),
     ("ember.models",),
     ("ember.data", "ember.parallel", "ember.checkpoint"),
-    ("ember.train", "ember.plan", "ember.compat", "ember.generation"),
+    ("ember.train", "ember.plan", "ember.compat", "ember.generation", "ember.evaluation"),
     ("ember.commands",),
     ("ember.cli",),
     ("ember.__main__",),

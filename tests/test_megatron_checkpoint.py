@@ -14,6 +14,7 @@ round trips through ember's export at several TP/PP/EP layouts, and megatron-cor
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import pickle
 import shutil
@@ -300,6 +301,52 @@ def test_ember_convert_from_megatron_command(megatron_saves, tmp_path, capsys):
     assert src.is_dir()
     assert main(["convert", "--from", "hf", "--to", "ember", str(src), str(out), "--iteration", "3"]) == 2
     assert "--iteration" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------- ember train --load MEGATRON_DIR
+def _train_config(load: Path, out: Path, data: Path, *extra: str):
+    from dist_utils import train_config
+
+    return train_config(["--load", str(load), "--save", str(out), "--data-path", str(data), "--seq-length", "12",
+                         "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "1",
+                         "--split", "100,0,0", "--eval-iters", "0", "--no-tensorboard", "--no-compile", *extra])
+
+
+@pytest.mark.parametrize("ckpt_format", ["torch_dist", "legacy"])
+def test_train_load_megatron_starts_from_its_weights(megatron_saves, tmp_path, ckpt_format):
+    """A Megatron user's `--load` works as in Megatron: an iteration checkpoint with --finetune (and a
+    release one without) is converted once into the run's folder and training starts from exactly
+    its weights (megatron-core's logits); without --finetune, ember refuses in one line instead of
+    silently dropping the optimizer state Megatron would resume with."""
+    from dist_utils import write_token_dataset
+
+    from ember.train import Trainer
+
+    src = megatron_saves["llama"] / ckpt_format
+    data = write_token_dataset(tmp_path / "tokens", documents=20, vocab=100)
+    with pytest.raises(EmberError, match=r"iteration 7.*add --finetune"):
+        Trainer(_train_config(src, tmp_path / "refused", data)).setup()
+
+    reference = torch.load(src / "reference.pt")
+    for run in ("first", "again"):  # the second finds the import and reuses it
+        stream = io.StringIO()
+        trainer = Trainer(_train_config(src, tmp_path / "run", data, "--finetune"), stream=stream).setup()
+        assert ("imported into" if run == "first" else "imported before") in stream.getvalue()
+        with torch.no_grad():
+            logits = trainer.model.eval()(reference["tokens"])
+        trainer.close()
+        scale = reference["logits"].abs().max().item()
+        torch.testing.assert_close(logits, reference["logits"], rtol=0, atol=1e-5 * scale)
+    assert read_manifest(tmp_path / "run" / "megatron_import" / "iter_0000007")["source"]["iteration"] == 7
+
+    release = tmp_path / "release"  # what HF -> Megatron converters write
+    shutil.copytree(src / "iter_0000007", release / "release")
+    (release / "latest_checkpointed_iteration.txt").write_text("release")
+    trainer = Trainer(_train_config(release, tmp_path / "from-release", data)).setup()
+    with torch.no_grad():
+        logits = trainer.model.eval()(reference["tokens"])
+    trainer.close()
+    torch.testing.assert_close(logits, reference["logits"], rtol=0, atol=1e-5 * scale)
 
 
 # ----------------------------------------------------------------------------- ember -> megatron

@@ -176,9 +176,6 @@ def _mindspore_file(path):
 
 @pytest.mark.parametrize("make, match", [
     (lambda p: _hf_folder(p / "hf"), r"Hugging Face model folder.*ember convert --from hf --to ember .*hf OUT"),
-    (lambda p: _megatron_folder(p / "mega"), r"Megatron-LM/ModelLink checkpoint.*ember convert --from megatron"),
-    (lambda p: _megatron_folder(p / "mega") / "iter_0000100", r"Megatron-LM/ModelLink checkpoint"),
-    (lambda p: _megatron_dist_iteration(p / "dist" / "iter_0000010"), r"Megatron-LM/ModelLink checkpoint"),
     (lambda p: _mindspore_file(p / "ms" / "llama_7b.ckpt"), r"MindSpore checkpoint \(\.ckpt\).*Hugging Face"),
     (lambda p: _mindspore_file(p / "ms" / "rank_0" / "llama_7b_rank_0-10_2.ckpt").parent.parent,
      r"MindSpore checkpoint"),
@@ -192,6 +189,27 @@ def test_load_of_another_tools_checkpoint_says_what_to_run(data, tmp_path, make,
         _run(argv)
     assert "\n" not in str(info.value)
     assert not list((tmp_path / "out").glob("iter_*"))  # nothing trained, nothing saved
+
+
+@pytest.mark.parametrize("make, finetune, match", [
+    # Megatron would resume an iter_N with its optimizer state, which ember does not import
+    (lambda p: _megatron_folder(p / "mega"), False, r"Megatron checkpoint at iteration 100.*add --finetune"),
+    (lambda p: _megatron_folder(p / "mega") / "iter_0000100", False, r"Megatron checkpoint at iteration 100"),
+    (lambda p: _megatron_dist_iteration(p / "dist" / "iter_0000010"), False, r"Megatron checkpoint at iteration 10"),
+    # with --finetune its weights are imported: these files are damaged, and say so
+    (lambda p: _megatron_folder(p / "mega"), True, r"model_optim_rng.pt: cannot be read as a torch checkpoint"),
+    (lambda p: _megatron_dist_iteration(p / "dist" / "iter_0000010"), True, r"\.metadata is not DCP checkpoint metadata"),
+])
+def test_load_of_a_megatron_checkpoint_is_imported_or_refused(data, tmp_path, make, finetune, match):
+    """`--load MEGATRON_DIR` is converted on the fly (tests/test_megatron_checkpoint.py trains from
+    real ones); what cannot be is refused in one line, and nothing trains from random weights."""
+    load = make(tmp_path)
+    argv = _argv(data, "--load", str(load), "--save", str(tmp_path / "out"), *(["--finetune"] if finetune else []))
+    with pytest.raises(EmberError, match=match) as info:
+        _run(argv)
+    assert "\n" not in str(info.value)
+    assert not list((tmp_path / "out").glob("iter_*"))
+    assert not list((tmp_path / "out").glob("megatron_import/iter_*"))  # no half-written import
 
 
 def test_load_that_holds_nothing_is_refused(data, tmp_path):

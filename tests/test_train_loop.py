@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_utils import single_thread  # noqa: F401 (autouse fixture: one torch thread)
-from dist_utils import read_metrics, train_config, write_token_dataset
+from dist_utils import read_metrics, train_config, write_finetune_dataset, write_token_dataset
 from ember.checkpoint.training import find_checkpoint, load_training_state
 from ember.errors import EmberError
 from ember.models import Transformer, get_model_args
@@ -42,28 +42,11 @@ def _plain_state(model):
 # --------------------------------------------------------------------------- fine-tuning data
 
 
-def _write_finetune(prefix, examples=40, seed=3):
-    """Instruction examples: a prompt (labels -100) then a response (labels = the tokens)."""
-    from ember.data.indexed import IndexedDatasetWriter
-
-    rng = np.random.default_rng(seed)
-    ids = IndexedDatasetWriter(f"{prefix}_packed_input_ids_document", np.uint16)
-    labels = IndexedDatasetWriter(f"{prefix}_packed_labels_document", np.int32)
-    for _ in range(examples):
-        prompt = rng.integers(0, 500, int(rng.integers(3, 12)))
-        response = rng.integers(0, 500, int(rng.integers(2, 10)))
-        ids.add_document(np.concatenate([prompt, response]))
-        labels.add_document(np.concatenate([np.full(prompt.size, -100), response]))
-    ids.finalize()
-    labels.finalize()
-    return str(prefix)
-
-
 def test_finetune_loss_counts_only_response_tokens(tmp_path):
     """The logged loss of iteration 1 is the token-level mean cross-entropy over the response tokens
     of the whole global batch (Hugging Face's ignore_index=-100 mean), though the two micro-batches
     hold different numbers of them."""
-    prefix = _write_finetune(tmp_path / "sft")
+    prefix = write_finetune_dataset(tmp_path / "sft")
     trainer = _trainer(_argv(prefix, tmp_path, "--split", "100,0,0", iters=1))
     initial = copy.deepcopy(_plain_state(trainer.model))
     batch = [trainer.train_ds[i] for i in range(4)]  # global batch 1 = samples 0..3
@@ -88,7 +71,7 @@ def test_finetune_loss_counts_only_response_tokens(tmp_path):
 
 
 def test_finetune_epochs_set_the_iterations(tmp_path):
-    prefix = _write_finetune(tmp_path / "sft", examples=30)
+    prefix = write_finetune_dataset(tmp_path / "sft", examples=30)
     trainer = _trainer(_argv(prefix, tmp_path, "--split", "100,0,0", "--train-epochs", "2", iters=None))
     assert trainer.train_iters == len(trainer.train_ds) // 4 > 0
     trainer.close()

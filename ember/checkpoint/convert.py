@@ -28,19 +28,103 @@ from ember.models.hf import (
 
 
 def convert_to_hf(src: Path, out: Path, max_shard_bytes: int = io.DEFAULT_MAX_SHARD_BYTES,
-                  dtype: torch.dtype | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """ember weights -> HF; a training checkpoint (`ember train --save` folder) is read first."""
+                  dtype: torch.dtype | None = None, overwrite: bool = False,
+                  merge_lora: bool | str | Path | None = None) -> dict[str, Any]:
+    """ember weights -> HF; a training checkpoint (`ember train --save` folder) is read first.
+    `merge_lora`: fold LoRA adapters into the weights, those of the training checkpoint (True) or
+    those of a PEFT adapter folder (a path)."""
     import tempfile
 
     from ember.checkpoint.export import export_training_checkpoint, is_training_checkpoint
 
     src, out = Path(src), Path(out)
     check_output_folder(src, out)
-    if not is_training_checkpoint(src):
+    if not is_training_checkpoint(src) and not merge_lora:
         return convert_ember_to_hf(src, out, max_shard_bytes=max_shard_bytes, dtype=dtype, overwrite=overwrite)
     with tempfile.TemporaryDirectory(prefix="ember-export-", dir=out.parent if out.parent.is_dir() else None) as tmp:
-        weights = export_training_checkpoint(src, Path(tmp) / "weights")
+        if merge_lora or training_checkpoint_has_adapters(src):
+            if not merge_lora:  # the model that run trained is base + adapter: export that
+                import sys
+
+                print(f"ember: {src} is a LoRA run: its adapter is merged into the exported weights "
+                      f"(`--to peft` writes the adapter alone)", file=sys.stderr)
+            weights = merge_lora_weights(src, Path(tmp) / "weights", merge_lora)
+        else:
+            weights = export_training_checkpoint(src, Path(tmp) / "weights")
         return convert_ember_to_hf(weights, out, max_shard_bytes=max_shard_bytes, dtype=dtype, overwrite=overwrite)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA (issue 17): adapters merged into full weights, or exported as a PEFT folder
+def training_checkpoint_has_adapters(src: Path) -> bool:
+    from ember.checkpoint.export import is_training_checkpoint
+    from ember.checkpoint.training import find_checkpoint
+
+    if not is_training_checkpoint(src):
+        return False
+    ref = find_checkpoint(src)
+    return bool(ref.train_state().get("config", {}).get("lora", {}).get("target_modules"))
+
+
+def _read_lora_training_checkpoint(src: Path):
+    """(args, base state, adapters, spec, family, train_state) of a LoRA run's checkpoint."""
+    from ember.checkpoint.export import infer_family, read_training_checkpoint
+    from ember.models.lora import is_adapter_name, make_spec
+
+    if not training_checkpoint_has_adapters(src):
+        raise EmberError(f"{src} holds no LoRA training checkpoint (its run had no --lora-target-modules); "
+                         f"give --merge-lora the PEFT adapter folder to merge")
+    args, state, train_state = read_training_checkpoint(src)
+    config = train_state.get("config", {})
+    lora = config["lora"]
+    spec = make_spec(lora["r"], lora["alpha"], lora["dropout"], lora["target_modules"])
+    adapters = {name: t for name, t in state.items() if is_adapter_name(name)}
+    base = {name: t for name, t in state.items() if not is_adapter_name(name)}
+    family = infer_family(args, config.get("model", {}).get("name"))
+    return args, base, adapters, spec, family, train_state
+
+
+def merge_lora_weights(src: Path, out: Path, adapter: bool | str | Path | None = True,
+                       overwrite: bool = False) -> Path:
+    """An ember weight folder with LoRA adapters folded in: SRC a LoRA run's training checkpoint
+    (adapter True), or an ember weight folder / training checkpoint plus a PEFT adapter folder."""
+    from ember.checkpoint.export import _tokenizer_dir, export_training_checkpoint, is_training_checkpoint
+    from ember.checkpoint.peft_adapter import load_peft_adapter
+    from ember.models.lora import merge_adapters
+
+    src = Path(src)
+    if adapter is True or adapter is None:
+        args, base, adapters, spec, family, train_state = _read_lora_training_checkpoint(src)
+        source = {"training_checkpoint": str(src.resolve()), "iteration": train_state.get("iteration"),
+                  "merged_lora": True}
+        return io.save_ember_weights(merge_adapters(base, adapters, spec.scaling), args, out, family, source=source,
+                                     tokenizer_dir=_tokenizer_dir(train_state), overwrite=overwrite)
+    import tempfile
+
+    parent = Path(out).parent if Path(out).parent.is_dir() else None
+    with tempfile.TemporaryDirectory(prefix="ember-merge-", dir=parent) as tmp:
+        folder = export_training_checkpoint(src, Path(tmp) / "weights") if is_training_checkpoint(src) else src
+        manifest = io.read_manifest(folder)
+        args, state = io.load_ember_weights(folder)
+        family = manifest["family"]
+        spec, adapters = load_peft_adapter(adapter, family, args)
+        source = {**manifest.get("source", {}), "merged_lora": str(Path(adapter).resolve())}
+        tokenizer = folder / "tokenizer" if (folder / "tokenizer").is_dir() else None
+        return io.save_ember_weights(merge_adapters(state, adapters, spec.scaling), args, out, family, source=source,
+                                     tokenizer_dir=tokenizer, overwrite=overwrite)
+
+
+def export_peft_adapter(src: Path, out: Path, overwrite: bool = False) -> dict[str, Any]:
+    """A LoRA run's training checkpoint -> PEFT adapter folder (for the Hugging Face model)."""
+    from ember.checkpoint.peft_adapter import save_peft_adapter
+
+    src, out = Path(src), Path(out)
+    check_output_folder(src, out)
+    args, _, adapters, spec, family, train_state = _read_lora_training_checkpoint(src)
+    base = train_state.get("config", {}).get("checkpoint", {}).get("load")
+    save_peft_adapter(out, adapters, spec, family, args, base_model=base, overwrite=overwrite)
+    size = sum(t.numel() * t.element_size() for t in adapters.values())
+    return {"family": family, "tensors": len(adapters), "bytes": size, "shards": 1}
 
 
 def check_output_folder(src: Path, out: Path) -> None:

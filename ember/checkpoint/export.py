@@ -74,6 +74,11 @@ def _load_training_model(path: str | Path, device) -> tuple[Transformer, dict]:
         raise EmberError(f"{ref.path}/train_state.json has no usable model_args ({err})") from None
     with torch.device("meta"):
         model = Transformer(args)
+    lora = train_state.get("config", {}).get("lora", {})
+    if lora.get("target_modules"):  # a LoRA run (issue 17): its adapters load too, and run in forward
+        from ember.models.lora import add_adapters, make_spec
+
+        add_adapters(model, make_spec(lora["r"], lora["alpha"], lora["dropout"], lora["target_modules"]))
     model.materialize(device)
     load_training_state(ref, model, None)
     return model, train_state

@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
     "train": ("ember.commands.train", "pretrain or fine-tune (Megatron-style flags, YAML config, torchrun)"),
     "convert": ("ember.commands.convert", "convert weights between Hugging Face, Megatron and ember folders"),
     "generate": ("ember.commands.generate", "generate text from an ember weight folder (greedy or sampled, KV cache)"),
+    # evaluation (H6): perplexity and lm-evaluation-harness benchmarks
+    "eval": ("ember.commands.eval", "evaluate a checkpoint: perplexity on a dataset, lm-eval benchmark accuracy"),
     "models": ("ember.commands.models", "list the named models (family, size, source) that --model accepts"),
     "plot": ("ember.commands.plot", "plot a run's loss curve (logs/metrics.jsonl) to a PNG"),
     "tiny": ("ember.commands.tiny",

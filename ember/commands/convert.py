@@ -5,6 +5,10 @@
     ember convert --from megatron --to ember MEGATRON_SAVE_DIR OUT_DIR [--iteration N]
     ember convert --from ember --to megatron EMBER_DIR OUT_DIR [--format torch_dist|legacy]
         [--target-tensor-parallel-size T] [--target-pipeline-parallel-size P] [--target-expert-parallel-size E]
+    LoRA (a run with --lora-target-modules, or a PEFT adapter folder):
+    ember convert --from ember --to peft SAVE_DIR OUT_DIR              (the run's adapter, for peft)
+    ember convert --from ember --to hf|ember SAVE_DIR OUT_DIR --merge-lora        (adapter folded in)
+    ember convert --from hf|ember --to hf|ember SRC OUT_DIR --merge-lora ADAPTER_DIR
 
 The conversions themselves are `ember.checkpoint.convert`, `ember.checkpoint.megatron` and
 `ember.checkpoint.megatron_export`; this module reads the flags.
@@ -27,8 +31,8 @@ _DTYPE_CHOICES = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16, "
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="from_format", choices=["hf", "ember", "megatron"], required=True,
                         help="format of SRC")
-    parser.add_argument("--to", dest="to_format", choices=["hf", "ember", "megatron"], required=True,
-                        help="format to write")
+    parser.add_argument("--to", dest="to_format", choices=["hf", "ember", "megatron", "peft"], required=True,
+                        help="format to write (peft: a LoRA run's adapter folder)")
     parser.add_argument("src", type=Path,
                         help="Hugging Face model folder, ember weight folder, (--from ember) an ember train --save "
                              "folder, or (--from megatron) a Megatron save folder or one of its iter_* folders")
@@ -50,11 +54,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--to megatron: pipeline-parallel size of the written checkpoint (default 1)")
     parser.add_argument("--target-expert-parallel-size", type=int, default=1,
                         help="--to megatron: expert-parallel size of the written checkpoint (MoE models, default 1)")
+    parser.add_argument("--merge-lora", nargs="?", const=True, default=None, metavar="ADAPTER_DIR",
+                        help="fold LoRA adapters into the weights: those of a LoRA run's SRC, or ADAPTER_DIR's "
+                             "(a PEFT adapter folder)")
     parser.add_argument("--force", action="store_true",
                         help="replace OUT if it is an earlier output (an ember, Hugging Face or Megatron folder)")
 
 
 def run(args: argparse.Namespace) -> int:
+    merge = getattr(args, "merge_lora", None)
+    if merge is not None or args.to_format == "peft":
+        return _lora(args, merge)
     if (args.from_format, args.to_format) not in (("hf", "ember"), ("ember", "hf"), ("megatron", "ember"),
                                                   ("ember", "megatron")):
         raise EmberError(f"cannot convert --from {args.from_format} --to {args.to_format}; use hf->ember, "
@@ -110,4 +120,43 @@ def _to_megatron(args: argparse.Namespace, dtype, started: float) -> int:
           f"(TP {report['tensor_parallel']} x PP {report['pipeline_parallel']} x EP {report['expert_parallel']}): "
           f"{report['tensors']} tensors, "
           f"{report['bytes'] / 1e6:.1f} MB in {report['files']} file(s), {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+def _lora(args: argparse.Namespace, merge) -> int:
+    """--to peft and --merge-lora (issue 17)."""
+    import tempfile
+
+    from ember.checkpoint.convert import (check_output_folder, convert_ember_to_hf, export_peft_adapter,
+                                          merge_lora_weights)
+
+    started = time.perf_counter()
+    if args.to_format == "peft":
+        if args.from_format != "ember" or merge is not None:
+            raise EmberError("--to peft writes a LoRA run's adapter: use --from ember SAVE_DIR, without --merge-lora")
+        summary = export_peft_adapter(args.src, args.out, overwrite=args.force)
+        print(f"ember convert: {summary['family']} LoRA adapter -> peft {args.out}: {summary['tensors']} tensors, "
+              f"{summary['bytes'] / 1e6:.2f} MB, {time.perf_counter() - started:.1f}s")
+        return 0
+    if args.from_format == "megatron" or args.to_format == "megatron":
+        raise EmberError("--merge-lora works --from hf|ember --to hf|ember")
+    if args.from_format == "hf" and merge is True:
+        raise EmberError("--from hf --merge-lora needs the adapter: --merge-lora ADAPTER_DIR")
+    check_output_folder(args.src, args.out)
+    dtype = _DTYPE_CHOICES[args.dtype]
+    parent = args.out.parent if args.out.parent.is_dir() else None
+    with tempfile.TemporaryDirectory(prefix="ember-merge-", dir=parent) as tmp:
+        src = args.src
+        if args.from_format == "hf":
+            convert_hf_to_ember(src, Path(tmp) / "base", dtype=None)
+            src = Path(tmp) / "base"
+        if args.to_format == "ember":
+            merge_lora_weights(src, args.out, merge, overwrite=args.force)
+            what = f"{args.out}"
+        else:
+            merged = merge_lora_weights(src, Path(tmp) / "merged", merge)
+            convert_ember_to_hf(merged, args.out, max_shard_bytes=parse_size(args.max_shard_size), dtype=dtype,
+                                overwrite=args.force)
+            what = f"hf {args.out}"
+    print(f"ember convert: {args.from_format} {args.src} + LoRA -> merged {what}, {time.perf_counter() - started:.1f}s")
     return 0

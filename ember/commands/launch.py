@@ -21,6 +21,13 @@ MindFormers' `msrun_launcher.sh` positional form is accepted too:
     ember launch --msrun "run_mindformer.py --config CFG --run_mode train" \\
         WORKER_NUM [LOCAL_WORKER MASTER_ADDR MASTER_PORT NODE_RANK LOG_DIR JOIN TIMEOUT]
 
+On clusters, what the seeds' variables leave out comes from the scheduler (`cluster_env`): under
+Slurm (`srun --ntasks-per-node=1 ember launch ...`, see examples/slurm/) the task's SLURM_PROCID
+is the node rank, the step's tasks the node count, its first host the master; in a Kubeflow
+PyTorchJob the operator's PET_* variables. `--emit k8s|pytorchjob` prints Kubernetes manifests for
+the launch instead of running it. `--nnodes MIN:MAX` (or `--rdzv-backend c10d`) uses torchelastic's
+c10d rendezvous, which a lost node can rejoin (docs/launching.md, "When a node is lost").
+
 With EMBER_TINY=1 (see `ember.compat.tiny`) the node count, process count and master address come from
 the layout instead: one machine, TP x PP x CP x the least data parallelism, CPU processes.
 
@@ -47,6 +54,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ember.commands.child_processes import die_with_parent
+from ember.commands.cluster_env import cluster_job, slurm_batch_nodes, slurm_step_tasks
 from ember.errors import EmberError
 
 PASS_THROUGH_PREFIXES = ("NCCL_", "HCCL_", "GLOO_", "TORCH_", "CUDA_", "ASCEND_")
@@ -71,6 +79,12 @@ class LaunchPlan:
     timeout: int | None
     module: str
     train_args: list[str]
+    # Elastic node counts (`--nnodes MIN:MAX`) need torchelastic's c10d rendezvous, hosted by node 0
+    # at MASTER_ADDR:MASTER_PORT; the static one (the seeds' NODE_RANK) needs exactly `nnodes`.
+    min_nnodes: int | None = None
+    rdzv_backend: str = "static"
+    rdzv_id: str = "ember"
+    cluster: str | None = None  # "slurm"/"kubeflow" when the scheduler's variables filled the plan
 
     @property
     def world_size(self) -> int:
@@ -81,11 +95,23 @@ class LaunchPlan:
         """Seconds the nodes wait for each other at the rendezvous."""
         return self.timeout or JOIN_TIMEOUT
 
+    @property
+    def nnodes_spec(self) -> str:
+        """`N`, or `MIN:MAX` for an elastic job (torchrun's --nnodes)."""
+        if self.min_nnodes is not None and self.min_nnodes != self.nnodes:
+            return f"{self.min_nnodes}:{self.nnodes}"
+        return str(self.nnodes)
+
     def torchrun_flags(self) -> list[str]:
-        return [f"--nnodes={self.nnodes}", f"--node-rank={self.node_rank}",
-                f"--nproc-per-node={self.nproc_per_node}",
+        common = [f"--nproc-per-node={self.nproc_per_node}", f"--max-restarts={self.max_restarts}"]
+        if self.rdzv_backend == "c10d":
+            # the agent on MASTER_ADDR hosts the rendezvous store (on one machine: the first to start)
+            return [f"--nnodes={self.nnodes_spec}", f"--node-rank={self.node_rank}", *common,
+                    "--rdzv-backend=c10d", f"--rdzv-endpoint={self.master_addr}:{self.master_port}",
+                    f"--rdzv-id={self.rdzv_id}", f"--rdzv-conf=join_timeout={self.join_timeout}"]
+        return [f"--nnodes={self.nnodes}", f"--node-rank={self.node_rank}", common[0],
                 f"--master-addr={self.master_addr}", f"--master-port={self.master_port}",
-                f"--max-restarts={self.max_restarts}", f"--rdzv-conf=timeout={self.join_timeout}"]
+                common[1], f"--rdzv-conf=timeout={self.join_timeout}"]
 
     def worker_args(self) -> list[str]:
         """What every rank runs: this module as a shim that joins stderr to stdout, then MODULE."""
@@ -99,11 +125,13 @@ class LaunchPlan:
     def launcher_argv(self) -> list[str]:
         """An `ember launch` command line for this plan (to start it again in the background)."""
         argv = [sys.executable, "-m", "ember.cli", "launch", f"--nproc-per-node={self.nproc_per_node}",
-                f"--nnodes={self.nnodes}", f"--node-rank={self.node_rank}", f"--master-addr={self.master_addr}",
+                f"--nnodes={self.nnodes_spec}", f"--node-rank={self.node_rank}", f"--master-addr={self.master_addr}",
                 f"--master-port={self.master_port}", f"--log-dir={self.log_dir}",
                 f"--max-restarts={self.max_restarts}", f"--module={self.module}"]
         if self.timeout:
             argv.append(f"--timeout={self.timeout}")
+        if self.rdzv_backend != "static":
+            argv += [f"--rdzv-backend={self.rdzv_backend}", f"--rdzv-id={self.rdzv_id}"]
         return argv + ["--", *self.train_args]
 
 
@@ -141,23 +169,47 @@ def _bool(text: str) -> bool:
 
 
 def plan_from_msrun(command: str, positional: list[str], module: str, max_restarts: int) -> LaunchPlan:
-    """msrun_launcher.sh "CMD" WORKER_NUM LOCAL_WORKER MASTER_ADDR MASTER_PORT NODE_RANK LOG_DIR JOIN TIMEOUT."""
-    if not positional:
-        raise EmberError('--msrun needs at least WORKER_NUM after the command, e.g. --msrun "run_mindformer.py ..." 8')
+    """MindFormers' scripts/msrun_launcher.sh "CMD" [ARGS], every form it takes (H3, issue 16):
+
+        (none)                       8 workers on this node
+        WORKER_NUM                   WORKER_NUM workers on this node
+        WORKER_NUM MASTER_PORT LOG_DIR JOIN TIMEOUT                               one node
+        WORKER_NUM LOCAL_WORKER MASTER_ADDR MASTER_PORT NODE_RANK LOG_DIR JOIN TIMEOUT   nodes
+
+    Defaults are the script's (port 8118, output/msrun_log plus _$MF_LOG_SUFFIX, timeout 7200 s),
+    except JOIN: its short forms start msrun with join=False (return at once); ember stays in the
+    foreground there (say JOIN False in the longer forms to return at once). Other argument counts
+    are read as the first ones of the 9-argument form. With WORKER_NUM equal to LOCAL_WORKER the
+    job runs on this node alone, as the script does (MASTER_ADDR and NODE_RANK unused)."""
+    count = len(positional)
     try:
-        worker_num = int(positional[0])
-        local_worker = int(positional[1]) if len(positional) > 1 else worker_num
-        master_addr = positional[2] if len(positional) > 2 else "127.0.0.1"
-        master_port = int(positional[3]) if len(positional) > 3 else 8118
-        node_rank = int(positional[4]) if len(positional) > 4 else 0
+        worker_num = int(positional[0]) if positional else 8
+        if count == 5:  # the single-machine form: WORKER_NUM MASTER_PORT LOG_DIR JOIN TIMEOUT
+            local_worker, master_addr, node_rank = worker_num, "127.0.0.1", 0
+            master_port, log_dir, join, timeout = int(positional[1]), positional[2], _bool(positional[3]), \
+                int(positional[4])
+        else:
+            local_worker = int(positional[1]) if count > 1 else worker_num
+            master_addr = positional[2] if count > 2 else "127.0.0.1"
+            master_port = int(positional[3]) if count > 3 else 8118
+            node_rank = int(positional[4]) if count > 4 else 0
+            log_dir = positional[5] if count > 5 else "output/msrun_log"
+            join = _bool(positional[6]) if count > 6 else True
+            timeout = int(positional[7]) if count > 7 else 7200
     except ValueError as err:
-        raise EmberError(f"msrun arguments: {err}; expected WORKER_NUM LOCAL_WORKER MASTER_ADDR MASTER_PORT "
-                         f"NODE_RANK LOG_DIR JOIN TIMEOUT") from None
-    log_dir = positional[5] if len(positional) > 5 else "output/msrun_log"
-    join = _bool(positional[6]) if len(positional) > 6 else True
-    timeout = int(positional[7]) if len(positional) > 7 else None
+        raise EmberError(f"msrun arguments: {err}; expected WORKER_NUM [LOCAL_WORKER MASTER_ADDR MASTER_PORT "
+                         f"NODE_RANK LOG_DIR JOIN TIMEOUT] or WORKER_NUM MASTER_PORT LOG_DIR JOIN TIMEOUT") from None
+    if count > 8:
+        raise EmberError(f"msrun: {count} arguments after the command; msrun_launcher.sh takes at most 8")
+    suffix = os.environ.get("MF_LOG_SUFFIX", "")
+    log_dir += f"_{suffix}" if suffix else ""
     if worker_num < 1 or local_worker < 1 or worker_num % local_worker:
         raise EmberError(f"msrun: WORKER_NUM {worker_num} is not a multiple of LOCAL_WORKER {local_worker}")
+    if worker_num == local_worker:  # one node: msrun_launcher.sh passes no address or node rank
+        master_addr, node_rank = "127.0.0.1", 0
+    if count in (0, 1):
+        print(f"ember launch: msrun_launcher.sh with {count + 1} argument(s) runs msrun with join=False (returns at "
+              f"once); ember stays in the foreground (the 6- and 9-argument forms take JOIN)", file=sys.stderr)
     words = shlex.split(command)
     if words and words[0].endswith(".py"):  # run_mindformer.py: ember's trainer reads the same flags
         words = words[1:]
@@ -172,16 +224,36 @@ def add_arguments(parser) -> None:
     parser.description = __doc__
     parser.add_argument("--nproc-per-node", type=int, default=None,
                         help="processes on this node (default: $GPUS_PER_NODE, else the device count, else 1)")
-    parser.add_argument("--nnodes", type=int, default=None, help="nodes (default: $NNODES or 1)")
-    parser.add_argument("--node-rank", type=int, default=None, help="this node's rank (default: $NODE_RANK or 0)")
-    parser.add_argument("--master-addr", default=None, help="main node's address (default: $MASTER_ADDR or localhost)")
-    parser.add_argument("--master-port", type=int, default=None,
-                        help="main node's port (default: $MASTER_PORT or 6000)")
+    parser.add_argument("--nnodes", default=None, metavar="N|MIN:MAX",
+                        help="nodes (default: $NNODES, else Slurm's tasks or $PET_NNODES, else 1); MIN:MAX lets "
+                             "the job go on with fewer nodes (elastic, c10d rendezvous)")
+    parser.add_argument("--node-rank", "--node_rank", type=int, default=None,
+                        help="this node's rank (default: $NODE_RANK, else $SLURM_PROCID or $PET_NODE_RANK, else 0)")
+    parser.add_argument("--master-addr", "--master_addr", default=None,
+                        help="main node's address (default: $MASTER_ADDR, else Slurm's first node, else localhost)")
+    parser.add_argument("--master-port", "--master_port", type=int, default=None,
+                        help="main node's port (default: $MASTER_PORT, else 10000 + Slurm job id %% 50000, else 6000)")
     parser.add_argument("--log-dir", default="logs", help="per-rank logs go here (worker_<rank>.log)")
+    # torchrun's spelling, as upstream scripts' $DISTRIBUTED_ARGS pass it (issue 16 drop-in, H2):
+    # `torchrun $DISTRIBUTED_ARGS pretrain_gpt.py ...` -> `ember launch $DISTRIBUTED_ARGS -- ...`.
+    # It is the script's layout, which EMBER_TINY shrinks like $GPUS_PER_NODE.
+    parser.add_argument("--nproc_per_node", dest="script_nproc_per_node", type=int, default=None,
+                        help="torchrun's spelling of --nproc-per-node (EMBER_TINY sizes the run itself)")
     parser.add_argument("--max-restarts", type=int, default=0,
                         help="restart failed ranks this many times; training resumes from the last checkpoint")
     parser.add_argument("--timeout", type=int, default=None, help="seconds to wait for every node to join")
     parser.add_argument("--module", default=TRAIN_MODULE, help="python module each rank runs")
+    # clusters (elastic rendezvous, Kubernetes manifests)
+    parser.add_argument("--rdzv-backend", choices=("static", "c10d"), default=None,
+                        help="static: fixed NNODES and NODE_RANKs (default); c10d: node 0 hosts an elastic "
+                             "rendezvous, ranks are assigned as nodes join (the default with --nnodes MIN:MAX)")
+    parser.add_argument("--rdzv-id", default=None,
+                        help="job id for the c10d rendezvous, the same on every node (default: $SLURM_JOB_ID or ember)")
+    parser.add_argument("--emit", choices=("k8s", "pytorchjob"), default=None,
+                        help="print Kubernetes manifests for this launch instead of running: k8s = a headless "
+                             "Service and an Indexed Job; pytorchjob = a Kubeflow PyTorchJob")
+    parser.add_argument("--image", default="ember:latest", help="--emit: the container image with ember installed")
+    parser.add_argument("--job-name", default="ember-train", help="--emit: the Kubernetes name of the job")
     parser.add_argument("--dry-run", action="store_true",
                         help="check the configuration and print the equivalent torchrun command instead of running")
     parser.add_argument("--msrun", metavar="COMMAND", default=None,
@@ -203,20 +275,59 @@ def _check_node_rank(plan: LaunchPlan) -> None:
                          f"--master-port (or MASTER_PORT)")
 
 
+def parse_nnodes(text: str | None, where: str = "--nnodes") -> tuple[int | None, int | None]:
+    """`N` -> (N, N); `MIN:MAX` -> (MIN, MAX); None or "" -> (None, None)."""
+    if text in (None, ""):
+        return None, None
+    found = re.fullmatch(r"\s*(\d+)\s*(?::\s*(\d+)\s*)?", str(text))
+    if not found:
+        raise EmberError(f"{where} {text!r} is not a node count: give N or MIN:MAX (e.g. 2 or 1:4)")
+    low, high = int(found.group(1)), int(found.group(2) or found.group(1))
+    if not 1 <= low <= high:
+        raise EmberError(f"{where} {text!r}: need 1 <= MIN <= MAX")
+    return low, high
+
+
 def plan_from_args(args) -> LaunchPlan:
     if args.msrun is not None:
         return plan_from_msrun(args.msrun, args.args, args.module, args.max_restarts)
-    nproc = args.nproc_per_node or _env_int("GPUS_PER_NODE", 0) or default_nproc()
+    min_nnodes, nnodes = parse_nnodes(args.nnodes) if args.nnodes else parse_nnodes(os.environ.get("NNODES"), "NNODES")
+    node_rank = args.node_rank if args.node_rank is not None else _env_int("NODE_RANK", -1)
+    master_addr = args.master_addr or os.environ.get("MASTER_ADDR")
+    # the seeds' variables first; what Slurm or Kubeflow say fills in the rest
+    cluster = cluster_job() if nnodes is None or node_rank < 0 or not master_addr else None
+    if cluster is None and nnodes is None and (slurm_batch_nodes() or 1) > 1:
+        raise EmberError(f"ember launch runs in the batch script of a {slurm_batch_nodes()}-node Slurm job, on one "
+                         f"node only; start it on every node with `srun --ntasks-per-node=1 ember launch ...` "
+                         f"(see examples/slurm/), or set NNODES and NODE_RANK")
+    if cluster and nnodes is not None and cluster.nnodes and node_rank < 0 and cluster.nnodes != nnodes:
+        raise EmberError(f"NNODES={nnodes} but {cluster.source} started {cluster.nnodes} launcher task(s); run one "
+                         f"`ember launch` per node (srun --ntasks-per-node=1) or set NNODES to match")
+    from_cluster = cluster
+    nproc = (args.nproc_per_node or getattr(args, "script_nproc_per_node", None) or _env_int("GPUS_PER_NODE", 0)
+             or (from_cluster and from_cluster.nproc_per_node)
+             or default_nproc())
+    if nnodes is None:
+        nnodes = (from_cluster and from_cluster.nnodes) or 1
+        min_nnodes = (from_cluster and from_cluster.min_nnodes) or nnodes
+    if node_rank < 0:
+        node_rank = (from_cluster.node_rank if from_cluster and from_cluster.node_rank is not None else 0)
+    rdzv_backend = args.rdzv_backend or ("c10d" if min_nnodes != nnodes else "static")
+    if rdzv_backend == "static" and min_nnodes != nnodes:
+        raise EmberError(f"--nnodes {min_nnodes}:{nnodes} (elastic) needs the c10d rendezvous; drop "
+                         f"--rdzv-backend static")
     plan = LaunchPlan(
-        nproc_per_node=nproc,
-        nnodes=args.nnodes or _env_int("NNODES", 1),
-        node_rank=args.node_rank if args.node_rank is not None else _env_int("NODE_RANK", 0),
-        master_addr=args.master_addr or os.environ.get("MASTER_ADDR") or "localhost",
-        master_port=args.master_port or _env_int("MASTER_PORT", 6000),
+        nproc_per_node=nproc, nnodes=nnodes, node_rank=node_rank,
+        master_addr=master_addr or (from_cluster and from_cluster.master_addr) or "localhost",
+        master_port=(args.master_port or _env_int("MASTER_PORT", 0) or (from_cluster and from_cluster.master_port)
+                     or 6000),
         log_dir=args.log_dir, max_restarts=args.max_restarts, join=True, timeout=args.timeout,
-        module=args.module, train_args=list(args.args))
+        module=args.module, train_args=list(args.args), min_nnodes=min_nnodes, rdzv_backend=rdzv_backend,
+        rdzv_id=args.rdzv_id or os.environ.get("SLURM_JOB_ID") or "ember",
+        cluster=from_cluster.source if from_cluster else None)
     _check_node_rank(plan)
-    if plan.nnodes > 1 and plan.master_addr in ("localhost", "127.0.0.1") and plan.node_rank == 0:
+    emitting = getattr(args, "emit", None)  # the manifests set MASTER_ADDR themselves
+    if plan.nnodes > 1 and plan.master_addr in ("localhost", "127.0.0.1") and plan.node_rank == 0 and not emitting:
         print("ember launch: note: MASTER_ADDR is localhost with NNODES > 1; other nodes must reach this node "
               "by its address", file=sys.stderr)
     return plan
@@ -236,6 +347,18 @@ def training_config(train_args: list[str]):
     return resolve_config(args), args
 
 
+def _tiny_plan(plan: LaunchPlan, world: int) -> LaunchPlan:
+    """EMBER_TINY: the tiny layout's `world` CPU processes on this machine, or, in a Slurm step of
+    several tasks (the Slurm examples run tiny), shared among the tasks as its nodes."""
+    tasks = slurm_step_tasks()
+    if not tasks or tasks == 1 or plan.nnodes == 1:
+        return replace(plan, nproc_per_node=world, nnodes=1, min_nnodes=None, node_rank=0, master_addr="127.0.0.1")
+    if plan.nnodes != tasks or world % tasks:
+        raise EmberError(f"EMBER_TINY under Slurm: the tiny layout's {world} processes cannot be shared by "
+                         f"{tasks} tasks as {plan.nnodes} node(s); run {world} // k tasks for a k dividing {world}")
+    return replace(plan, nproc_per_node=world // tasks)
+
+
 def check_training(plan: LaunchPlan, explicit_nproc: int | None = None) -> LaunchPlan:
     """Resolve and validate the training configuration for this world size (errors surface here,
     once, instead of on every rank). Under EMBER_TINY the plan is sized to the tiny layout on this
@@ -247,12 +370,16 @@ def check_training(plan: LaunchPlan, explicit_nproc: int | None = None) -> Launc
     if getattr(args, "run_mode", None) == "predict":  # generation runs in one process
         return replace(plan, nproc_per_node=1, nnodes=1, node_rank=0)
     if tiny.enabled() and not explicit_nproc:
-        plan = replace(plan, nproc_per_node=tiny.world_size(config), nnodes=1, node_rank=0,
-                       master_addr="127.0.0.1")
+        plan = _tiny_plan(plan, tiny.world_size(config))
         p = config.parallel
         print(f"ember launch: EMBER_TINY: {config.model.name}, {plan.nproc_per_node} CPU process(es) "
               f"(tp {p.tensor_model_parallel_size}, pp {p.pipeline_model_parallel_size}, "
               f"ep {p.expert_model_parallel_size}, cp {p.context_parallel_size})", file=sys.stderr)
+    for nnodes in range(plan.min_nnodes or plan.nnodes, plan.nnodes):  # an elastic job's smaller sizes
+        try:
+            validate(config, plan.nproc_per_node * nnodes)
+        except EmberError as err:
+            raise EmberError(f"--nnodes {plan.nnodes_spec}: with {nnodes} node(s): {err}") from None
     resolved = validate(config, plan.world_size)
     from ember.commands.preflight import check_before_starting
 
@@ -423,8 +550,12 @@ def launch(plan: LaunchPlan) -> int:
     # torchelastic passes SIGTERM/SIGINT/SIGHUP/SIGQUIT on to the ranks; for a launcher that dies
     # without running any handler, each rank asks the kernel for a signal (`_die_with_launcher`)
     os.environ[LAUNCHER_PID_VARIABLE] = str(os.getpid())
+    if plan.rdzv_backend == "c10d":
+        # each rendezvous round then gets a fresh store from its rank 0 (torch's shared store keeps
+        # the first round's address, which a node joining a later round never learns)
+        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     if plan.nnodes > 1:
-        print(f"ember launch: waiting up to {plan.join_timeout} s for {plan.nnodes} nodes at "
+        print(f"ember launch: waiting up to {plan.join_timeout} s for {plan.nnodes_spec} nodes at "
               f"{plan.master_addr}:{plan.master_port} (--timeout)", file=sys.stderr, flush=True)
     try:
         if plan.node_rank > 0:
@@ -443,12 +574,30 @@ def launch(plan: LaunchPlan) -> int:
     return 0
 
 
+def emit_manifests(plan: LaunchPlan, args) -> int:
+    """`--emit k8s|pytorchjob`: the training configuration checked for the job's world size(s), then
+    the manifests on stdout (data paths are the cluster's, so they are not looked for here)."""
+    from ember.commands.k8s_manifests import indexed_job, pytorch_job, to_yaml
+    from ember.config import validate
+
+    if plan.module == TRAIN_MODULE:
+        config, _ = training_config(plan.train_args)
+        for nnodes in range(plan.min_nnodes or plan.nnodes, plan.nnodes + 1):
+            validate(config, plan.nproc_per_node * nnodes, check_paths=False)
+    build = indexed_job if args.emit == "k8s" else pytorch_job
+    print(to_yaml(build(plan, image=args.image, name=args.job_name)), end="")
+    return 0
+
+
 def run(args) -> int:
     plan = plan_from_args(args)
+    if getattr(args, "emit", None):
+        return emit_manifests(plan, args)
     if plan.module == TRAIN_MODULE:
         plan = check_training(plan, None if args.msrun is not None else args.nproc_per_node)
     passed = sorted(k for k in os.environ if k.startswith(PASS_THROUGH_PREFIXES))
-    print(f"ember launch: node {plan.node_rank}/{plan.nnodes}, {plan.nproc_per_node} process(es) here, "
+    where = f" ({plan.cluster})" if plan.cluster else ""
+    print(f"ember launch: node {plan.node_rank}/{plan.nnodes_spec}{where}, {plan.nproc_per_node} process(es) here, "
           f"world size {plan.world_size}, master {plan.master_addr}:{plan.master_port}, logs in {plan.log_dir}/"
           + (f", passing {', '.join(passed)}" if passed else ""), file=sys.stderr)
     if args.dry_run:

@@ -5,6 +5,8 @@ predict mode, as run_mindformer.py has it)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import sys
 from pathlib import Path
@@ -48,14 +50,73 @@ def predict(config, args: argparse.Namespace) -> int:
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    for prompt in _prompts(str(predict_data)):
-        generate(argparse.Namespace(
-            load=Path(load), tokenizer_name_or_path=Path(tokenizer) if tokenizer else None, prompt=prompt,
-            max_new_tokens=_new_tokens(load, tokenizer, prompt, limit), greedy=not sampled,
-            temperature=temperature, top_k=top_k, top_p=top_p,
-            seed=config.train.seed, eos_id=None, device=device, dtype="keep"))
-        sys.stdout.flush()
+    with _whole_lines_under_launcher():
+        for prompt in _prompts(str(predict_data)):
+            generate(_generate_args(
+                load=Path(load), tokenizer_name_or_path=Path(tokenizer) if tokenizer else None, prompt=prompt,
+                max_new_tokens=_new_tokens(load, tokenizer, prompt, limit), greedy=not sampled,
+                temperature=temperature, top_k=top_k, top_p=top_p,
+                seed=config.train.seed, eos_id=None, device=device, dtype="keep"))
+            sys.stdout.flush()
     return 0
+
+
+class WholeLines(io.TextIOBase):
+    """A text stream that passes on whole lines only: what a launcher that prefixes each line it
+    reads with the rank (torchrun's `[rank0]:`, reading the rank's log file with readline) needs,
+    since a piece flushed mid-line would come out as `[rank0]:Return the[rank0]: ...`."""
+
+    def __init__(self, target):
+        self.target = target
+        self.pending = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        head, newline, self.pending = self.pending.rpartition("\n")
+        if newline:
+            self.target.write(head + newline)
+            self.target.flush()
+        else:
+            self.pending = head + self.pending
+        return len(text)
+
+    def flush(self) -> None:  # a line is passed on when it ends, not when a piece is flushed
+        pass
+
+    def close_line(self) -> None:
+        if self.pending:
+            self.target.write(self.pending + "\n")
+            self.target.flush()
+            self.pending = ""
+
+
+@contextlib.contextmanager
+def _whole_lines_under_launcher():
+    """Streamed text passes on whole lines when a launcher (torchrun, `ember launch`) reads it."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        yield
+        return
+    lines = WholeLines(sys.stdout)
+    try:
+        with contextlib.redirect_stdout(lines):
+            yield
+    finally:
+        lines.close_line()
+
+
+def _generate_args(**values) -> argparse.Namespace:
+    """`ember generate`'s arguments: its own defaults (whatever options it has), then `values`."""
+    from ember.commands.generate import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--load", str(values["load"])])
+    for key, value in values.items():
+        setattr(args, key, value)
+    return args
 
 
 def _setting(model_config: dict, key: str, default, kind):

@@ -37,8 +37,8 @@ def config_from_args(args: argparse.Namespace, tiny_assets=None, world_size: int
     megatron.apply_flags(config, args)
     for text in swallowed + list(getattr(args, "overrides", None) or []):
         apply_override(config, text)
-    if mindformers_values is not None:
-        mindformers.finish(config, mindformers_values, args)
+    # MindFormers' command-line settings, with or without its YAML (--resume_training, --batch_size, ...)
+    mindformers.finish(config, mindformers_values, args)
     if tiny_assets is not None:
         tiny.apply_tiny(config, tiny_assets, world_size)
     return config

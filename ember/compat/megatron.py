@@ -48,6 +48,8 @@ def _flags() -> list[Flag]:
         Flag(("--qk-layernorm",), m + "qk_layernorm", const=True),
         Flag(("--max-position-embeddings",), m + "max_position_embeddings"),
         Flag(("--rotary-base",), m + "rotary_base"),
+        Flag(("--rotary-seq-len-interpolation-factor",), m + "rotary_seq_len_interpolation_factor",
+             "position interpolation: RoPE positions / factor (MindFormers extend_method PI)"),  # H3
         Flag(("--vocab-size",), m + "vocab_size"),
         Flag(("--make-vocab-size-divisible-by",), m + "make_vocab_size_divisible_by"),
         Flag(("--num-experts",), m + "num_experts"),
@@ -61,7 +63,7 @@ def _flags() -> list[Flag]:
         Flag(("--moe-z-loss-coeff",), m + "moe_z_loss_coeff", "router z-loss coefficient"),
         Flag(("--init-method-std",), m + "init_method_std"),
         # data
-        Flag(("--data-path", "--train_dataset_dir", "--train-dataset-dir"), d + "data_path",
+        Flag(("--data-path", "--train_dataset_dir", "--train-dataset-dir", "--train_dataset"), d + "data_path",
              "prefixes, optionally weighted: '0.5 PATH1 0.5 PATH2'", nargs="+"),
         Flag(("--split",), d + "split", "train,valid,test weights, e.g. 969,30,1"),
         Flag(("--train-data-path",), d + "train_data_path", nargs="+"),
@@ -76,6 +78,14 @@ def _flags() -> list[Flag]:
         Flag(("--vocab-file",), d + "vocab_file"),
         Flag(("--merge-file",), d + "merge_file"),
         Flag(("--num-workers",), d + "num_workers"),
+        # packed documents (H1): each document attends only to itself
+        Flag(("--reset-position-ids",), d + "reset_position_ids", "positions restart after each EOD", const=True),
+        Flag(("--reset-attention-mask",), d + "reset_attention_mask",
+             "attention stays inside each EOD-ended document", const=True),
+        Flag(("--eod-mask-loss",), d + "eod_mask_loss", "no loss on the prediction made at an EOD", const=True),
+        Flag(("--finetune-packing",), d + "finetune_packing",
+             "fine-tuning samples: packed (examples isolated) or padded (one per sample); default: packed "
+             "with --reset-position-ids/--reset-attention-mask, else padded"),
         # training
         Flag(("--micro-batch-size",), t + "micro_batch_size"),
         Flag(("--global-batch-size",), t + "global_batch_size"),
@@ -141,7 +151,8 @@ def _flags() -> list[Flag]:
         Flag(("--save",), c + "save"),
         Flag(("--load", "--load_checkpoint"), c + "load"),
         Flag(("--save-interval",), c + "save_interval"),
-        Flag(("--keep-last",), c + "keep_last", "keep only the newest N checkpoints"),
+        Flag(("--keep-last",), c + "keep_last", "keep only the newest N checkpoints (bare, as PAI passes it: "
+                                                "keep all; see the notice)", nargs="?"),
         Flag(("--async-save",), c + "async_save", const=True),
         Flag(("--no-save-optim",), c + "save_optim", const=False),
         Flag(("--no-load-optim",), c + "load_optim", const=False),
@@ -150,16 +161,211 @@ def _flags() -> list[Flag]:
                                             "(a --save that holds one then needs --overwrite)", const=False),
         Flag(("--overwrite",), c + "overwrite", "start a new run in a --save that holds another run's "
                                                "checkpoints: they are removed", const=True),
+        # LoRA fine-tuning (issue 17): MindSpeed-LLM's flags
+        Flag(("--lora-r",), "lora.r", "adapter rank (default 16)"),
+        Flag(("--lora-alpha",), "lora.alpha", "the update is scaled by alpha / r (default 32)"),
+        Flag(("--lora-dropout",), "lora.dropout", "dropout on the adapters' input (default 0)"),
+        Flag(("--lora-target-modules",), "lora.target_modules", "layers to adapt (turns LoRA on): linear_qkv "
+             "linear_proj linear_fc1 linear_fc2, q_proj ... down_proj, or wq wk wv wo w1 w2 w3", nargs="+"),
+        Flag(("--lora-load",), "lora.adapter", "start from this PEFT adapter folder"),
+        Flag(("--lora-base-bf16",), "lora.base_bf16", "with --bf16: keep the frozen linear weights in bf16 "
+             "(half their memory, same results)", const=True),
         # logging
         Flag(("--log-interval",), lg + "log_interval"),
         Flag(("--output-dir", "--output_dir"), lg + "output_dir"),
         Flag(("--tensorboard-dir",), lg + "tensorboard_dir"),
         Flag(("--no-tensorboard",), lg + "tensorboard", const=False),
         Flag(("--peak-tflops",), lg + "peak_tflops"),
+        # observability (issue 19): profiler, trackers, memory, console line
+        Flag(("--profile",), lg + "profile", "torch.profiler traces of --profile-step-start..end under "
+                                             "<save>/profile/, and a summary table at the end", const=True),
+        Flag(("--profile-step-start",), lg + "profile_step_start"),
+        Flag(("--profile-step-end",), lg + "profile_step_end"),
+        Flag(("--profile-ranks",), lg + "profile_ranks", "ranks to profile (default 0)", nargs="+"),
+        Flag(("--wandb-project",), lg + "wandb_project", "log to Weights & Biases (offline unless WANDB_MODE)"),
+        Flag(("--wandb-exp-name",), lg + "wandb_exp_name"),
+        Flag(("--wandb-save-dir",), lg + "wandb_save_dir"),
+        Flag(("--record-memory-history",), lg + "record_memory_history",
+             "CUDA: dump a memory snapshot (torch.cuda.memory._dump_snapshot) on out-of-memory", const=True),
+        Flag(("--memory-snapshot-on-oom",), lg + "record_memory_history", "same as --record-memory-history",
+             const=True),
+        Flag(("--memory-snapshot-path",), lg + "memory_snapshot_path"),
+        Flag(("--log-format",), lg + "log_format", "short (default, 100 columns) or megatron"),
     ]
 
 
-FLAGS = _flags()
+# --- Megatron drop-in (issue 16, H2): the upstream scripts' flags, each honoured or answered ---
+def _dropin_flags() -> list[Flag]:
+    m, d, t = "model.", "data.", "train."
+    return [
+        Flag(("--attention-dropout",), m + "attention_dropout",
+             "dropout on attention probabilities (default: Megatron's 0.1 without --model, else 0)"),
+        Flag(("--hidden-dropout",), m + "hidden_dropout",
+             "dropout on the embeddings and on each branch output before its residual add (as --attention-dropout)"),
+        Flag(("--padded-vocab-size",), m + "padded_vocab_size", "the vocabulary size exactly, not padded further"),
+        Flag(("--extra-vocab-size",), m + "extra_vocab_size", "PAI: tokens added to the tokenizer's before padding"),
+        Flag(("--embedding-multiplier-scale",), m + "embedding_multiplier_scale", "token embeddings times this"),
+        Flag(("--output-multiplier-scale",), m + "output_multiplier_scale", "logits times this"),
+        Flag(("--post-norm",), m + "post_norm", "a norm on each attention/MLP output before the residual add",
+             const=True),
+        Flag(("--embed-layernorm",), m + "embed_layernorm", "LayerNorm after the token embedding (Bloom)",
+             const=True),
+        Flag(("--use-rotary-position-embeddings",), m + "position_embedding_type", "= --position-embedding-type rope",
+             const="rope"),
+        Flag(("--moe-router-load-balancing-type",), m + "moe_router_load_balancing_type",
+             "aux_loss (Switch/GShard loss, scaled by --moe-aux-loss-coeff) or none"),
+        Flag(("--moe-input-jitter-eps",), m + "moe_input_jitter_eps", "router input times U(1-eps, 1+eps) in training"),
+        Flag(("--input-jitter",), m + "input_jitter",
+             "ModelLink's switch, a store_false: given, router input jitter is off", const=False),
+        Flag(("--recompute-activations",), t + "recompute_granularity", "= --recompute-granularity selective",
+             const="selective"),
+        Flag(("--patch-tokenizer-type",), d + "tokenizer_type", "PAI's --tokenizer-type"),
+        # PAI fine-tuning: its data flags name the splits' files (preprocessed prefixes for ember)
+        Flag(("--train-data",), d + "train_data_path", "PAI: = --train-data-path", nargs="+"),
+        Flag(("--valid-data",), d + "valid_data_path", "PAI: = --valid-data-path", nargs="+"),
+    ]
+
+
+# Flags that choose something ember chooses by itself: accepted, and named in one notice line
+# (`notice_line`) with what ember does instead. flag -> (values it takes, what ember does).
+NOTICE_FLAGS: dict[str, tuple[int, str]] = {
+    "--use-mcore-models": (0, "one model implementation"),
+    "--transformer-impl": (1, "one model implementation"),
+    "--spec": (2, "one model implementation, the architecture from the flags"),  # MODULE FUNCTION
+    "--use-flash-attn": (0, "torch SDPA picks flash/memory-efficient attention"),
+    "--no-masked-softmax-fusion": (0, "torch SDPA"),
+    "--attention-softmax-in-fp32": (0, "torch SDPA's flash/memory-efficient kernels keep softmax in fp32"),
+    "--use-fused-rmsnorm": (0, "torch.compile fuses norms on GPU"),
+    "--use-fused-swiglu": (0, "torch.compile fuses SwiGLU on GPU"),
+    "--use-fused-rotary-pos-emb": (0, "torch.compile fuses rotary on GPU"),
+    "--no-rope-fusion": (0, "torch.compile decides"),
+    "--no-bias-dropout-fusion": (0, "torch.compile decides"),
+    "--no-bias-swiglu-fusion": (0, "torch.compile decides"),
+    "--no-gradient-accumulation-fusion": (0, "gradients accumulate in the parameters' dtype"),
+    "--gemm-gradient-accumulation-fusion": (0, "gradients accumulate in the parameters' dtype"),
+    "--use-mc2": (0, "no Ascend MC2/CoC fused compute-communication"),
+    "--use-ascend-coc": (0, "no Ascend MC2/CoC fused compute-communication"),
+    "--reuse-fp32-param": (0, "fp32 parameters with bf16/fp16 autocast, no half copy to reuse"),
+    "--moe-token-dispatcher-type": (1, "ember's all-to-all expert dispatch"),
+    "--moe-permutation-async-comm": (0, "ember's all-to-all expert dispatch"),
+    "--moe-grouped-gemm": (0, "one grouped GEMM per expert weight where the device has one"),
+    "--moe-permute-fusion": (0, "ember's all-to-all expert dispatch"),
+    "--DDP-impl": (1, "data parallelism is FSDP2 in every mode: replicated, --use-distributed-optimizer, fsdp"),
+    "--ckpt-format": (1, "ember's sharded checkpoints; `ember convert --to megatron` writes Megatron's"),
+    "--no-save-rng": (0, "the RNG state is always saved (KBs); --no-load-rng decides its use"),
+    "--enable-hf2mg-convert": (0, "--load's format is recognised; a Hugging Face folder is refused "
+                                  "with its `ember convert` command"),
+    "--model-type-hf": (1, "the architecture from the flags and --load"),
+    "--handler-name": (1, "a preprocessing flag (`ember preprocess`)"),
+    "--workers": (1, "a preprocessing flag (`ember preprocess`)"),
+    "--tensorboard-queue-size": (1, "TensorBoard is flushed at every log line"),
+    "--log-timers-to-tensorboard": (0, "TensorBoard always has iteration time, validation perplexity and "
+                                       "consumed samples"),
+    "--log-batch-size-to-tensorboard": (0, "TensorBoard always has iteration time, validation perplexity and "
+                                           "consumed samples"),
+    "--log-validation-ppl-to-tensorboard": (0, "TensorBoard always has iteration time, validation perplexity and "
+                                               "consumed samples"),
+}
+NOTICE_PREFIX = "ember: accepted, changing nothing (what ember does instead): "
+# (--data-impl takes only mmap, ember's one format; see `apply_flags`.)
+_DATA_IMPL = "--data-impl"
+
+
+def add_dropin_arguments(group) -> None:
+    """The notice flags, and --data-impl, on the settings group."""
+    for name, (values, _) in NOTICE_FLAGS.items():
+        if values == 0:
+            group.add_argument(name, dest="notice:" + name, action="store_true", default=argparse.SUPPRESS,
+                               help=argparse.SUPPRESS)
+        else:
+            group.add_argument(name, dest="notice:" + name, nargs=None if values == 1 else values,
+                               default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    group.add_argument(_DATA_IMPL, dest="data_impl", default=argparse.SUPPRESS,
+                       help="mmap (the only format; others are refused)")
+    group.add_argument("--max-padding-length", dest="max_padding_length", type=int, default=argparse.SUPPRESS,
+                       help="PAI fine-tuning: each example padded to this length, the samples' length "
+                            "(overrides --seq-length)")
+
+
+def notice_line(args: argparse.Namespace) -> str | None:
+    """One line naming every notice flag given, with what ember does instead; None if none."""
+    given = [dest.split(":", 1)[1] for dest in vars(args) if dest.startswith("notice:")]
+    bare_keep_last = vars(args).get("cfg:checkpoint.keep_last:--keep-last", 0) is None
+    if not given and not bare_keep_last:
+        return None
+    by_reason: dict[str, list[str]] = {}
+    for name in given:
+        by_reason.setdefault(NOTICE_FLAGS[name][1], []).append(name)
+    if bare_keep_last:
+        by_reason.setdefault("PAI's keep-the-last-incomplete-batch: ember never drops samples, a step "
+                             "crossing an epoch's end continues into the next; all checkpoints kept", []
+                             ).append("--keep-last")
+    parts = [f"{' '.join(names)} ({reason})" for reason, names in by_reason.items()]
+    return NOTICE_PREFIX + "; ".join(parts)
+
+
+def _print_notice_once(args: argparse.Namespace) -> None:
+    """The notice, once, from the process the user watches: `ember launch` (which resolves the
+    configuration before starting ranks) or a single `ember train`; ranks (RANK set) stay quiet."""
+    import os
+    import sys
+
+    line = notice_line(args)
+    if line is None or getattr(args, "_notice_printed", False):
+        return
+    if os.environ.get("RANK") is None:
+        print(line, file=sys.stderr, flush=True)
+    args._notice_printed = True
+
+
+def _apply_dropin(config: Config, args: argparse.Namespace) -> None:
+    impl = getattr(args, "data_impl", None)
+    if impl is not None and impl != "mmap":
+        raise EmberError(f"--data-impl {impl}: ember reads only mmap indexed datasets (.bin/.idx); "
+                         f"preprocess with `ember preprocess` (or Megatron's --dataset-impl mmap)")
+    balancing = vars(args).get("cfg:model.moe_router_load_balancing_type:--moe-router-load-balancing-type")
+    if isinstance(balancing, str) and balancing.lower() == "none":  # a value, not "unset", here
+        config.model.moe_router_load_balancing_type = "none"
+    if getattr(args, "max_padding_length", None) is not None:
+        config.data.seq_length = args.max_padding_length
+    _refuse_raw_files(config)
+    _megatron_dropout_defaults(config, args)
+    _print_notice_once(args)
+
+
+def _refuse_raw_files(config: Config) -> None:
+    """PAI's --train-data/--valid-data name json files it tokenizes while training; ember trains on
+    preprocessed prefixes (EMBER_TINY swaps in its own data, so nothing is read then)."""
+    from ember.compat import tiny
+
+    if tiny.enabled():
+        return
+    for name in ("train_data_path", "valid_data_path"):
+        for path in getattr(config.data, name):
+            if path.endswith((".json", ".jsonl")):
+                raise EmberError(f"{path} is a raw json file, which PAI tokenizes while training; tokenize it "
+                                 f"once: `ember preprocess --input {path} --tokenizer-name-or-path DIR --output-prefix "
+                                 f"PREFIX` (with the --handler-name of its records, as examples/bloom/"
+                                 f"run_finetune_bloom.sh does), then pass PREFIX")
+
+
+MEGATRON_DROPOUT = 0.1  # Megatron-LM's default --attention-dropout and --hidden-dropout
+
+
+def _megatron_dropout_defaults(config: Config, args: argparse.Namespace) -> None:
+    """A model described by Megatron flags alone (no --model: the way pretrain_gpt.py is run) trains
+    with Megatron's dropout defaults, 0.1 each, unless the flags say otherwise. A registry model
+    (--model, YAML) keeps 0, its published configuration's value."""
+    described = any(dest.startswith("cfg:model.num_layers:") for dest in vars(args))
+    if config.model.name is None and described:
+        m = config.model
+        if m.attention_dropout is None:
+            m.attention_dropout = MEGATRON_DROPOUT
+        if m.hidden_dropout is None:
+            m.hidden_dropout = MEGATRON_DROPOUT
+
+
+FLAGS = _flags() + _dropin_flags()
 # MindFormers' launcher flags with no ember setting of their own.
 _RUN_MODES = ("train", "finetune", "predict")
 
@@ -183,6 +389,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             group.add_argument(*flag.names, dest=dest, nargs=flag.nargs, default=argparse.SUPPRESS,
                                metavar=flag.path.split(".")[1].upper(), help=flag.help or None)
+    add_dropin_arguments(group)  # Megatron drop-in (issue 16, H2)
 
 
 def take_overrides_from_path_lists(args: argparse.Namespace) -> list[str]:
@@ -232,4 +439,5 @@ def apply_flags(config: Config, args: argparse.Namespace) -> Config:
         raise EmberError(f"{' and '.join(precision_flags)} both given; choose one precision")
     if getattr(args, "run_mode", None) == "finetune":
         config.train.finetune = True
+    _apply_dropin(config, args)  # Megatron drop-in (issue 16, H2)
     return config

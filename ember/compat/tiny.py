@@ -12,7 +12,9 @@ where its configuration is resolved (`ember.compat.config_from_args`):
   gets as many distinct parts), instruction data for fine-tuning runs;
 - processes: gloo on CPU; TP, PP, CP and EP as the script says, data parallelism shrunk to the
   least the layout allows (at least two processes in all, so something is always distributed);
-- length: a few iterations (`EMBER_TINY_ITERS`, default 3) of short sequences, fp32 or as given.
+- length: 10 iterations (`EMBER_TINY_ITERS`) of short sequences, fp32 or as given, at a learning rate
+  of its own (`TINY_LR`, decaying to a tenth): the seeds' 1e-5 does not move a tiny model's loss,
+  1e-2 lowers it by ~0.8 nats in 10 steps, so a tiny run shows learning.
 
 Checkpoint folders are kept (so a tiny pretrain feeds a tiny fine-tune); a `--load` that does not
 exist is dropped (the command says so), one that holds another tool's checkpoint is refused as
@@ -34,6 +36,9 @@ ITERS_ENV = "EMBER_TINY_ITERS"
 
 SEQ_LENGTH = 64
 MICRO_BATCH = 2
+# observability (issue 19): a tiny run's own schedule, long and steep enough for a visible fall
+TINY_ITERS = 10
+TINY_LR = 1e-2
 
 # tiny-<family> registry entries; their size is what every layout below starts from.
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "grok1", "bloom", "gpt2")
@@ -44,7 +49,7 @@ def enabled() -> bool:
 
 
 def tiny_iterations() -> int:
-    text = os.environ.get(ITERS_ENV, "3")
+    text = os.environ.get(ITERS_ENV, str(TINY_ITERS))
     try:
         value = int(text)
     except ValueError:
@@ -70,8 +75,10 @@ def _family(config) -> str:
     if m.name:
         return get_model_family(m.name)
     # Described by Megatron flags: the family whose features they name.
-    if m.num_experts:
-        return "mixtral"
+    if m.num_experts:  # Grok-1's multipliers and post-norm, else Mixtral
+        return "grok1" if m.post_norm or m.embedding_multiplier_scale else "mixtral"
+    if m.embed_layernorm:
+        return "bloom"
     kind = (m.position_embedding_type or "").lower()
     if kind == "alibi":
         return "bloom"
@@ -84,6 +91,11 @@ def _family(config) -> str:
     if m.swiglu or (m.normalization or "").lower() == "rmsnorm" or kind == "rope":
         return "llama"
     return "gpt2"
+
+
+# ModelConfig fields a tiny run keeps from the script: training behaviour, not size.
+KEPT_MODEL_SETTINGS = ("attention_dropout", "hidden_dropout", "moe_input_jitter_eps", "input_jitter",
+                       "moe_router_load_balancing_type")
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -105,9 +117,10 @@ def _tiny_model(config) -> None:
     p = config.parallel
     tp, pp, ep = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.expert_model_parallel_size
     fresh = ModelConfig(name=name)
-    # every architecture flag of the script belongs to the full-size model: drop them all
+    # every architecture flag of the script belongs to the full-size model: drop them all, but keep
+    # how it trains (dropout, router jitter and balancing), which the tiny model does the same way
     for f in dataclasses.fields(ModelConfig):
-        if f.name not in ("name", "make_vocab_size_divisible_by"):
+        if f.name not in ("name", "make_vocab_size_divisible_by") + KEPT_MODEL_SETTINGS:
             setattr(config.model, f.name, getattr(fresh, f.name))
     config.model.name = name
     if base.n_layers % pp:
@@ -163,6 +176,7 @@ def _tiny_schedule(config, data_parallel: int) -> None:
     t.train_iters, t.train_tokens, t.train_epochs = iterations, None, None
     t.lr_warmup_iters, t.lr_warmup_fraction, t.lr_warmup_tokens = 0, None, None
     t.lr_decay_iters = t.lr_decay_tokens = None
+    t.lr, t.min_lr = TINY_LR, TINY_LR / 10
     if t.lr_decay_style == "WSD":
         t.lr_wsd_decay_iters = 1
     t.eval_interval = iterations

@@ -60,6 +60,28 @@ class ModelConfig:
     moe_token_drop_policy: str | None = None  # probs | position
     moe_z_loss_coeff: float | None = None
     init_method_std: float | None = None
+    # --- Megatron drop-in flags (issue 16, H2) ---
+    # Dropout probabilities. None: Megatron's 0.1 when the architecture comes from Megatron flags
+    # alone (no --model: the upstream scripts' case), else 0 (the registry's published models).
+    attention_dropout: float | None = None
+    hidden_dropout: float | None = None
+    # The vocabulary exactly (MindSpeed --padded-vocab-size; no further padding), or PAI's tokens
+    # added to the tokenizer's before padding (--extra-vocab-size).
+    padded_vocab_size: int | None = None
+    extra_vocab_size: int | None = None
+    embedding_multiplier_scale: float | None = None  # Grok-1: token embeddings times this
+    output_multiplier_scale: float | None = None  # Grok-1: logits times this
+    post_norm: bool | None = None  # ModelLink: a norm on each branch output (Grok-1's sandwich)
+    embed_layernorm: bool | None = None  # PAI Bloom: LayerNorm after the token embedding
+    # MoE router input jitter: Megatron's --moe-input-jitter-eps; ModelLink's --input-jitter is a
+    # store_false switch (given: jitter off), kept as given here.
+    moe_input_jitter_eps: float | None = None
+    input_jitter: bool | None = None
+    moe_router_load_balancing_type: str | None = None  # aux_loss | none
+    # --- MindFormers drop-in (issue 16, H3) ---
+    # Position interpolation (MindFormers extend_method PI, Megatron's
+    # --rotary-seq-len-interpolation-factor): RoPE positions divided by this factor.
+    rotary_seq_len_interpolation_factor: float | None = None
 
 
 @dataclass
@@ -79,6 +101,13 @@ class DataConfig:
     vocab_file: str | None = None
     merge_file: str | None = None
     num_workers: int = 2
+    # packed documents (H1, ember/data/documents.py): Megatron's flags, and how fine-tuning
+    # examples fill samples: "packed" (each example isolated) or "padded" (one per sample);
+    # unset: packed with --reset-position-ids/--reset-attention-mask (MindSpeed), else padded (PAI)
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    eod_mask_loss: bool = False
+    finetune_packing: str | None = None
 
 
 @dataclass
@@ -198,6 +227,38 @@ class LoggingConfig:
     tensorboard_dir: str | None = None
     # Peak TFLOP/s of one device for MFU; None: looked up from the device name.
     peak_tflops: float | None = None
+    # --- observability (issue 19): profiler, trackers, memory, console line ---
+    # torch.profiler over the iterations after profile_step_start up to profile_step_end, on
+    # profile_ranks (Megatron's flags, count and defaults); traces under <output dir>/profile/.
+    profile: bool = False
+    profile_step_start: int = 10
+    profile_step_end: int = 12
+    profile_ranks: list[str] = field(default_factory=lambda: ["0"])  # rank numbers, as the flag gives them
+    # Weights & Biases (optional dependency): on when a project is given; offline unless WANDB_MODE says.
+    wandb_project: str | None = None
+    wandb_exp_name: str | None = None
+    wandb_save_dir: str | None = None
+    # CUDA only: record the allocator's history and dump a snapshot (pickle) when a step runs out of memory.
+    record_memory_history: bool = False
+    memory_snapshot_path: str | None = None
+    # "short" (readable in 100 columns) or "megatron" (the Megatron-LM line, for parsers).
+    log_format: str = "short"
+
+
+# --- LoRA fine-tuning (issue 17) ---
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters on frozen base weights (MindSpeed-LLM's --lora-* flags): on when
+    target_modules names layers (linear_qkv linear_proj linear_fc1 linear_fc2, q_proj ... down_proj,
+    or wq ... w3). `adapter` (--lora-load) starts from a PEFT adapter folder instead of new adapters."""
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=list)
+    adapter: str | None = None
+    # with --bf16: the frozen linear weights of the blocks kept in bf16 (autocast rounds them so anyway)
+    base_bf16: bool = False
 
 
 @dataclass
@@ -209,6 +270,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # LoRA fine-tuning (issue 17)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

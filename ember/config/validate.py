@@ -58,6 +58,9 @@ def validate(config: Config, world_size: int = 1, check_paths: bool = True) -> C
     if o.clip_grad < 0:
         raise EmberError(f"optim.clip_grad must be >= 0 (0 disables clipping), got {o.clip_grad}")
     _validate_recompute(t)
+    if p.overlap_param_gather and p.dp_mode == "replicate":  # Megatron refuses it the same way
+        raise EmberError("--overlap-param-gather needs --use-distributed-optimizer (or --use-torch-fsdp2): only "
+                         "sharded parameters are gathered; drop it or shard the optimizer")
     _positive(lg.log_interval, "logging.log_interval (--log-interval)")
     _positive(t.eval_interval, "train.eval_interval (--eval-interval)")
     if t.eval_iters < 0:

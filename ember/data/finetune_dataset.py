@@ -14,9 +14,16 @@ A sample has the same shape as a pretraining sample plus explicit targets:
     loss_mask  float32[seq_length]     1 where labels[t] is trained, else 0 (and labels[t] = 0)
 
 `pack=True` fills each sample with whole examples in shuffled order until the next one does not
-fit (next-fit), then pads; the first token of an example is never a target, so nothing is learned
-across example boundaries (attention still crosses them, as in packed pretraining).
-`pack=False` puts one example per sample, padded. Every epoch reshuffles the examples with
+fit (next-fit), then pads (MindSpeed's packed fine-tuning). Each example is isolated: packed samples
+also carry
+
+    document_ids  int64[seq_length]   example index within the sample (the padding one more)
+    position_ids  int64[seq_length]   positions counting from 0 at every example's start
+
+so that attention stays inside each example (ember.models.documents) and every example sees the
+positions and the context it would see alone; the first token of an example is never a target.
+`pack=False` puts one example per sample, padded after it (PAI-Megatron-Patch's fine-tuning): causal
+attention alone keeps it apart from the padding. Every epoch reshuffles the examples with
 `numpy.random.RandomState(seed)`.
 
 An example longer than a sample (`seq_length + 1` tokens) is cut to a window of it: its start
@@ -215,15 +222,24 @@ class FinetuneDataset:
         # Labels aligned with tokens (HF style); shifted into targets at the end.
         aligned = np.full(capacity, IGNORE_INDEX, dtype=np.int64)
         position = 0
-        for example in self.order[self.sample_starts[index]:self.sample_starts[index + 1]].tolist():
+        documents = np.zeros(capacity, dtype=np.int64)
+        examples = self.order[self.sample_starts[index]:self.sample_starts[index + 1]].tolist()
+        for number, example in enumerate(examples):
             start = int(self.window_start[example])
             length = min(int(self.source.lengths[example]) - start, capacity - position)
             tokens[position:position + length] = self.source.input_ids.get(example, start, length)
             aligned[position:position + length] = self.source.labels.get(example, start, length)
             # The first token of an example follows another example: not something to learn.
             aligned[position] = IGNORE_INDEX
+            documents[position:position + length] = number
             position += length
+        documents[position:] = len(examples)  # the padding: a document of its own
         targets = aligned[1:]
         trained = targets != IGNORE_INDEX
-        return {"tokens": tokens, "labels": np.where(trained, targets, 0),
-                "loss_mask": trained.astype(np.float32)}
+        sample = {"tokens": tokens, "labels": np.where(trained, targets, 0), "loss_mask": trained.astype(np.float32)}
+        if self.pack:
+            documents = documents[:-1]  # the model reads tokens[:-1]
+            starts = np.flatnonzero(np.diff(documents, prepend=-1))
+            sample["document_ids"] = documents
+            sample["position_ids"] = np.arange(documents.size) - np.repeat(starts, np.diff(np.append(starts, documents.size)))
+        return sample

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ember.data.chat import ChatTemplateError, load_chat_template, record_messages, token_mask
 from ember.data.records import DecodedChunk, Skip
 
 IGNORE_INDEX = -100
@@ -31,7 +32,7 @@ ALPACA_PROMPT = (
     "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 )
 CHATML_TURN = "<|im_start|>{role}\n{content}<|im_end|>\n"
-PROMPT_TYPES = ("alpaca", "chatml", "plain")
+PROMPT_TYPES = ("alpaca", "chatml", "plain", "chat_template")  # chat_template: the tokenizer's own (ember.data.chat)
 
 
 @dataclass
@@ -67,11 +68,12 @@ class HandledChunk:
 class GeneralPretrainHandler:
     """Plain text, one dataset per `--json-keys` key; a list value is a list of sentences."""
 
-    def __init__(self, tokenizer, encoder, json_keys=("text",), append_eod=False):
+    def __init__(self, tokenizer, encoder, json_keys=("text",), append_eod=False, splitter=None):
         self.tokenizer = tokenizer
         self.encoder = encoder  # fast exact encoder, or the tokenizer itself
         self.json_keys = list(json_keys)
         self.append_eod = append_eod
+        self.splitter = splitter  # --split-sentences: a text becomes its sentences (ember.data.sentences)
 
     @property
     def output_keys(self) -> list[str]:
@@ -91,6 +93,8 @@ class GeneralPretrainHandler:
                     reason = f"missing key {key!r} (keys: {', '.join(sorted(record))})"
                     break
                 sentences = value if isinstance(value, list) else [value]
+                if self.splitter is not None and isinstance(value, str):
+                    sentences = self.splitter.split(value)
                 if not all(isinstance(s, str) for s in sentences):
                     reason = f"key {key!r} is not text"
                     break
@@ -246,9 +250,63 @@ class SharegptStyleInstructionHandler(_InstructionHandler):
         return segments
 
 
-def build_handler(name: str, tokenizer, encoder, json_keys, append_eod: bool, prompt_type: str | None):
+# ---- chat templates (H5): --prompt-type chat_template ---------------------------------------------
+
+class ChatTemplateHandler:
+    """Either instruction format rendered by the tokenizer's own chat template (ember.data.chat): ids
+    and labels as Hugging Face's apply_chat_template(..., return_assistant_tokens_mask=True) gives them.
+    No BOS/EOD of ember's own: the template writes the special tokens it wants."""
+
+    output_keys = ["packed_input_ids", "packed_labels"]
+
+    def __init__(self, tokenizer, record_format: str):
+        from ember.errors import EmberError
+
+        folder = getattr(tokenizer, "folder", None)
+        if tokenizer.backend is None or folder is None:
+            raise EmberError(f"--prompt-type chat_template needs a Hugging Face tokenizer folder with tokenizer.json "
+                             f"(--tokenizer-name-or-path DIR); {tokenizer.name} has none")
+        self.template = load_chat_template(folder)
+        self.backend = tokenizer.backend
+        self.record_format = record_format
+
+    def label_dtype(self, key: str):
+        return np.int32 if key == "packed_labels" else None
+
+    def handle(self, chunk: DecodedChunk) -> HandledChunk:
+        skips = list(chunk.skips)
+        texts, spans, lines = [], [], []
+        for record, line in zip(chunk.records, chunk.lines):
+            try:
+                messages, tools = record_messages(record, self.record_format)
+                text, record_spans = self.template.assistant_spans(messages, tools)
+            except ChatTemplateError as err:
+                skips.append(Skip(chunk.path, line, str(err)))
+                continue
+            texts.append(text)
+            spans.append(record_spans)
+            lines.append(line)
+        ids_docs, label_docs = [], []
+        encodings = self.backend.encode_batch(texts, add_special_tokens=False)
+        for encoding, record_spans, line in zip(encodings, spans, lines):
+            mask = token_mask(encoding.offsets, record_spans)
+            if not mask.any():
+                skips.append(Skip(chunk.path, line, "no assistant tokens to train on"))
+                continue
+            ids = np.asarray(encoding.ids, dtype=np.int64)
+            ids_docs.append([ids.tolist()])
+            label_docs.append([np.where(mask, ids, IGNORE_INDEX).tolist()])
+        datasets = {"packed_input_ids": EncodedDocuments.from_lists(ids_docs),
+                    "packed_labels": EncodedDocuments.from_lists(label_docs)}
+        return HandledChunk(datasets, skips, len(ids_docs), chunk.num_bytes)
+
+
+def build_handler(name: str, tokenizer, encoder, json_keys, append_eod: bool, prompt_type: str | None,
+                  splitter=None):
+    if prompt_type == "chat_template" and name in ("AlpacaStyleInstructionHandler", "SharegptStyleInstructionHandler"):
+        return ChatTemplateHandler(tokenizer, "alpaca" if name == "AlpacaStyleInstructionHandler" else "sharegpt")
     if name == "GeneralPretrainHandler":
-        return GeneralPretrainHandler(tokenizer, encoder, json_keys, append_eod)
+        return GeneralPretrainHandler(tokenizer, encoder, json_keys, append_eod, splitter)
     if name == "AlpacaStyleInstructionHandler":
         return AlpacaStyleInstructionHandler(tokenizer, prompt_type or "alpaca")
     if name == "SharegptStyleInstructionHandler":

@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from ember.data.documents import PackedDocuments, add_packed_documents
 from ember.errors import EmberError
 
 
@@ -36,7 +37,8 @@ def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     """Samples -> `input_ids`/`labels` LongTensor[b, L] and `loss_mask` FloatTensor[b, L].
 
     A sample has `tokens` (L + 1 ids) and optionally `labels`/`loss_mask` for its L predictions;
-    without them the labels are tokens[1:] and every prediction counts.
+    without them the labels are tokens[1:] and every prediction counts. `document_ids` and
+    `position_ids` (L each, packed fine-tuning examples) are stacked as they are.
     """
     tokens = np.stack([s["tokens"] for s in samples]).astype(np.int64, copy=False)
     batch = {"input_ids": torch.from_numpy(np.ascontiguousarray(tokens[:, :-1]))}
@@ -49,6 +51,9 @@ def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
         batch["loss_mask"] = torch.from_numpy(mask)
     else:
         batch["loss_mask"] = torch.ones(batch["labels"].shape, dtype=torch.float32)
+    for name in ("document_ids", "position_ids"):  # packed fine-tuning examples (finetune_dataset)
+        if name in samples[0]:
+            batch[name] = torch.from_numpy(np.stack([s[name] for s in samples]).astype(np.int64, copy=False))
     return batch
 
 
@@ -80,14 +85,15 @@ class DataLoader:
     """Micro-batches for one data-parallel rank, in Megatron's order, resumable from `consumed_samples`.
 
     Iterating yields dicts of `input_ids`, `labels` (LongTensor[micro_batch_size, L]) and
-    `loss_mask` (FloatTensor[micro_batch_size, L]) without end. `state_dict()` is the global
+    `loss_mask` (FloatTensor[micro_batch_size, L]) without end, plus `position_ids` / `document_ids`
+    (LongTensor[micro_batch_size, L]) for packed documents (`packing`, or packed fine-tuning samples). `state_dict()` is the global
     position (rank-independent); `load_state_dict()` continues from it, on any data-parallel size
     whose step divides it (any size at a global-batch boundary).
     """
 
     def __init__(self, dataset, global_batch_size: int, micro_batch_size: int, dp_rank: int = 0,
                  dp_size: int = 1, *, consumed_samples: int = 0, prefetch: int = 2, num_workers: int = 0,
-                 pin_memory: bool = False, vocab_size: int | None = None):
+                 pin_memory: bool = False, vocab_size: int | None = None, packing: PackedDocuments | None = None):
         if micro_batch_size < 1 or dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise EmberError(f"data loader: bad micro batch {micro_batch_size} / data-parallel rank "
                              f"{dp_rank} of {dp_size}")
@@ -106,6 +112,10 @@ class DataLoader:
         self.num_workers = int(num_workers)
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.vocab_size = vocab_size  # when given, every micro-batch's ids are checked against it
+        # Megatron's --reset-position-ids / --reset-attention-mask / --eod-mask-loss (data/documents.py)
+        self.packing = packing if packing is not None and packing.active else None
+        if self.packing is not None:
+            self.packing.check()
         self._consumed = 0  # samples the whole run has consumed: where the next micro-batch step starts
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
@@ -135,6 +145,8 @@ class DataLoader:
         else:
             samples = [self.dataset[i] for i in indices]
         batch = collate(samples)
+        if self.packing is not None:
+            batch = add_packed_documents(batch, self.packing)
         if self.vocab_size is not None:
             check_token_ids(batch, self.vocab_size, self.dataset, indices)
         if self.pin_memory:

@@ -51,6 +51,8 @@ class PreprocessJob:
     prompt_type: str | None
     fast_encoder: bool
     chunk_size: int = 1024
+    split: tuple | None = None  # --split-sentences: (lang, keep_newlines) of ember.data.sentences.SentenceSplitter
+    use_fast_tokenizer: bool = True  # False: --tokenizer-not-use-fast (transformers' slow tokenizer)
 
 
 @dataclass
@@ -88,10 +90,15 @@ def make_encoder(tokenizer, use_fast: bool):
 
 def handler_for(job: PreprocessJob):
     if job not in _handlers:
-        tokenizer = build_tokenizer(*job.tokenizer_spec)
-        encoder = make_encoder(tokenizer, job.fast_encoder)
+        tokenizer = build_tokenizer(*job.tokenizer_spec, use_fast=job.use_fast_tokenizer)
+        encoder = make_encoder(tokenizer, job.fast_encoder and job.use_fast_tokenizer)
+        splitter = None
+        if job.split is not None:
+            from ember.data.sentences import SentenceSplitter
+
+            splitter = SentenceSplitter(*job.split)
         _handlers[job] = build_handler(job.handler_name, tokenizer, encoder, job.json_keys, job.append_eod,
-                                       job.prompt_type)
+                                       job.prompt_type, splitter)
     return _handlers[job]
 
 
@@ -373,8 +380,9 @@ def pack_dataset(source: str, target: str, length: int, seed: int | None) -> Non
 
 # ---- the whole step ----------------------------------------------------------------------------
 
-def output_prefixes(output_prefix: str, keys: list[str]) -> dict[str, str]:
-    return {key: f"{output_prefix}_{key}_document" for key in keys}
+def output_prefixes(output_prefix: str, keys: list[str], level: str = "document") -> dict[str, str]:
+    """PREFIX_<key>_document, or PREFIX_<key>_sentence with --split-sentences (Megatron's names)."""
+    return {key: f"{output_prefix}_{key}_{level}" for key in keys}
 
 
 @dataclass
@@ -402,8 +410,17 @@ def preprocess(*, input: str | os.PathLike, output_prefix: str, tokenizer_type: 
                pack: bool = False, seq_length: int | None = None, seed: int | None = None,
                strict: bool = False, overwrite: bool = False, fast_encoder: bool = True,
                chunk_size: int = 1024, log_interval: int | None = None,
+               split_sentences: bool = False, keep_newlines: bool = False, lang: str = "english",
+               partitions: int = 1, keep_sequential_samples: bool = False, use_fast_tokenizer: bool = True,
                on_start: Callable[[Prepared], None] | None = None) -> PreprocessResult:
     """Tokenize `input` into `output_prefix_<key>_document.bin/.idx` datasets, as `ember preprocess`.
+
+    Megatron's options (issue 16, H3): `split_sentences` (NLTK Punkt, `keep_newlines`, `lang`) writes
+    `_sentence` datasets of one sequence per sentence; `partitions` N processes N parts side by side
+    and, as Megatron deals input lines to its partitions in turn, writes partition 0's documents
+    (lines 0, N, 2N, ...) first, then partition 1's, ... (`keep_sequential_samples`: contiguous parts,
+    the input order); `use_fast_tokenizer` False tokenizes with transformers' slow tokenizer.
+    Wikitext `.tokens` files take MindFormers' path instead (`preprocess_wikitext`).
 
     Every check that can fail runs before work starts (then `on_start` sees the checked request).
     Progress lines go to stderr every `log_interval` documents; None prints nothing.
@@ -411,26 +428,44 @@ def preprocess(*, input: str | os.PathLike, output_prefix: str, tokenizer_type: 
     # `workers` is the whole parallelism: no extra Rust threads inside each worker.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAYON_NUM_THREADS", "1")
+    spec = (tokenizer_type, tokenizer_name_or_path, tokenizer_model, vocab_file, merge_file)
+    if is_wikitext(input):
+        return preprocess_wikitext(input=input, output_prefix=output_prefix, tokenizer_spec=spec,
+                                   seq_length=seq_length, overwrite=overwrite, use_fast_tokenizer=use_fast_tokenizer)
     files = resolve_input_files(input)
     out_dir = Path(output_prefix).parent
     if not out_dir.is_dir():
         raise EmberError(f"--output-prefix {output_prefix}: folder {out_dir} does not exist; create it first")
-    if workers < 1 or n_subs < 1:
-        raise EmberError("--workers and --n-subs must be at least 1")
+    if workers < 1 or n_subs < 1 or partitions < 1:
+        raise EmberError("--workers, --n-subs and --partitions must be at least 1")
+    if partitions > 1:
+        if n_subs > 1:
+            raise EmberError("--partitions (Megatron) and --n-subs (ModelLink) both cut the input into parts; give one")
+        if workers % partitions:
+            raise EmberError(f"--workers {workers} is not a multiple of --partitions {partitions} (Megatron gives "
+                             f"each partition workers / partitions processes)")
+        n_subs = partitions
     if pack:
         if not seq_length or seq_length < 1:
             raise EmberError("--pack needs --seq-length N (the length of each packed sample)")
         if handler_name != "GeneralPretrainHandler":
             raise EmberError("--pack applies to pretraining data (GeneralPretrainHandler); "
                              "fine-tuning data is packed at training time")
-    spec = (tokenizer_type, tokenizer_name_or_path, tokenizer_model, vocab_file, merge_file)
-    tokenizer = build_tokenizer(*spec)
+    split = None
+    if split_sentences:
+        if handler_name != "GeneralPretrainHandler":
+            raise EmberError("--split-sentences applies to pretraining text (GeneralPretrainHandler)")
+        from ember.data.sentences import SentenceSplitter
+
+        SentenceSplitter(lang, keep_newlines)  # the model is there, or a one-line error now
+        split = (lang, keep_newlines)
+    tokenizer = build_tokenizer(*spec, use_fast=use_fast_tokenizer)
     if (append_eod or pack) and tokenizer.eod is None:
         raise EmberError(f"{tokenizer.name} has no end-of-document token; --append-eod/--pack need one")
     job = PreprocessJob(spec, handler_name, tuple(json_keys), bool(append_eod or pack), prompt_type,
-                        fast_encoder, chunk_size)
+                        fast_encoder, chunk_size, split, use_fast_tokenizer)
     handler = build_handler(job.handler_name, tokenizer, tokenizer, job.json_keys, job.append_eod, job.prompt_type)
-    prefixes = output_prefixes(output_prefix, handler.output_keys)
+    prefixes = output_prefixes(output_prefix, handler.output_keys, "sentence" if split else "document")
     existing = [p for prefix in prefixes.values() for p in (bin_path(prefix), idx_path(prefix)) if os.path.exists(p)]
     if existing and not overwrite:
         raise EmberError(f"{existing[0]} already exists; pass --overwrite to replace it")
@@ -447,8 +482,11 @@ def preprocess(*, input: str | os.PathLike, output_prefix: str, tokenizer_type: 
 
     start = time.perf_counter()
     # Pack mode writes plain EOD-terminated documents first, then packs them (after --n-subs merged
-    # its parts, so packing never depends on where the parts were cut).
-    written = {k: f"{p}.unpacked-tmp-{os.getpid()}" for k, p in prefixes.items()} if pack else prefixes
+    # its parts, so packing never depends on where the parts were cut); Megatron's partition order
+    # is made from the merged documents the same way.
+    deal = partitions > 1 and not keep_sequential_samples
+    staged = pack or deal
+    written = {k: f"{p}.unpacked-tmp-{os.getpid()}" for k, p in prefixes.items()} if staged else prefixes
     try:
         if n_subs > 1:
             totals = process_in_subs(job, files, n_subs, written, dtypes, workers, strict, log_interval)
@@ -457,15 +495,136 @@ def preprocess(*, input: str | os.PathLike, output_prefix: str, tokenizer_type: 
             total_bytes = None if compressed else sum(p.stat().st_size for p in files)
             totals = process_part(job, files, None, written, dtypes, workers, strict,
                                   Progress(log_interval, total_bytes), allow_empty=False)
-        if pack:
-            for key, prefix in prefixes.items():
+        for key, prefix in prefixes.items():
+            if deal and pack:
+                dealt = f"{prefix}.unpacked-tmp-{os.getpid()}-dealt"
+                deal_to_partitions(written[key], dealt, partitions)
+                pack_dataset(dealt, prefix, seq_length, seed)
+                remove_dataset(dealt)
+            elif deal:
+                deal_to_partitions(written[key], prefix, partitions)
+            elif pack:
                 pack_dataset(written[key], prefix, seq_length, seed)
     except OSError as err:  # reading errors are EmberErrors by now: this is the output side
         what = err.strerror or str(err)
         raise EmberError(f"cannot write the datasets at --output-prefix {output_prefix}: {what}"
                          f"{f' ({err.filename})' if err.filename else ''}; nothing was written") from None
     finally:
-        if pack:
+        if staged:
             for prefix in written.values():
                 remove_dataset(prefix)
+    return PreprocessResult(totals, prefixes, time.perf_counter() - start)
+
+
+def partition_order(documents: int, partitions: int) -> np.ndarray:
+    """Megatron's --partitions order: input documents dealt in turn to N partitions (document i to
+    partition i % N), each partition's documents in input order, partition 0 first."""
+    return np.concatenate([np.arange(k, documents, partitions) for k in range(partitions)])
+
+
+def deal_to_partitions(source: str, target: str, partitions: int) -> None:
+    """`source`'s documents (sentences kept) rewritten at `target` in `partition_order`."""
+    dataset = IndexedDataset(source)
+    writer = IndexedDatasetWriter(target, dataset.dtype)
+    order = partition_order(dataset.num_documents, partitions)
+    try:
+        for start in range(0, order.size, 4096):
+            docs = order[start : start + 4096]
+            firsts, lasts = dataset.document_indices[docs], dataset.document_indices[docs + 1]
+            sentences = np.concatenate([np.arange(a, b) for a, b in zip(firsts, lasts)]) if docs.size else []
+            tokens = [dataset.get(int(i)) for i in sentences]
+            writer.add_documents(np.concatenate(tokens) if tokens else np.empty(0, dataset.dtype),
+                                 dataset.sequence_lengths[sentences] if len(tokens) else [], lasts - firsts)
+        writer.finalize()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+# ---- MindFormers' Wikitext path ----------------------------------------------------------------
+
+WIKITEXT_SUFFIX = ".tokens"
+
+
+def is_wikitext(input: str | os.PathLike) -> bool:
+    """Wikitext-2/-103's `wiki.train.tokens` (a file, or a folder holding only such files)."""
+    path = Path(input)
+    if path.is_file():
+        return path.suffix == WIKITEXT_SUFFIX
+    return path.is_dir() and any(path.glob(f"*{WIKITEXT_SUFFIX}")) and not any(
+        p.is_file() and p.suffix != WIKITEXT_SUFFIX for p in path.iterdir())
+
+
+def clean_wikitext(text: str) -> str:
+    """Wikitext's tokenised spelling undone, rule for rule as MindFormers' llama_preprocess.py does it
+    (its `clean_wikitext`): " @-@ " -> "-", " , " -> ", ", "( x )" -> "(x)", ..."""
+    text = text.replace("s '", "s'")
+    text = re.sub(r"/' [0-9]/", r"/'[0-9]/", text)
+    for old, new in ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), (" : ", ": "), (" ; ", "; "), (" . ", ". "),
+                     (" ! ", "! "), (" ? ", "? "), (" , ", ", ")):
+        text = text.replace(old, new)
+    for opening, closing in (("\\(", "\\)"), ("\\[", "\\]"), ("{", "}")):
+        text = re.sub(opening + r"\s*([^" + closing + r"]*?)\s*" + closing,
+                      opening.replace("\\", "") + r"\1" + closing.replace("\\", ""), text)
+    text = re.sub(r'"\s*([^"]*?)\s*"', r'"\1"', text)
+    text = re.sub(r"'\s*([^']*?)\s*'", r"'\1'", text)
+    for old, new in (("= = = =", "===="), ("= = =", "==="), ("= =", "=="), (" \u00b0 ", "\u00b0"), (" \n", "\n"),
+                     ("\n ", "\n"), (" N ", " 1 "), (" 's", "'s")):
+        text = text.replace(old, new)
+    return text
+
+
+def wikitext_tokens(text: str, tokenizer) -> np.ndarray:
+    """MindFormers' tokenize_wiki: the cleaned text's paragraphs (split at blank lines), headings
+    (`= Title =`) left out, each tokenized with BOS and EOS (LlamaTokenizer, add_bos/eos_token),
+    back to back."""
+    paragraphs = [para for para in clean_wikitext(text).split("\n\n") if para and not para.strip().startswith("=")]
+    bos = [tokenizer.bos] if tokenizer.bos is not None else []
+    eos = [tokenizer.eod] if tokenizer.eod is not None else []
+    ids: list[int] = []
+    for start in range(0, len(paragraphs), 1024):
+        for encoded in tokenizer.encode_batch(paragraphs[start : start + 1024], add_special_tokens=False):
+            ids += bos + list(encoded) + eos
+    return np.asarray(ids, dtype=np.int64)
+
+
+def preprocess_wikitext(*, input: str | os.PathLike, output_prefix: str, tokenizer_spec: tuple,
+                        seq_length: int | None, overwrite: bool = False,
+                        use_fast_tokenizer: bool = True) -> PreprocessResult:
+    """Wikitext `.tokens` -> fixed samples of seq_length + 1 tokens, as MindFormers'
+    `llama_preprocess.py --dataset_type wiki --seq_length N` writes them to MindRecord: the
+    paragraphs' tokens back to back, cut into consecutive samples, the incomplete last one dropped.
+    Written as one record per sample (`PREFIX_packed_input_ids_document`, with all-trained
+    `PREFIX_packed_labels_document`), so that training takes each sample whole, as MindFormers does."""
+    if not seq_length or seq_length < 1:
+        raise EmberError("Wikitext .tokens input needs --seq-length N (samples of N + 1 tokens, as MindFormers' "
+                         "llama_preprocess.py --seq_length N)")
+    path = Path(input)
+    files = [path] if path.is_file() else sorted(path.glob(f"*{WIKITEXT_SUFFIX}"))
+    tokenizer = build_tokenizer(*tokenizer_spec, use_fast=use_fast_tokenizer)
+    prefixes = output_prefixes(output_prefix, ["packed_input_ids", "packed_labels"])
+    if not Path(output_prefix).parent.is_dir():
+        raise EmberError(f"--output-prefix {output_prefix}: folder {Path(output_prefix).parent} does not exist; "
+                         f"create it first")
+    existing = [p for prefix in prefixes.values() for p in (bin_path(prefix), idx_path(prefix)) if os.path.exists(p)]
+    if existing and not overwrite:
+        raise EmberError(f"{existing[0]} already exists; pass --overwrite to replace it")
+    start = time.perf_counter()
+    ids = np.concatenate([wikitext_tokens(f.read_text(encoding="utf-8"), tokenizer) for f in files])
+    length = seq_length + 1
+    samples = ids.size // length
+    if samples == 0:
+        raise EmberError(f"{input} gives {ids.size} tokens, less than one sample of {length}; lower --seq-length")
+    ids = ids[: samples * length]
+    dtypes = {"packed_input_ids": optimal_dtype(tokenizer.vocab_size), "packed_labels": np.int32}
+    writers = _writers(prefixes, dtypes)
+    try:
+        for key, writer in writers.items():
+            writer.add_documents(ids, np.full(samples, length))
+            writer.finalize()
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    totals = Totals(documents=samples, tokens=int(ids.size), bytes=sum(f.stat().st_size for f in files))
     return PreprocessResult(totals, prefixes, time.perf_counter() - start)

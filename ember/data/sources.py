@@ -46,9 +46,25 @@ def file_format(path: Path) -> tuple[str, str | None]:
     return (suffixes[-1] if suffixes else ""), compression
 
 
+MINDRECORD_HINT = ("MindSpore's MindRecord format, which ember does not read; preprocess the text it was made from "
+                   "instead, e.g. `ember preprocess --input wiki.train.tokens --tokenizer-type Llama2Tokenizer "
+                   "--tokenizer-model tokenizer.model --seq-length 4096 --output-prefix ./dataset/wiki4096` "
+                   "(MindFormers' llama_preprocess.py samples)")
+
+
 def resolve_input_files(input_path: str | os.PathLike) -> list[Path]:
-    """The file itself, or every supported file of a folder (sorted); a folder holds one format."""
+    """The file itself, every supported file of a folder, or of a glob pattern (Megatron's
+    `--partitions` input), sorted; a folder holds one format."""
     path = Path(input_path)
+    if ".mindrecord" in path.name or path.is_dir() and any(path.glob("*.mindrecord*")):
+        raise EmberError(f"--input {path} is {MINDRECORD_HINT}")
+    if not path.exists() and any(c in str(input_path) for c in "*?["):
+        import glob
+
+        matches = sorted(Path(m) for m in glob.glob(str(input_path)) if Path(m).is_file())
+        if not matches:
+            raise EmberError(f"--input {input_path} matches no file")
+        return [m for pattern_match in matches for m in resolve_input_files(pattern_match)]
     if not path.exists():
         raise EmberError(f"--input {path} does not exist")
     supported = LINE_FORMATS | COLUMNAR_FORMATS

@@ -26,7 +26,22 @@ TOKENIZER_TYPES = (
     "SentencePieceTokenizer",
     "GPTSentencePieceTokenizer",
     "GPT2BPETokenizer",
+    # MindSpeed-LLM / Megatron / PAI names (issue 16, H2)
+    "Qwen3Tokenizer",
+    "BloomTokenizerFromHF",
+    "NullTokenizer",
 )
+# Megatron types ember does not build, each with the reason and what to use instead.
+REFUSED_TOKENIZER_TYPES = {
+    "BertWordPieceLowerCase": "a BERT WordPiece vocabulary (encoder models); use PretrainedFromHF with the "
+                              "model's folder",
+    "BertWordPieceCase": "a BERT WordPiece vocabulary (encoder models); use PretrainedFromHF with the model's folder",
+    "TikTokenizer": "tiktoken vocabularies are not read; use PretrainedFromHF with a folder holding tokenizer.json",
+    "MagistralTokenizer": "mistral-common's tekken format is not read; use PretrainedFromHF with the HF folder",
+    "MultimodalTokenizer": "ember trains text-only models",
+}
+# PAI-Megatron-Patch's BloomTokenizerFromHF loads this hub tokenizer when no folder is given.
+BLOOM_HUB_TOKENIZER = "bigscience/bloom-560m"
 
 
 class Tokenizer:
@@ -67,7 +82,7 @@ def _special_token_content(value) -> str | None:
 class HFTokenizer(Tokenizer):
     """A Hugging Face tokenizer folder, through `tokenizers` (fast) or transformers (fallback)."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, use_fast: bool = True):
         folder = Path(folder)
         if not folder.is_dir():
             raise EmberError(f"tokenizer folder {folder} does not exist; pass the Hugging Face model "
@@ -84,7 +99,8 @@ class HFTokenizer(Tokenizer):
                     raise EmberError(f"{path} is not valid JSON ({err}); fix or remove it") from err
         self._fast = None
         self._slow = None
-        if (folder / "tokenizer.json").exists():
+        # use_fast False: transformers' AutoTokenizer(use_fast=False), as MindSpeed's --tokenizer-not-use-fast (H3)
+        if use_fast and (folder / "tokenizer.json").exists():
             from tokenizers import Tokenizer as RustTokenizer
 
             try:
@@ -96,7 +112,7 @@ class HFTokenizer(Tokenizer):
             try:
                 from transformers import AutoTokenizer
 
-                self._slow = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+                self._slow = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, use_fast=use_fast)
             except Exception as err:
                 raise EmberError(f"cannot load a tokenizer from {folder}: {err}") from err
             self.vocab_size = len(self._slow)
@@ -200,13 +216,75 @@ class GPT2BPETokenizer(HFTokenizer):
         self.bos = self.pad = None
 
 
+class NullTokenizer(Tokenizer):
+    """Megatron's NullTokenizer: no text, only ids below --vocab-size; the end of document is the
+    id after them (vocab_size = --vocab-size + 1), for data preprocessed elsewhere."""
+
+    def __init__(self, vocab_size: int | None):
+        if vocab_size is None:
+            raise EmberError("--tokenizer-type NullTokenizer needs --vocab-size (ids below it; the end of "
+                             "document is that number)")
+        self.name = f"NullTokenizer({vocab_size})"
+        self.eod = int(vocab_size)
+        self.vocab_size = int(vocab_size) + 1
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [int(word) for word in text.split()]
+
+    def decode(self, ids) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+    def token_to_id(self, token: str) -> int | None:
+        return None
+
+
+def _hf_folder_of(tokenizer_type: str, name_or_path, model_file) -> Path:
+    """The Hugging Face folder a MindSpeed type name means: --tokenizer-name-or-path, or the folder of
+    the --tokenizer-model file (MindSpeed's docs point that at a file inside the model folder)."""
+    if name_or_path is not None:
+        return Path(name_or_path)
+    if model_file is not None:
+        path = Path(model_file)
+        return path if path.is_dir() else path.parent
+    raise EmberError(f"--tokenizer-type {tokenizer_type} needs --tokenizer-name-or-path DIR (or --tokenizer-model "
+                     f"FILE in the Hugging Face model folder)")
+
+
+def _bloom_tokenizer(name_or_path) -> Tokenizer:
+    """PAI's BloomTokenizerFromHF: the given folder, else bigscience/bloom-560m from the local
+    Hugging Face cache (PAI downloads it; ember never downloads)."""
+    if name_or_path is not None:
+        return HFTokenizer(name_or_path)
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(BLOOM_HUB_TOKENIZER, "tokenizer.json")
+    except ImportError:
+        cached = None
+    if isinstance(cached, str):
+        return HFTokenizer(Path(cached).parent)
+    raise EmberError(f"--patch-tokenizer-type BloomTokenizerFromHF without --tokenizer-name-or-path loads "
+                     f"{BLOOM_HUB_TOKENIZER}, which is not in the Hugging Face cache; fetch it once "
+                     f"(`huggingface-cli download {BLOOM_HUB_TOKENIZER}`) or pass --tokenizer-name-or-path DIR")
+
+
 def build_tokenizer(tokenizer_type: str = "PretrainedFromHF", name_or_path=None, model_file=None,
-                    vocab_file=None, merge_file=None) -> Tokenizer:
-    """Load a tokenizer by its Megatron/ModelLink type name; errors are one clear line."""
+                    vocab_file=None, merge_file=None, vocab_size: int | None = None, *,
+                    use_fast: bool = True) -> Tokenizer:
+    """Load a tokenizer by its Megatron/ModelLink type name; errors are one clear line.
+    `vocab_size` is NullTokenizer's --vocab-size."""
+    if tokenizer_type == "Qwen3Tokenizer":
+        return HFTokenizer(_hf_folder_of(tokenizer_type, name_or_path, model_file), use_fast)
+    if tokenizer_type == "BloomTokenizerFromHF":
+        return _bloom_tokenizer(name_or_path)
+    if tokenizer_type == "NullTokenizer":
+        return NullTokenizer(vocab_size)
+    if tokenizer_type in REFUSED_TOKENIZER_TYPES:
+        raise EmberError(f"--tokenizer-type {tokenizer_type}: {REFUSED_TOKENIZER_TYPES[tokenizer_type]}")
     if tokenizer_type in ("PretrainedFromHF", "HuggingFaceTokenizer"):
         if name_or_path is None:
             raise EmberError(f"--tokenizer-type {tokenizer_type} needs --tokenizer-name-or-path DIR")
-        return HFTokenizer(name_or_path)
+        return HFTokenizer(name_or_path, use_fast)
     if tokenizer_type in ("Llama2Tokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer"):
         if model_file is None:
             raise EmberError(f"--tokenizer-type {tokenizer_type} needs --tokenizer-model FILE")

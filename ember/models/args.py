@@ -83,7 +83,12 @@ class ModelArgs:
     moe_capacity_factor: float | None = None  # None: dropless; else tokens past capacity dropped
     moe_drop_policy: str = "probs"  # over capacity, drop the lowest router weights (probs) or later tokens (position)
     moe_z_loss_coef: float = 0.0  # ST-MoE / Megatron router z-loss coefficient
-    moe_input_jitter: float = 0.0  # Megatron --input-jitter: router input * U(1-eps, 1+eps)
+    moe_input_jitter: float = 0.0  # Megatron --moe-input-jitter-eps: router input * U(1-eps, 1+eps)
+
+    # dropout (training only). Megatron: attention_dropout on the attention probabilities,
+    # hidden_dropout on the embeddings and on each branch output before its residual add.
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
 
     # initialisation
     init_std: float = 0.02
@@ -126,6 +131,8 @@ class ModelArgs:
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("type")
             need(kind in ROPE_SCALING_TYPES, f"rope_scaling type {kind!r} not in {ROPE_SCALING_TYPES}")
+        for name in ("attention_dropout", "hidden_dropout"):
+            need(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
         need(self.moe_drop_policy in DROP_POLICIES, f"moe_drop_policy {self.moe_drop_policy!r} not in {DROP_POLICIES}")
         need(self.moe_capacity_factor is None or self.moe_capacity_factor > 0,
              f"moe_capacity_factor must be positive (or None: dropless), got {self.moe_capacity_factor}")

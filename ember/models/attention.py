@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ember.errors import EmberError
 from ember.models.args import ModelArgs, default_attn_scale
+from ember.models.documents import flex_document_attention
 from ember.models.norms import build_norm
 from ember.models.positions import AttentionMask, apply_rope
 
@@ -66,6 +68,7 @@ class Attention(nn.Module):
         self.head_dim = args.head_dim
         self.scale = default_attn_scale(args)
         self.softcap = args.attn_logit_softcap
+        self.dropout = args.attention_dropout  # on the attention probabilities, in training (issue 16)
         q_dim, kv_dim = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
         self.wq = nn.Linear(args.dim, q_dim, bias=args.qkv_bias)
         self.wk = nn.Linear(args.dim, kv_dim, bias=args.qkv_bias)
@@ -95,21 +98,29 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_id, k, v)
-        if self.softcap is None:
+        dropout = self.dropout if self.training else 0.0
+        if mask.block_mask is not None and kv_cache is None:  # packed documents on CUDA
+            if dropout > 0:
+                raise EmberError("attention dropout with packed documents on GPU (flex attention) is not supported; "
+                                 "pass --attention-dropout 0")
+            out = flex_document_attention(q, k, v, mask.block_mask, self.scale, self.n_kv_heads != self.n_heads)
+        elif self.softcap is None:
             out = F.scaled_dot_product_attention(
                 q,
                 k,
                 v,
                 attn_mask=mask.mask,
                 is_causal=mask.is_causal,
+                dropout_p=dropout,
                 scale=self.scale,
                 enable_gqa=self.n_kv_heads != self.n_heads,
             )
         else:
-            out = self._softcapped_attention(q, k, v, mask)
+            out = self._softcapped_attention(q, k, v, mask, dropout)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
-    def _softcapped_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    def _softcapped_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask,
+                              dropout: float = 0.0) -> torch.Tensor:
         """Grok-1 caps the scores with cap * tanh(s / cap) before softmax, which SDPA cannot
         express; this path materialises the score matrix."""
         groups = self.n_heads // self.n_kv_heads
@@ -126,4 +137,5 @@ class Attention(nn.Module):
         elif mask.is_causal:
             causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril()
             scores = scores.masked_fill(~causal, float("-inf"))
-        return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
+        probs = scores.softmax(dim=-1).to(v.dtype)
+        return torch.matmul(F.dropout(probs, dropout, training=True) if dropout > 0 else probs, v)

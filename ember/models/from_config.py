@@ -24,6 +24,9 @@ _NORMS = {"rmsnorm": "rmsnorm", "layernorm": "layernorm"}
 
 # ModelArgs fields that change how tokens are routed, not the parameters a checkpoint holds.
 ROUTING_SETTINGS = ("moe_capacity_factor", "moe_drop_policy", "moe_z_loss_coef")
+# ... and the training-only behaviour that may change between runs too (dropout, router jitter).
+TRAINING_SETTINGS = ("attention_dropout", "hidden_dropout", "moe_input_jitter")
+LOAD_BALANCING_TYPES = ("aux_loss", "none")
 
 
 def megatron_overrides(config: Config) -> dict[str, Any]:
@@ -66,7 +69,42 @@ def megatron_overrides(config: Config) -> dict[str, Any]:
         out["qkv_bias"] = True
     if m.qk_layernorm is not None:
         out["qk_norm"] = m.qk_layernorm
+    out.update(_dropin_overrides(m))
+    if m.rotary_seq_len_interpolation_factor:  # position interpolation (H3): positions / factor
+        out["rope_scaling"] = {"type": "linear", "factor": float(m.rotary_seq_len_interpolation_factor)}
     return out
+
+
+def _dropin_overrides(m) -> dict[str, Any]:
+    """The upstream scripts' other model flags (issue 16): dropout, Grok-1's multipliers and
+    post-norm, Bloom's embedding LayerNorm, router jitter and load balancing."""
+    out: dict[str, Any] = {}
+    for flag, name in (("attention_dropout", "attention_dropout"), ("hidden_dropout", "hidden_dropout"),
+                       ("embedding_multiplier_scale", "embedding_multiplier"),
+                       ("output_multiplier_scale", "output_multiplier"), ("post_norm", "sandwich_norm"),
+                       ("embed_layernorm", "embedding_norm")):
+        if getattr(m, flag) is not None:
+            out[name] = getattr(m, flag)
+    if m.input_jitter is False:  # ModelLink's store_false --input-jitter: given, no jitter
+        out["moe_input_jitter"] = 0.0
+    elif m.moe_input_jitter_eps is not None:
+        out["moe_input_jitter"] = m.moe_input_jitter_eps
+    kind = m.moe_router_load_balancing_type
+    if kind is not None:
+        if kind.lower() not in LOAD_BALANCING_TYPES:
+            raise EmberError(f"--moe-router-load-balancing-type {kind}: ember implements aux_loss (the Switch/GShard "
+                             f"loss, --moe-aux-loss-coeff) and none; use one of those")
+        if kind.lower() == "none":
+            out["moe_aux_loss_coef"] = 0.0
+    return out
+
+
+def _vocab_from_tokenizer(m, vocab: int) -> int:
+    """Megatron pads the tokenizer's vocabulary to --make-vocab-size-divisible-by; PAI adds
+    --extra-vocab-size tokens and does not pad."""
+    if m.extra_vocab_size is not None:
+        return vocab + m.extra_vocab_size
+    return pad_vocab(vocab, m.make_vocab_size_divisible_by)
 
 
 def megatron_default_args(config: Config, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -105,17 +143,19 @@ def model_args_from_config(config: Config, checkpoint_args: ModelArgs | None = N
     overrides = megatron_overrides(config)
     if "vocab_size" in overrides:  # Megatron pads the given vocabulary like a tokenizer's
         overrides["vocab_size"] = pad_vocab(overrides["vocab_size"], m.make_vocab_size_divisible_by)
+    if m.padded_vocab_size is not None:  # MindSpeed: this size exactly, whatever the tokenizer's
+        overrides["vocab_size"] = m.padded_vocab_size
     if m.name:
         args = get_model_args(m.name)
         if m.name.startswith("tiny-") and "vocab_size" not in overrides:
             # tiny models take the tokenizer's vocabulary (their registry size is a placeholder)
             vocab = tokenizer_vocab()
             if vocab is not None:
-                overrides["vocab_size"] = pad_vocab(vocab, m.make_vocab_size_divisible_by)
+                overrides["vocab_size"] = _vocab_from_tokenizer(m, vocab)
         args = args.replace(**overrides) if overrides else args
     elif checkpoint_args is not None:
         # Routing settings (capacity, drop policy, z-loss) may change between runs, like Megatron's.
-        routing = {k: overrides.pop(k) for k in ROUTING_SETTINGS if k in overrides}
+        routing = {k: overrides.pop(k) for k in ROUTING_SETTINGS + TRAINING_SETTINGS if k in overrides}
         args = checkpoint_args.replace(**routing) if routing else checkpoint_args
         if overrides:
             changed = {k: v for k, v in overrides.items() if getattr(args, k) != v}
@@ -128,7 +168,7 @@ def model_args_from_config(config: Config, checkpoint_args: ModelArgs | None = N
             if vocab is None:
                 raise EmberError("the vocabulary size is unknown: pass --vocab-size, or a tokenizer "
                                  "(--tokenizer-type/--tokenizer-name-or-path)")
-            overrides["vocab_size"] = pad_vocab(vocab, m.make_vocab_size_divisible_by)
+            overrides["vocab_size"] = _vocab_from_tokenizer(m, vocab)
         args = ModelArgs(**megatron_default_args(config, overrides))
     if config.data.seq_length > args.max_seq_len:
         raise EmberError(f"--seq-length {config.data.seq_length} is longer than the model's maximum "

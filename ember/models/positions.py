@@ -112,8 +112,12 @@ class AttentionMask:
     """What attention needs to know about masking for one forward call, built once and shared
     by every layer. `mask` is None for the plain causal case so SDPA can use is_causal."""
 
-    mask: torch.Tensor | None  # bool [T, S] (True = attend) or float bias [1, H, T, S]
+    mask: torch.Tensor | None  # bool [T, S] or [B, 1, T, S] (True = attend), or float bias [B or 1, H, T, S]
     is_causal: bool
+    # packed documents (ember.models.documents): the ids [B, T] the mask was built from, and
+    # flex_attention's BlockMask, which replaces `mask` on CUDA
+    documents: torch.Tensor | None = None
+    block_mask: object | None = None
 
 
 def build_attention_mask(
@@ -123,8 +127,12 @@ def build_attention_mask(
     device: torch.device,
     dtype: torch.dtype,
     slopes: torch.Tensor | None,
+    documents: torch.Tensor | None = None,
 ) -> AttentionMask:
-    """Queries are positions start..start+q_len-1 of the sequence; keys are 0..start+q_len-1."""
+    """Queries are positions start..start+q_len-1 of the sequence; keys are 0..start+q_len-1.
+    With `documents` [B, T] (packed documents) attention stays inside each document."""
+    if documents is not None:
+        return _document_attention_mask(args, documents, start, device, dtype, slopes)
     kv_len = start + q_len
     window = args.sliding_window
     needs_window = window is not None and kv_len > window
@@ -146,3 +154,25 @@ def build_attention_mask(
     bias = slopes.to(device)[:, None, None] * distance
     bias = bias.masked_fill(~allowed, float("-inf"))
     return AttentionMask(bias.to(dtype)[None], is_causal=False)
+
+
+def _document_attention_mask(args: ModelArgs, documents: torch.Tensor, start: int, device: torch.device,
+                             dtype: torch.dtype, slopes: torch.Tensor | None) -> AttentionMask:
+    """Block-diagonal causal attention over `documents` [B, T] (T: the whole sequence this rank
+    attends over, which a sequence-parallel pipeline stage's hidden states do not show)."""
+    from ember.models.documents import (check_document_ids, dense_document_mask, document_block_mask,
+                                        flex_attention_applies)
+
+    check_document_ids(documents, start)
+    documents = documents.to(device)
+    window = args.sliding_window
+    if slopes is None and args.attn_logit_softcap is None and flex_attention_applies(device):
+        return AttentionMask(None, is_causal=False, documents=documents,
+                             block_mask=document_block_mask(documents, window))
+    allowed = dense_document_mask(documents, window)
+    if slopes is None:
+        return AttentionMask(allowed, is_causal=False, documents=documents)
+    positions = torch.arange(documents.shape[-1], device=device)
+    distance = (positions[None, :] - positions[:, None]).to(torch.float32)
+    bias = (slopes.to(device)[:, None, None] * distance)[None].masked_fill(~allowed, float("-inf"))
+    return AttentionMask(bias.to(dtype), is_causal=False, documents=documents)

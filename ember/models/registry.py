@@ -128,8 +128,9 @@ _register(
 # --untie-embeddings-and-output-weights, the same embedding/output multipliers, flash attention
 # (so no logit soft-cap), --init-method-std 0.01, --moe-aux-loss-coeff 1e-2. That is 40.97B
 # parameters for the "40B" name. (Later MindSpeed-LLM copies of the script say 12 layers,
-# which would be 60B, so the 8-layer original is used.) ModelLink also passes --input-jitter;
-# set moe_input_jitter to reproduce it.
+# which would be 60B, so the 8-layer original is used.) ModelLink also passes --input-jitter, but
+# that flag is action='store_false' (modellink/training/arguments.py): passing it turns router
+# jitter off, so moe_input_jitter stays 0 here, as in the seed's run.
 _register(
     "grok1-40b", "grok1", 40e9, "Ascend ModelLink examples/mcore/grok1/pretrain_grok1_40b_ptd.sh", tolerance=0.03,
     n_layers=8, activation="silu", init_std=0.01, moe_aux_loss_coef=0.01, **_GROK1,

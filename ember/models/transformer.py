@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ember.models.args import ModelArgs
@@ -23,7 +24,8 @@ from ember.models.positions import AttentionMask, alibi_slopes, build_attention_
 
 class Block(nn.Module):
     """Pre-norm residual block: h = x + attn(norm(x)); out = h + ffn(norm(h)). With
-    sandwich_norm (Grok-1) each branch output is normalised again before the residual add."""
+    sandwich_norm (Grok-1) each branch output is normalised again before the residual add; in
+    training, hidden_dropout drops from each branch output before the add (Megatron's order)."""
 
     def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
@@ -38,6 +40,7 @@ class Block(nn.Module):
             self.feed_forward = FeedForward(args, args.ffn_dim)
             self.moe = None
         self.post_ffn_norm = build_norm(args) if args.sandwich_norm else None
+        self.hidden_dropout = args.hidden_dropout
 
     def forward(
         self,
@@ -49,12 +52,18 @@ class Block(nn.Module):
         attn = self.attention(self.attention_norm(x), rope, mask, kv_cache)
         if self.post_attention_norm is not None:
             attn = self.post_attention_norm(attn)
-        h = x + attn
+        h = x + self._dropout(attn)
         ffn_in = self.ffn_norm(h)
         ffn = self.moe(ffn_in) if self.moe is not None else self.feed_forward(ffn_in)
         if self.post_ffn_norm is not None:
             ffn = self.post_ffn_norm(ffn)
-        return h + ffn
+        return h + self._dropout(ffn)
+
+    def _dropout(self, branch: torch.Tensor) -> torch.Tensor:
+        """Megatron's bias-dropout-add: dropout on the branch output, before the residual add."""
+        if self.training and self.hidden_dropout > 0:
+            return F.dropout(branch, self.hidden_dropout, training=True)
+        return branch
 
 
 class Transformer(nn.Module):
@@ -163,6 +172,7 @@ class Transformer(nn.Module):
         kv_cache: KVCache | None = None,
         *,
         head: Callable[[torch.Tensor, nn.Linear], torch.Tensor] | None = None,
+        documents: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens: LongTensor [B, T] (or hidden states [B, T, dim] when tok_embeddings is None).
         positions: [T] or [B, T]; default start..start+T-1 where start is the cache length.
@@ -171,7 +181,10 @@ class Transformer(nn.Module):
         `head(hidden, output_layer)`, when given, replaces the output layer: the model returns
         what it returns, from the final hidden states (output multiplier applied). A loss that
         applies the output layer itself (ember.train.fused_loss) goes through it, inside this
-        forward, where data parallelism has the output weight gathered."""
+        forward, where data parallelism has the output weight gathered.
+
+        `documents` [B, T] (packed documents, ember.models.documents): each token's document index;
+        attention then stays inside each document. T is the whole sequence attended over."""
         batch, seq = tokens.shape[:2]
         start = kv_cache.length if kv_cache is not None else 0
         if positions is None:
@@ -181,7 +194,7 @@ class Transformer(nn.Module):
         else:
             h = tokens
         rope = self._rope(positions, h.dtype) if self.rope_cos is not None else None
-        mask = build_attention_mask(self.args, seq, start, h.device, h.dtype, self.alibi_slopes)
+        mask = build_attention_mask(self.args, seq, start, h.device, h.dtype, self.alibi_slopes, documents)
         for layer in self.layers.values():
             h = layer(h, rope, mask, kv_cache)
         if kv_cache is not None:
@@ -206,6 +219,8 @@ class Transformer(nn.Module):
             h = h + self.pos_embeddings(positions)
         if self.embedding_norm is not None:
             h = self.embedding_norm(h)
+        if self.training and self.args.hidden_dropout > 0:  # Megatron's embedding dropout
+            h = F.dropout(h, self.args.hidden_dropout, training=True)
         return h
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,6 +17,10 @@ pre-hook that passes each rank's global token positions to `Transformer.forward`
 learned positions are right on every piece and on every pipeline stage. How the sequence is cut
 is recorded as the model's `ember_sequence_layout` (read it with `sequence_layout`).
 
+Packed documents (Megatron's --reset-attention-mask): the document ids are sharded like the tokens;
+each rank gathers the ids of the whole sequence once per forward, and every chunk's mask is built
+from global positions, so a document split across ranks keeps its whole causal context.
+
 The caller shards the batch with `shard_sequence` (input ids, labels, loss mask alike) and sums
 the loss and the gradients over the cp ranks as it does over data-parallel ranks. ALiBi and
 soft-capped attention (which do not go through SDPA's plain causal form) are refused.
@@ -40,6 +44,7 @@ from torch.overrides import TorchFunctionMode
 from ember.config.layout import check_context_parallel, check_sequence_split
 from ember.errors import EmberError
 from ember.models.moe import LoadBalanceScope
+from ember.models.positions import AttentionMask
 
 
 @dataclass(frozen=True)
@@ -130,11 +135,16 @@ class _ContextParallelAttention(TorchFunctionMode):
     """Inside one attention module: replace scaled_dot_product_attention by attention over the
     keys and values of the whole sequence, gathered from the cp ranks."""
 
-    def __init__(self, cp_mesh, layout: SequenceLayout, sliding_window: int | None):
+    def __init__(self, cp_mesh, layout: SequenceLayout, sliding_window: int | None,
+                 documents: torch.Tensor | None = None, key_documents: torch.Tensor | None = None):
         super().__init__()
         self.cp_mesh = cp_mesh
         self.layout = layout
         self.sliding_window = sliding_window
+        # packed documents: the local queries' document ids [B, local] and those of every key of
+        # the whole sequence, in sequence order [B, seq]
+        self.documents = documents
+        self.key_documents = key_documents
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -170,6 +180,10 @@ class _ContextParallelAttention(TorchFunctionMode):
             allowed = k_pos <= q_pos
             if self.sliding_window is not None:
                 allowed = allowed & (q_pos - k_pos < self.sliding_window)
+            if self.documents is not None:  # [B, 1, Tq, Tk]: same document, by global position
+                same = (self.documents[:, offset:offset + end - start, None]
+                        == self.key_documents[:, None, first_key:end])
+                allowed = (allowed & same)[:, None]
             outputs.append(F.scaled_dot_product_attention(
                 q[:, :, offset:offset + end - start], keys[:, :, first_key:end], values[:, :, first_key:end],
                 attn_mask=allowed, dropout_p=dropout_p, scale=scale, enable_gqa=enable_gqa))
@@ -179,19 +193,45 @@ class _ContextParallelAttention(TorchFunctionMode):
 
 class _AttentionOverride:
     """Forward hooks of one attention module: a fresh `_ContextParallelAttention` mode entered for
-    each call (and each recomputation), left when the call ends."""
+    each call (and each recomputation), left when the call ends.
 
-    def __init__(self, cp_mesh, layout: SequenceLayout, sliding_window: int | None):
+    Packed documents: the model's mask carries this rank's document ids; the ids of the whole
+    sequence are all-gathered once per forward (`key_cache`, shared by the model's layers) and
+    the mask handed to the module is the plain causal one, so that attention goes through SDPA
+    (which the mode replaces) rather than flex_attention."""
+
+    def __init__(self, cp_mesh, layout: SequenceLayout, sliding_window: int | None, key_cache: dict):
         self.cp_mesh, self.layout, self.sliding_window = cp_mesh, layout, sliding_window
+        self.key_cache = key_cache
         self.active: list[_ContextParallelAttention] = []
 
-    def enter(self, module: nn.Module, args: tuple) -> None:
+    def enter(self, module: nn.Module, args: tuple):
         kv_cache = args[3] if len(args) > 3 else None
         if kv_cache is not None:
             raise EmberError("context parallelism is for training; generate with --context-parallel-size 1")
-        mode = _ContextParallelAttention(self.cp_mesh, self.layout, self.sliding_window)
+        mask = args[2] if len(args) > 2 else None
+        documents = getattr(mask, "documents", None)
+        key_documents = self._key_documents(documents) if documents is not None else None
+        mode = _ContextParallelAttention(self.cp_mesh, self.layout, self.sliding_window, documents, key_documents)
         mode.__enter__()
         self.active.append(mode)
+        if documents is None:
+            return None
+        return (*args[:2], AttentionMask(None, is_causal=True, documents=documents), *args[3:])
+
+    def _key_documents(self, documents: torch.Tensor) -> torch.Tensor:
+        if self.key_cache.get("source") is not documents:
+            import torch.distributed as dist
+
+            size = self.layout.cp_size
+            pieces = [torch.empty_like(documents) for _ in range(size)]
+            dist.all_gather(pieces, documents.contiguous(), group=self.cp_mesh.get_group())
+            seq_len = documents.shape[1] * size
+            order = torch.cat([shard_positions(seq_len, r, size, self.layout.load_balance, device=documents.device)
+                               for r in range(size)]).argsort()
+            self.key_cache["source"] = documents
+            self.key_cache["keys"] = torch.cat(pieces, dim=1).index_select(1, order)
+        return self.key_cache["keys"]
 
     def exit(self, module: nn.Module, args: tuple, output) -> None:
         if self.active:
@@ -224,8 +264,9 @@ def apply_context_parallel(model: nn.Module, cp_mesh, load_balance: bool = True)
     check_context_parallel(model.args, size)
     layout = set_sequence_layout(model, cp_rank=cp_mesh.get_local_rank(), cp_size=size, load_balance=load_balance)
     window = model.args.sliding_window
+    key_cache: dict = {}  # the gathered document ids of the current forward, shared by the layers
     for block in model.layers.values():
-        override = _AttentionOverride(cp_mesh, layout, window)
+        override = _AttentionOverride(cp_mesh, layout, window, key_cache)
         block.attention.register_forward_pre_hook(override.enter)
         # always_call: pop the mode even when the forward raises, so it never leaks out
         block.attention.register_forward_hook(override.exit, always_call=True)

@@ -427,6 +427,48 @@ def _ring(n: int) -> float:
     return (n - 1) / n
 
 
+def _data_parallel_bytes(layout: Layout, params: Params, m: int) -> float:
+    """Gradient and parameter synchronisation (ember.parallel.fsdp): FSDP2 over the mesh
+    (dp_replicate, dp_shard x cp), whose shard group reduce-scatters gradients and all-gathers
+    parameters and whose replicas all-reduce their shards; expert-parallel weights stay outside
+    FSDP and are all-reduced over the expert data-parallel ranks once per step."""
+    replicas, shards = layout.dp_replicate, layout.dp_shard * layout.cp
+    dense, expert = params.dense, params.expert
+    if layout.ep == 1:  # without expert parallelism experts are ordinary FSDP parameters
+        dense, expert = dense + expert, 0
+    _, expert_d = _shard_degrees(layout)
+    grad = GRAD_BYTES * dense
+    gather = _ring(shards) * grad  # the parameters are fp32, like the gradients
+    scatter = _ring(shards) * grad
+    across = 2 * _ring(replicas) * grad / shards
+    experts = 2 * _ring(expert_d) * GRAD_BYTES * expert
+    if layout.dp_mode == "fsdp":  # gathered for forward and again for backward, reduced, every micro-batch
+        return m * (2 * gather + scatter + across) + experts
+    # replicate / zero1: one gather (free when unsharded) and one reduction per step
+    return gather + scatter + across + experts
+
+
+def _tensor_parallel_block_units(args: ModelArgs, layout: Layout, forwards: int) -> float:
+    """One block's tensor-parallel traffic per micro-batch, in all-reduces of the block's hidden
+    states (under sequence parallelism an all-gather + reduce-scatter pair moves the same bytes).
+
+    Attention and a dense MLP each all-reduce their output in every forward pass and their input
+    gradient in the backward pass (torchtitan's column/row plan). An MoE block's experts are split
+    over tp too (ember.parallel.tensor.ExpertTensorParallel): they all-reduce the top-k routed rows
+    (k times the tokens) forward and their gradient backward; under sequence parallelism the block
+    also gathers the sequence at its input (forward) and its output gradient (backward), half a
+    unit each."""
+    per_pass = forwards + 1
+    if not args.num_experts:
+        return 2 * per_pass
+    units = per_pass * (1 + args.moe_top_k)
+    if args.num_shared_experts:
+        units += per_pass
+    if layout.sequence_parallel:
+        units += 0.5 * per_pass
+    return units
+
+
 def estimate_communication(args: ModelArgs, layout: Layout, workload: Workload) -> CommEstimate:
     comm = CommEstimate()
     m = micro_batches(layout, workload)
@@ -435,32 +477,24 @@ def estimate_communication(args: ModelArgs, layout: Layout, workload: Workload) 
     n_layers = layers_per_stage(args, layout)
     params = stage_params(args, layout, first=layout.pp == 1, last=True)
     forwards = 2 if layout.recompute == "full" else 1  # full recompute repeats the forward
-    dense_d, expert_d = _shard_degrees(layout)
-    grad = GRAD_BYTES * params.dense
-    expert_grad = GRAD_BYTES * params.expert
-    if layout.dp_mode == "replicate":
-        comm.dp = 2 * _ring(dense_d) * grad + 2 * _ring(expert_d) * expert_grad
-    elif layout.dp_mode == "zero1":
-        # reduce-scatter once per step, parameters all-gathered for every micro-batch
-        comm.dp = (1 + m) * (_ring(dense_d) * grad + _ring(expert_d) * expert_grad)
-    else:  # fsdp: all-gather forward and backward, reduce-scatter, every micro-batch
-        comm.dp = 3 * m * (_ring(dense_d) * grad + _ring(expert_d) * expert_grad)
+    comm.dp = _data_parallel_bytes(layout, params, m)
     if layout.tp > 1:
-        # two all-reduces (or all-gather + reduce-scatter pairs) forward, two backward, per block;
-        # the embedding and the output layer one each
-        per_block = (2 * forwards + 2) * 2 * _ring(layout.tp) * tokens * args.dim * p
-        head = 2 * 2 * _ring(layout.tp) * tokens * args.dim * p
-        comm.tp = m * (n_layers * per_block + head)
+        head = 2 / layout.pp  # the embedding (first stage) and the output layer (last stage), a unit each
+        comm.tp = m * (n_layers * _tensor_parallel_block_units(args, layout, forwards) + head) \
+            * 2 * _ring(layout.tp) * tokens * args.dim * p
     if layout.pp > 1:
-        # activations forward and their gradients backward, per micro-batch and virtual stage
-        comm.pp = 2 * m * layout.virtual_stages(args.n_layers) * tokens * args.dim * RESIDUAL_BYTES / layout.seq_shards
+        # per micro-batch, each of the pp * v - 1 stage boundaries carries activations one way and
+        # their gradients back, spread over the pp ranks
+        boundaries = layout.pp * layout.virtual_stages(args.n_layers) - 1
+        # (whole: a stage sends its hidden states gathered even under sequence parallelism)
+        comm.pp = 2 * m * boundaries / layout.pp * tokens * args.dim * RESIDUAL_BYTES
     if args.num_experts and layout.ep > 1:
         # dispatch (fp32 tokens) and combine (expert outputs), forward and backward
         routed = tokens * args.moe_top_k * args.dim
         comm.ep = m * n_layers * (forwards + 1) * (RESIDUAL_BYTES + p) * routed * _ring(layout.ep)
     if layout.cp > 1:
         # keys and values all-gathered over the cp ranks (each sends its piece to cp - 1 others) in
-        # every forward; backward reduce-scatters their gradients
+        # every forward; the backward pass reduce-scatters their gradients (the same bytes) once
         kv = 2 * tokens * args.n_kv_heads * args.head_dim / layout.tp * p
-        comm.cp = m * n_layers * (forwards + 2) * (layout.cp - 1) * kv
+        comm.cp = m * n_layers * (forwards + 1) * (layout.cp - 1) * kv
     return comm

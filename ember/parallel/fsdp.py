@@ -9,9 +9,12 @@ One mechanism gives all three modes, on NCCL, HCCL and gloo alike:
              optimizer, with sharded gradients too).
 - fsdp:      mesh (r, dp/r), parameters re-sharded after each layer's forward (ZeRO-3).
 
-Blocks are wrapped one by one when their gradient reduction should overlap the backward pass
-(`--overlap-grad-reduce`, and always for fsdp, whose per-block all-gathers need it); otherwise the
-whole model is one group, reduced once the backward pass has finished.
+Blocks are wrapped one by one when communication should overlap computation: each block's
+gradient reduce-scatter runs while the backward pass goes on (`--overlap-grad-reduce`), and each
+block's parameter all-gather is prefetched while the block before it computes
+(`--overlap-param-gather`; always for fsdp, whose per-block all-gathers need it). Otherwise the
+whole model is one group, gathered before the forward pass and reduced once the backward pass has
+finished: the fewest, largest collectives.
 
 With context parallelism the shard dimension spans dp_shard x cp (see `ember.parallel.mesh`).
 """
@@ -21,35 +24,38 @@ from __future__ import annotations
 from torch import nn
 
 
-def apply_data_parallel(model: nn.Module, fsdp_mesh, mode: str, overlap_grad_reduce: bool,
+def apply_data_parallel(model: nn.Module, fsdp_mesh, mode: str, overlap: bool,
                         ignored_params: set[nn.Parameter] | None = None) -> None:
     """Wrap `model` (which has `model.layers`) in place for data parallelism over the 2-D
     (replicate, shard) `fsdp_mesh`.
 
+    `overlap`: wrap block by block (see the module docstring).
     `ignored_params` (expert-parallel weights, sharded over ranks that FSDP also spans) are left
     to the caller, who reduces their gradients over the expert data-parallel ranks.
     """
     from torch.distributed.fsdp import fully_shard
 
     reshard = mode == "fsdp"
-    if mode == "fsdp" or overlap_grad_reduce:
+    if mode == "fsdp" or overlap:
         for block in model.layers.values():
             fully_shard(block, mesh=fsdp_mesh, reshard_after_forward=reshard, ignored_params=ignored_params)
     # The root group holds what no block owns: embeddings, final norm, output layer.
     fully_shard(model, mesh=fsdp_mesh, reshard_after_forward=reshard, ignored_params=ignored_params)
 
 
-def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
-    """Turn gradient reduction on or off for the next backward (off: accumulate locally)."""
-    setter = getattr(model, "set_requires_gradient_sync", None)
-    if setter is not None:
-        setter(enabled)
+def prepare_backward(model: nn.Module, mode: str, last_micro_batch: bool) -> None:
+    """Before each micro-batch's backward: whether FSDP reduces gradients and re-shards the
+    parameters after it.
 
-
-def accumulates_locally(mode: str) -> bool:
-    """Whether micro-batches before the last skip gradient reduction.
-
-    Replicated and ZeRO-1 gradients are full-size anyway, so reducing once per step saves
-    communication; fully sharded runs reduce every micro-batch to keep gradients sharded.
+    replicate and zero1 reduce once per step, on the last micro-batch (earlier ones accumulate
+    full-size gradients locally, which these modes hold anyway), and zero1's parameters stay
+    gathered until then too: one all-gather and one reduce-scatter per step, as Megatron's
+    distributed optimizer does, instead of an all-gather per micro-batch. fsdp reduce-scatters and
+    re-shards after every micro-batch: keeping memory sharded is its point.
     """
-    return mode in ("replicate", "zero1")
+    once_per_step = mode in ("replicate", "zero1")
+    finish = last_micro_batch or not once_per_step
+    for setter in ("set_requires_gradient_sync", "set_reshard_after_backward"):
+        method = getattr(model, setter, None)  # absent without data parallelism
+        if method is not None:
+            method(finish)

@@ -85,7 +85,9 @@ class _AttachAuxLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
         ctx.aux_shape, ctx.aux_dtype, ctx.scale = aux_loss.shape, aux_loss.dtype, scale
-        return output.view_as(output)
+        # a copy, not `output.view_as(output)`: FSDP2 registers its pre-backward hook on the stage's
+        # output and warns that a view would lose it to an in-place op ("returned a view tensor")
+        return output.clone()
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
@@ -339,6 +341,8 @@ def pipeline_train_step(
     dp_average_size: int = 1,
     finish_gradients: bool = True,
     broadcast_loss: bool = False,
+    positions: torch.Tensor | None = None,
+    documents: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Forward and backward of one (local) batch [n_microbatches · micro_batch, seq] through the
     pipeline; gradients accumulate into the stage parameters (call it again to accumulate more).
@@ -355,6 +359,9 @@ def pipeline_train_step(
     Returns this rank's share of the loss (the masked CE summed over its batch / `num_tokens`,
     unscaled) as a 0-dim tensor on ranks holding the last stage and None on the others; with
     `broadcast_loss`, every pipeline rank gets it (one broadcast in the pipeline group).
+
+    `positions` / `documents` [batch, seq] (packed documents): given on every pipeline rank, cut
+    into micro-batches with the inputs and passed to every stage's forward.
     """
     parts = pipeline.parts
     batch = input_ids.shape[0]
@@ -369,7 +376,7 @@ def pipeline_train_step(
     losses: list[torch.Tensor] = []
     inputs = (input_ids,) if parts.has_first_stage else ()
     pipeline.schedule.step(*inputs, target=target, losses=losses, return_outputs=False,
-                           loss_kwargs={"scale": scale})
+                           loss_kwargs={"scale": scale}, **_stage_kwargs(positions, documents))
     if parts.tied is not None and finish_gradients:
         parts.tied.all_reduce_grads()
     loss = None
@@ -384,7 +391,8 @@ def pipeline_train_step(
 
 @torch.no_grad()
 def pipeline_eval_step(pipeline: PipelineSchedule, input_ids: torch.Tensor, labels: torch.Tensor,
-                       loss_mask: torch.Tensor, *, broadcast_loss: bool = False) -> torch.Tensor | None:
+                       loss_mask: torch.Tensor, *, broadcast_loss: bool = False, positions: torch.Tensor | None = None,
+                       documents: torch.Tensor | None = None) -> torch.Tensor | None:
     """Forward only: the masked CE summed over this batch (not divided; the caller divides by the
     loss tokens of everything it evaluated, as `Trainer.evaluate` does). Last-stage ranks get it,
     others None, unless `broadcast_loss`."""
@@ -392,7 +400,8 @@ def pipeline_eval_step(pipeline: PipelineSchedule, input_ids: torch.Tensor, labe
     target = labels.masked_fill(loss_mask == 0, IGNORE_INDEX) if parts.has_last_stage else None
     losses: list[torch.Tensor] = []
     inputs = (input_ids,) if parts.has_first_stage else ()
-    pipeline.schedule.eval(*inputs, target=target, losses=losses, loss_kwargs={"scale": 1.0})
+    pipeline.schedule.eval(*inputs, target=target, losses=losses, loss_kwargs={"scale": 1.0},
+                           **_stage_kwargs(positions, documents))
     loss = torch.stack(losses).sum() if parts.has_last_stage else None
     if broadcast_loss:
         if loss is None:
@@ -400,3 +409,8 @@ def pipeline_eval_step(pipeline: PipelineSchedule, input_ids: torch.Tensor, labe
         dist.broadcast(loss, src=parts.last_stage_rank, group=parts.pp_group)
     return loss
 
+
+
+def _stage_kwargs(positions: torch.Tensor | None, documents: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Keyword inputs every stage's forward receives, per micro-batch (packed documents)."""
+    return {name: value for name, value in (("positions", positions), ("documents", documents)) if value is not None}

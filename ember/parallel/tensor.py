@@ -251,7 +251,7 @@ def _localize_attention(attention: Attention, model: nn.Module, tp_mesh: DeviceM
             return None  # generation is not tensor-parallel (the KV cache holds every head)
         if cache["source"] is not mask:  # the model builds one mask per forward for all its layers
             slopes = model.alibi_slopes[rank * heads:(rank + 1) * heads] if model.alibi_slopes is not None else None
-            cache["mask"] = build_attention_mask(args, x.shape[1], 0, x.device, x.dtype, slopes)
+            cache["mask"] = build_attention_mask(args, x.shape[1], 0, x.device, x.dtype, slopes, mask.documents)
             cache["source"] = mask
         local: AttentionMask = cache["mask"]
         return x, rope, local, kv_cache

@@ -168,12 +168,13 @@ def fused_loss_applies(model: nn.Module) -> bool:
 
 
 def lm_loss_sum(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
-                chunk_rows: int | None = None) -> torch.Tensor:
+                chunk_rows: int | None = None, **model_kwargs) -> torch.Tensor:
     """The summed, masked token cross-entropy of `model` on one micro-batch (a 0-dim fp32 tensor),
     through the fused output layer where it applies. Call it inside the autocast context of the
-    forward pass, as the plain `cross_entropy_sum(model(tokens), ...)` it replaces."""
+    forward pass, as the plain `cross_entropy_sum(model(tokens), ...)` it replaces. `model_kwargs`
+    (packed documents' `positions` / `documents`) go to the model's forward."""
     if not fused_loss_applies(model):
-        return cross_entropy_sum(model(tokens), labels, loss_mask)
+        return cross_entropy_sum(model(tokens, **model_kwargs), labels, loss_mask)
 
     def head(hidden: torch.Tensor, output: nn.Linear) -> torch.Tensor:
         # Runs inside the model's forward: FSDP has gathered the output weight, in every mode.
@@ -181,4 +182,4 @@ def lm_loss_sum(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor, lo
             return cross_entropy_sum(output(hidden), labels, loss_mask)
         return linear_cross_entropy_sum(hidden, output.weight, labels, loss_mask, chunk_rows)
 
-    return model(tokens, head=head)
+    return model(tokens, head=head, **model_kwargs)

@@ -2,7 +2,8 @@
 
 `metrics.jsonl` has one JSON object per line: per logged iteration at least `iteration`, `loss`,
 `lr`, `grad_norm`, `tokens_per_s` (all devices), `tokens_per_s_per_device`, `mfu` (null where the
-device's peak is unknown); per evaluation `iteration`, `eval_loss`, `eval_ppl` (and, once after
+device's peak is unknown), peak memory (`memory_gib` of rank 0, `max_memory_gib` over ranks,
+`memory_gib_per_rank`, on a GPU `max_memory_reserved_gib`: see `memory_record`); per evaluation `iteration`, `eval_loss`, `eval_ppl` (and, once after
 training, `test_loss`, `test_ppl`; as in Megatron, the validation then runs once more at the last
 iteration, on the next samples). Values that are not
 finite are written as null. A resumed run appends; readers take the last record of an iteration.
@@ -19,6 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+
+from ember.errors import EmberError
+from ember.train.console import RankWarnings, cpu_group
+
+LOG_FORMATS = ("short", "megatron")
 
 # Dense peak TFLOP/s per device: (16-bit tensor core, fp32). Vendor datasheet numbers, no sparsity.
 _PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
@@ -74,15 +81,45 @@ def memory_gib(device: torch.device) -> float:
     return kib / 2**20
 
 
+def memory_record(device: torch.device) -> dict[str, Any]:
+    """Peak memory for a log record, from every rank: collective (a small all-gather over the CPU
+    group), so every rank calls it. `memory_gib` is this rank's peak (allocated on a GPU, resident
+    set size on a CPU); `max_memory_gib` the largest over ranks; on a GPU also the peak the caching
+    allocator reserved; with several ranks, `memory_gib_per_rank` lists them."""
+    mine = [memory_gib(device)]
+    if device.type == "cuda":
+        mine.append(torch.cuda.max_memory_reserved(device) / 2**30)
+    local = torch.tensor(mine, dtype=torch.float64)
+    rows = [local]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        rows = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(rows, local, group=cpu_group())
+    table = torch.stack(rows).tolist()
+    record: dict[str, Any] = {"memory_gib": mine[0], "max_memory_gib": max(row[0] for row in table)}
+    if device.type == "cuda":
+        record["max_memory_reserved_gib"] = max(row[1] for row in table)
+    if len(table) > 1:
+        record["memory_gib_per_rank"] = [round(row[0], 4) for row in table]
+    return record
+
+
 class MetricsLogger:
     """Writes each record to the console, TensorBoard and metrics.jsonl (rank 0 only)."""
 
     def __init__(self, output_dir: str | os.PathLike | None, *, enabled: bool, tensorboard: bool = True,
-                 tensorboard_dir: str | os.PathLike | None = None, stream=None):
+                 tensorboard_dir: str | os.PathLike | None = None, stream=None, trackers: list | None = None,
+                 log_format: str = "short", ranks: tuple[int, int] = (0, 1)):
+        if log_format not in LOG_FORMATS:
+            raise EmberError(f"--log-format {log_format}: choose one of {', '.join(LOG_FORMATS)}")
+        self.log_format = log_format
         self.enabled = enabled
         self.stream = stream or sys.stdout
         self._jsonl = None
         self._tb = None
+        # Weights & Biases and the like (ember.train.trackers): the records metrics.jsonl gets
+        self.trackers = list(trackers or []) if enabled else []
+        # (rank, world size): with several ranks, each warning is printed once, by rank 0
+        self.rank_warnings = RankWarnings(*ranks, emit=self.print).install() if ranks[1] > 1 else None
         self.path: Path | None = None
         if not enabled or output_dir is None:
             return
@@ -98,6 +135,9 @@ class MetricsLogger:
             print(text, file=self.stream, flush=True)
 
     def log(self, record: dict[str, Any], console: str | None = None) -> None:
+        """Every rank calls this (a collective with several ranks, for their warnings); rank 0 writes."""
+        if self.rank_warnings is not None:
+            self.rank_warnings.flush()
         if not self.enabled:
             return
         clean = {k: _json_value(v) for k, v in record.items()}
@@ -111,16 +151,25 @@ class MetricsLogger:
                     self._tb.add_scalar(f"train/{key}" if not key.startswith("eval") else f"eval/{key}",
                                         value, step)
             self._tb.flush()
+        for tracker in self.trackers:
+            tracker.log(clean)
         if console:
             self.print(console)
 
     def close(self) -> None:
+        if self.rank_warnings is not None:
+            self.rank_warnings.print_local()
+            self.rank_warnings.uninstall()
+            self.rank_warnings = None
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
 
 def _summary_writer(path: Path):
@@ -139,8 +188,73 @@ def _json_value(value: Any) -> Any:
     return value
 
 
-def format_train_line(r: dict[str, Any], train_iters: int) -> str:
-    """A Megatron-like console line."""
+def format_train_line(r: dict[str, Any], train_iters: int, style: str = "short") -> str:
+    """The console line of a logged iteration: `short` (readable in 100 columns) or `megatron`."""
+    return format_megatron_line(r, train_iters) if style == "megatron" else format_short_line(r, train_iters)
+
+
+def format_short_line(r: dict[str, Any], train_iters: int) -> str:
+    """`iter 40/200  loss 5.1234  lr 3.0e-4  grad 0.812  512 ms/it  8.0k tok/s  rss 1.21G  eta 1m22s`
+
+    with the figures the device gives meaning to: on a GPU, MFU (TFLOP/s where the peak is
+    unknown) and peak allocated/reserved memory, the largest over ranks; on a CPU, tokens/s and
+    the resident set, where a TFLOP/s figure says nothing; skipped steps when there are some.
+    Everything else (tokens/s on a GPU, consumed samples, per-rank memory) is in metrics.jsonl."""
+    parts = [f"iter {r['iteration']}/{train_iters}", f"loss {_fmt(r['loss'], '.4f')}", f"lr {_short_exp(r['lr'])}",
+             f"grad {_fmt(r['grad_norm'], '.3f')}"]
+    if r.get("skipped_iterations"):  # fp16 overflows, empty batches (the loss scale: metrics.jsonl)
+        parts.append(f"skipped {r['skipped_iterations']}")
+    ms = r["iteration_time_ms"]
+    parts.append(f"{ms:.0f} ms/it" if ms < 10_000 else f"{ms / 1000:.1f} s/it")
+    gpu = r.get("max_memory_reserved_gib") is not None
+    if gpu and r.get("mfu") is not None:
+        parts.append(f"MFU {100 * r['mfu']:.1f}%")
+    elif gpu and r.get("tflops") is not None:
+        parts.append(f"{r['tflops']:.0f} TFLOP/s")
+    else:
+        parts.append(f"{_si(r['tokens_per_s'])} tok/s")
+    peak = r.get("max_memory_gib", r.get("memory_gib"))
+    if peak is not None:
+        parts.append(f"mem {_gib(peak)}/{_gib(r['max_memory_reserved_gib'])}G" if gpu else f"rss {_gib(peak)}G")
+    remaining = train_iters - r["iteration"]
+    if remaining > 0:
+        parts.append(f"eta {duration(remaining * ms / 1000)}")
+    return "  ".join(parts)
+
+
+def _short_exp(value: float) -> str:
+    """3.0e-4 (not 3.00e-04): two significant figures are what a learning rate needs."""
+    if value == 0:
+        return "0"
+    mantissa, _, exponent = f"{value:.1e}".partition("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def _gib(value: float) -> str:
+    return f"{value:.2f}" if value < 10 else f"{value:.0f}"
+
+
+def duration(seconds: float) -> str:
+    """45s, 12m05s, 3h05m, 14d02h."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def _si(value: float) -> str:
+    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= limit:
+            return f"{value / limit:.1f}{suffix}"
+    return f"{value:.0f}"
+
+
+def format_megatron_line(r: dict[str, Any], train_iters: int) -> str:
+    """A Megatron-like console line (`--log-format megatron`), for scripts that parse it."""
     parts = [
         f"iteration {r['iteration']:>8d}/{train_iters:>8d}",
         f"consumed samples: {r['consumed_samples']:>10d}",
@@ -168,3 +282,23 @@ def _fmt(value: float | None, spec: str = ".6E") -> str:
     if value is None:
         return "nan"
     return format(value, spec)
+
+
+class Progress:
+    """Rate and ETA of a long loop (an evaluation of many batches), printed at most every
+    `every_s` seconds, so a quarter-hour validation is not a quarter hour of silence."""
+
+    def __init__(self, total: int, what: str, emit, every_s: float = 30.0):
+        import time
+
+        self.total, self.what, self.emit, self.every_s = total, what, emit, every_s
+        self._clock = time.perf_counter
+        self.start = self.last = self._clock()
+
+    def update(self, done: int) -> None:
+        now = self._clock()
+        if now - self.last < self.every_s or done >= self.total:
+            return
+        self.last = now
+        rate = (now - self.start) / max(done, 1)
+        self.emit(f"{self.what}: {done}/{self.total} ({rate:.2f} s each, eta {duration(rate * (self.total - done))})")

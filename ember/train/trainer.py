@@ -30,18 +30,22 @@ from ember.checkpoint import training as ckpt
 from ember.checkpoint.initialize import converted_weight_chunks, initialize
 from ember.config import Config, Layout, validate
 from ember.config.run_identity import run_differences
+from ember.data.documents import finetune_pack, packed_document_kwargs
 from ember.errors import EmberError
+from ember.models.from_config import TRAINING_SETTINGS
 from ember.models.initialization import initial_weight_chunks
-from ember.parallel.fsdp import accumulates_locally, set_gradient_sync
+from ember.parallel.fsdp import prepare_backward
 from ember.parallel.mesh import build_meshes, default_backend, default_device
 from ember.train import gradients
 from ember.train import model_setup
 from ember.train.cpu_threads import set_cpu_threads
 from ember.train.fused_loss import lm_loss_sum
-from ember.train.metrics import MetricsLogger, format_train_line, memory_gib, peak_tflops
+from ember.train.metrics import MetricsLogger, Progress, format_train_line, memory_record, peak_tflops
 from ember.train.optim import build_optimizer, set_lr
 from ember.train.precision import LossScaler, autocast
+from ember.train.profiling import RunProfiler
 from ember.train.schedule import build_schedule
+from ember.train.trackers import build_trackers
 
 
 @dataclass
@@ -113,7 +117,9 @@ class Trainer:
         c = self.config
         self.cpu_threads = set_cpu_threads(c.train.cpu_threads) if self.device.type == "cpu" else None
         self.metrics = MetricsLogger(c.output_dir, enabled=self.rank == 0, tensorboard=c.logging.tensorboard,
-                                     tensorboard_dir=c.logging.tensorboard_dir, stream=self.stream)
+                                     tensorboard_dir=c.logging.tensorboard_dir, stream=self.stream,
+                                     trackers=build_trackers(c) if self.rank == 0 else [],
+                                     log_format=c.logging.log_format, ranks=(self.rank, self.world_size))
         ref, self.resuming_own_run = self._checkpoint_to_start_from()
         self.model_args = model_setup.resolve_model_args(c, ref)
         if ref is not None and ref.kind == "training" and c.model.name:
@@ -152,6 +158,8 @@ class Trainer:
             self.checkpointer = ckpt.Checkpointer(c.checkpoint.save, c.checkpoint.keep_last, c.checkpoint.async_save)
         self.stop_signal = ckpt.StopSignal(c.checkpoint.exit_on_sigterm)
         self.peak = peak_tflops(self.device, c.train.precision, c.logging.peak_tflops)
+        # --profile / --record-memory-history (ember.train.profiling): a no-op unless asked
+        self.profiler = RunProfiler(c, self.rank, self.device, self.train_iters, notice=self.metrics.print)
         self.flops_per_token = self.model_args.flops_per_token(c.data.seq_length)
         return self
 
@@ -190,6 +198,15 @@ class Trainer:
         if ref is not None and ref.kind == "training":
             # files checked against their checksums; a damaged `latest` gives way to the previous one
             ref = ckpt.usable_checkpoint(ref, self.metrics.print)
+        model_setup.check_lora_checkpoint(c, ref)
+        if model_setup.lora_spec(c) is not None and not model_setup.holds_adapters(ref):
+            # LoRA (issue 17): base weights from wherever --load points, plus new or --lora-load adapters;
+            # a checkpoint of a LoRA run resumes below like any other
+            model_setup.initialize_lora(self.model, ref, c, self.model_args, self.parts is not None,
+                                        self.metrics.print)
+            self._after_weights_set()
+            return
+        if ref is not None and ref.kind == "training":
             saved = ref.train_state()
             resume = self.resuming_own_run or not c.train.finetune
             # a checkpoint saved with --no-save-optim resumes with a fresh optimizer
@@ -249,7 +266,7 @@ class Trainer:
             test_data_path=d.test_data_path or None, cache_dir=d.data_cache_path,
             shared_storage=d.shared_storage, rank=self.rank, local_rank=self.local_rank,
             world_size=self.world_size, barrier=barrier, eod_id=self._eod_id(),
-            finetune_epochs=t.train_epochs)
+            finetune_epochs=t.train_epochs, pack=finetune_pack(d))
         if t.train_epochs is not None:
             t.train_iters = len(self.train_ds) // t.global_batch_size
             if t.train_iters == 0:
@@ -263,6 +280,12 @@ class Trainer:
         self.train_batches = iter(self.train_loader)
 
     def _eod_id(self) -> int | None:
+        if hasattr(self, "_eod"):
+            return self._eod
+        self._eod = self._eod_id_from_tokenizer()
+        return self._eod
+
+    def _eod_id_from_tokenizer(self) -> int | None:
         d = self.config.data
         if not (d.tokenizer_type or d.tokenizer_name_or_path or d.tokenizer_model):
             return None
@@ -270,15 +293,19 @@ class Trainer:
 
         return build_tokenizer(d.tokenizer_type or "PretrainedFromHF", name_or_path=d.tokenizer_name_or_path,
                                model_file=d.tokenizer_model, vocab_file=d.vocab_file,
-                               merge_file=d.merge_file).eod
+                               merge_file=d.merge_file, vocab_size=self.config.model.vocab_size).eod
 
     def _loader(self, dataset, consumed_samples: int):
+        from ember.data.documents import PackedDocuments
         from ember.data.loader import DataLoader
 
-        t = self.config.train
+        t, d = self.config.train, self.config.data
+        packing = PackedDocuments(self._eod_id() if (d.reset_position_ids or d.reset_attention_mask or d.eod_mask_loss)
+                                  else None, d.reset_position_ids, d.reset_attention_mask, d.eod_mask_loss)
         return DataLoader(dataset, t.global_batch_size, t.micro_batch_size, self.dp_rank, self.dp_size,
                           consumed_samples=consumed_samples, num_workers=self.config.data.num_workers,
-                          pin_memory=self.device.type == "cuda", vocab_size=self.model_args.vocab_size)
+                          pin_memory=self.device.type == "cuda", vocab_size=self.model_args.vocab_size,
+                          packing=packing)
 
     def _next_micro_batches(self, batches) -> list[dict[str, torch.Tensor]]:
         out = []
@@ -289,7 +316,7 @@ class Trainer:
                 raise EmberError("the training data ran out before --train-iters; this is a bug in the "
                                  "sample counts, please report it") from None
             out.append({k: self._local_piece(v.to(self.device, non_blocking=True)) for k, v in batch.items()
-                        if k in ("input_ids", "labels", "loss_mask")})
+                        if k in ("input_ids", "labels", "loss_mask", "position_ids", "document_ids")})
         return out
 
     def _local_piece(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -313,7 +340,8 @@ class Trainer:
         # The output layer and the fp32 cross-entropy fused block by block (the full logits never
         # exist); tensor-parallel models keep the plain path, with logits split over the vocabulary.
         with autocast(self.config.train.precision, self.device):
-            return lm_loss_sum(self.model, batch["input_ids"], batch["labels"], batch["loss_mask"])
+            return lm_loss_sum(self.model, batch["input_ids"], batch["labels"], batch["loss_mask"],
+                               **packed_document_kwargs(batch))
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]):
         """Forward/backward over the global batch, then the optimizer step (or a counted skip).
@@ -358,7 +386,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         last = len(micro_batches) - 1
         for index, batch in enumerate(micro_batches):
-            set_gradient_sync(self.model, index == last or not accumulates_locally(mode))
+            prepare_backward(self.model, mode, last_micro_batch=index == last)
             micro_loss = self._loss_sum(batch)
             objective = micro_loss * scale
             if self.model_args.num_experts:
@@ -379,7 +407,7 @@ class Trainer:
         with autocast(self.config.train.precision, self.device):
             share = pipeline_train_step(self.pipeline, batch["input_ids"], batch["labels"], batch["loss_mask"],
                                         num_tokens=tokens, loss_scale=self.scaler.scale, dp_average_size=average,
-                                        broadcast_loss=True)
+                                        broadcast_loss=True, **packed_document_kwargs(batch))
         return share * tokens.clamp(min=1.0)
 
     # ------------------------------------------------------------------ the loop
@@ -408,7 +436,8 @@ class Trainer:
             lr = self.schedule.lr_at(self.schedule.progress_of(
                 self.state.iteration - held_steps, self.state.consumed_tokens - held_steps * tokens_per_iter))
             set_lr(self.optimizer, lr)
-            loss_sum, tokens, grad_norm, found_inf, bad = self.train_step(micro_batches)
+            with self.profiler.step(self.state.iteration):
+                loss_sum, tokens, grad_norm, found_inf, bad = self.train_step(micro_batches)
             consecutive_bad = (consecutive_bad + 1.0) * bad
             skipped = skipped + found_inf
             if hold_schedule:
@@ -439,6 +468,7 @@ class Trainer:
                 self.evaluate(after_training=True)
             if self.test_ds is not None:
                 self.evaluate(split="test", after_training=True)
+        self.profiler.finish()
         if self.checkpointer is not None:
             self.checkpointer.wait()
         return result
@@ -479,6 +509,8 @@ class Trainer:
         path = self.checkpointer.save(self.state.iteration, self.model,
                                       self.optimizer if self.config.checkpoint.save_optim else None, state)
         self.metrics.print(f"saved checkpoint {path}")
+        if model_setup.lora_spec(self.config) is not None:  # LoRA (issue 17): the adapter as a PEFT folder too
+            model_setup.save_lora_adapter(self.model, self.config, self.model_args, self.metrics.print)
 
     # ------------------------------------------------------------------ logging and evaluation
 
@@ -516,9 +548,8 @@ class Trainer:
             "tokens_per_s_per_device": per_device,
             "tflops": tflops,
             "mfu": tflops / self.peak if self.peak else None,
-            "memory_gib": memory_gib(self.device),
-        }
-        self.metrics.log(record, format_train_line(record, self.train_iters))
+        } | memory_record(self.device)  # collective: peaks of every rank
+        self.metrics.log(record, format_train_line(record, self.train_iters, self.metrics.log_format))
 
     @torch.no_grad()
     def evaluate(self, split: str = "valid", after_training: bool = False) -> dict[str, float]:
@@ -545,7 +576,9 @@ class Trainer:
         loader = self._loader(dataset, start)
         total = torch.zeros((), device=self.device)
         tokens = torch.zeros((), device=self.device)
-        for _ in range(iters):
+        progress = Progress(iters, f"{'validation' if split == 'valid' else 'test'} batches", self.metrics.print)
+        for done in range(iters):
+            progress.update(done)  # rate and ETA every 30 s of a long evaluation (rank 0)
             micro_batches = self._next_micro_batches(loader)
             if self.pipeline is not None:
                 total += self._pipeline_eval(micro_batches)
@@ -572,7 +605,7 @@ class Trainer:
         batch = {k: torch.cat([mb[k] for mb in micro_batches]) for k in micro_batches[0]}
         with autocast(self.config.train.precision, self.device):
             return pipeline_eval_step(self.pipeline, batch["input_ids"], batch["labels"], batch["loss_mask"],
-                                      broadcast_loss=True)
+                                      broadcast_loss=True, **packed_document_kwargs(batch))
 
     def _set_training(self, mode: bool) -> None:
         self.model.train(mode)
@@ -588,7 +621,8 @@ class Trainer:
         return (f"training {c.model.name or 'model'}: {a.num_params() / 1e6:.2f}M parameters, "
                 f"{self.world_size} process(es) on {self.device.type} "
                 f"({self.layout.describe()}, {c.parallel.dp_mode}){threads}, global batch {c.train.global_batch_size} x "
-                f"{c.data.seq_length} tokens, {self.train_iters} iterations, from iteration {self.state.iteration}")
+                f"{c.data.seq_length} tokens, {self.train_iters} iterations at lr {c.train.lr:g}, "
+                f"from iteration {self.state.iteration}")
 
     # ------------------------------------------------------------------ teardown
 
@@ -613,7 +647,7 @@ class Trainer:
 def _check_same_architecture(wanted, saved, ref: ckpt.CheckpointRef) -> None:
     a, b = wanted.to_dict(), saved.to_dict()
     a.pop("extra", None), b.pop("extra", None)
-    different = sorted(k for k in a if a[k] != b.get(k))
+    different = sorted(k for k in a if a[k] != b.get(k) and k not in TRAINING_SETTINGS)
     if different:
         raise EmberError(f"--model differs from the checkpoint {ref.path} in {different}; drop --model to "
                          f"take the architecture from the checkpoint")
@@ -646,9 +680,15 @@ def checkpoint_to_start_from(config: Config, notice=print) -> tuple[ckpt.Checkpo
             notice(f"--save {c.save} already has {own.path.name}: resuming this run from it "
                    f"instead of --load {c.load} (give a new --save to start over)")
         return own, True
-    ref = ckpt.find_checkpoint(c.load) if c.load else None
-    if c.load:
-        foreign.check_load(c.load, ref is not None, save=c.save, finetune=config.train.finetune)
+    load = c.load
+    if load and foreign.foreign_checkpoint(load) == "megatron":  # a Megatron user's own --load
+        from ember.checkpoint.megatron_load import megatron_weights_for_load
+
+        load = str(megatron_weights_for_load(load, finetune=config.train.finetune, output_dir=config.output_dir,
+                                             notice=notice))
+    ref = ckpt.find_checkpoint(load) if load else None
+    if load:
+        foreign.check_load(load, ref is not None, save=c.save, finetune=config.train.finetune)
     if c.load and ref is None:  # the first run of `--load DIR --save DIR`
         notice(f"no checkpoint in {c.load} (this run's --save) yet: starting from scratch")
     return ref, False
@@ -668,7 +708,9 @@ def _architecture_differences(config: Config, own: ckpt.CheckpointRef) -> list[s
     except EmberError:  # no architecture without the checkpoint, or a damaged one (loading says so)
         return []
     wanted.pop("extra", None), saved.pop("extra", None)
-    return [f"model.{k}: saved {saved.get(k)}, now {wanted[k]}" for k in sorted(wanted) if wanted[k] != saved.get(k)]
+    # dropout and router jitter are how a run trains, not what it trains (issue 16): they may change
+    return [f"model.{k}: saved {saved.get(k)}, now {wanted[k]}" for k in sorted(wanted)
+            if wanted[k] != saved.get(k) and k not in TRAINING_SETTINGS]
 
 
 def _saved_config(ref: ckpt.CheckpointRef) -> dict:

@@ -12,6 +12,8 @@
 # records); they are tokenized first (`ember preprocess`, Alpaca prompt, loss on the responses only)
 # into OUTPUT_BASEPATH/data/, then trained on for EPOCH epochs from PRETRAIN_CHECKPOINT_PATH.
 set -e
+# `ember` from PATH, else from the .venv of this checkout (where the README's quick start installs it)
+command -v ember >/dev/null 2>&1 || PATH="$(cd "$(dirname "$0")/../.." && pwd)/.venv/bin:$PATH"
 ENV=$1                          # dsw (one machine) or dlc (a multi-node PAI-DLC job)
 MEGATRON_PATH=$2                # unused
 MEGATRON_PATCH_PATH=$3          # unused

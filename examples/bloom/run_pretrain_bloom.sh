@@ -12,6 +12,8 @@
 # (nodes), RANK (this node), MASTER_ADDR, MASTER_PORT and KUBERNETES_CONTAINER_RESOURCE_GPU are set
 # by the platform; NCCL_* variables pass through to every rank.
 set -e
+# `ember` from PATH, else from the .venv of this checkout (where the README's quick start installs it)
+command -v ember >/dev/null 2>&1 || PATH="$(cd "$(dirname "$0")/../.." && pwd)/.venv/bin:$PATH"
 ENV=$1                             # dsw (one machine) or dlc (a multi-node PAI-DLC job)
 MEGATRON_PATH=$2                   # unused
 MEGATRON_PATCH_PATH=$3             # unused

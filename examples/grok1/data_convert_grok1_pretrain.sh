@@ -6,6 +6,8 @@
 #
 # Writes ${OUTPUT_PREFIX}_text_document.bin/.idx: the DATA_PATH of pretrain_grok1_40b_ptd.sh.
 set -e
+# `ember` from PATH, else from the .venv of this checkout (where the README's quick start installs it)
+command -v ember >/dev/null 2>&1 || PATH="$(cd "$(dirname "$0")/../.." && pwd)/.venv/bin:$PATH"
 
 INPUT=${INPUT-"./dataset/train-00000-of-00001-a09b74b3ef9c3b56.parquet"}   # tatsu-lab/alpaca
 TOKENIZER_PATH=${TOKENIZER_PATH-"./model_from_hf/grok1-40B/"}               # the Hugging Face folder

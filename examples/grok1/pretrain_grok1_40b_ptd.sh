@@ -9,6 +9,8 @@
 # Without shared storage between the nodes, pass --no-shared-storage (every node then builds its
 # own data-index cache). Rank logs: logs/worker_<rank>.log.
 set -e
+# `ember` from PATH, else from the .venv of this checkout (where the README's quick start installs it)
+command -v ember >/dev/null 2>&1 || PATH="$(cd "$(dirname "$0")/../.." && pwd)/.venv/bin:$PATH"
 
 CKPT_SAVE_DIR=${CKPT_SAVE_DIR-"./ckpt/grok1-40B/"}
 CKPT_LOAD_DIR=${CKPT_LOAD_DIR-""}                                             # empty: random init

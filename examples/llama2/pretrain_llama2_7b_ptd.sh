@@ -8,6 +8,8 @@
 # every node with MASTER_ADDR = the main node's address and NODE_RANK = 0 .. NNODES-1; without
 # shared storage add --no-shared-storage. Rank logs: logs/worker_<rank>.log.
 set -e
+# `ember` from PATH, else from the .venv of this checkout (where the README's quick start installs it)
+command -v ember >/dev/null 2>&1 || PATH="$(cd "$(dirname "$0")/../.." && pwd)/.venv/bin:$PATH"
 
 # paths (quote them)
 CKPT_SAVE_DIR=${CKPT_SAVE_DIR-"./ckpt/llama-2-7b"}                        # checkpoints are written here

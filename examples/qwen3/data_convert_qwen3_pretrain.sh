@@ -8,6 +8,8 @@
 # --json-keys text input output would write one dataset per column; --n-subs N splits a large input
 # into N parts processed in parallel and merged (same bytes). Writes ${OUTPUT_PREFIX}_text_document.
 set -e
+# `ember` from PATH, else from the .venv of this checkout (where the README's quick start installs it)
+command -v ember >/dev/null 2>&1 || PATH="$(cd "$(dirname "$0")/../.." && pwd)/.venv/bin:$PATH"
 
 INPUT=${INPUT-"./dataset/train-00000-of-00042-d964455e17e96d5a.parquet"}   # e.g. lsb/enwiki20230101
 TOKENIZER_PATH=${TOKENIZER_PATH-"./model_from_hf/qwen3_hf/"}                # the Hugging Face folder

@@ -11,6 +11,8 @@
 # MASTER_ADDR = the main node's address, NNODES, and NODE_RANK = 0 .. NNODES-1; without shared
 # storage add --no-shared-storage. Rank logs: logs/worker_<rank>.log.
 set -e
+# `ember` from PATH, else from the .venv of this checkout (where the README's quick start installs it)
+command -v ember >/dev/null 2>&1 || PATH="$(cd "$(dirname "$0")/../.." && pwd)/.venv/bin:$PATH"
 
 NPUS_PER_NODE=${NPUS_PER_NODE-${GPUS_PER_NODE-8}}
 MASTER_ADDR=${MASTER_ADDR-localhost}
