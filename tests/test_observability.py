@@ -267,16 +267,21 @@ def test_summary_of_a_gpu_profile_splits_communication_and_counts_syncs(tmp_path
 
 
 def test_progress_of_a_long_evaluation():
-    from ember.train.metrics import Progress
+    from ember.progress import Progress
 
     shown, now = [], [0.0]
-    progress = Progress(100, "validation batches", shown.append, every_s=30)
-    progress._clock = lambda: now[0]
-    progress.start = progress.last = 0.0
-    for done in range(100):
-        now[0] = 9.0 * done
-        progress.update(done)
-    assert shown[0] == "validation batches: 4/100 (9.00 s each, eta 14m24s)" and len(shown) == 24
+    progress = Progress("validation", 100, "batches", shown.append, every=30, clock=lambda: now[0])
+    for done in range(1, 101):
+        now[0] = 9.0 * done  # 9 s a batch: a line every 4 batches (36 s >= 30 s), and the last
+        progress.update()
+    progress.close()
+    assert shown[0] == "validation: 4/100 batches, 0.1 batches/s, ETA 14m24s, 36s so far"
+    assert len(shown) == 25 + 1 and shown[-1] == "validation: 100/100 batches, 0.1 batches/s, 15m00s so far"
+    quiet = []
+    short = Progress("validation", 3, "batches", quiet.append, every=30, clock=lambda: 0.0)
+    short.update(3)
+    short.close()
+    assert quiet == []  # a quick evaluation prints only its result
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.errors import EmberError
-from ember.evaluation.progress import ProgressLine
+from ember.progress import Progress
 
 _LOGITS_CHUNK = 1024  # positions per output-layer call: the full [B, T, vocab] logits never exist at once
 
@@ -165,7 +165,7 @@ def evaluate_perplexity(model: nn.Module, stream: TokenStream, seq_length: int, 
     if total == 0:
         raise EmberError(f"{stream.source} holds {stream.num_tokens} tokens: nothing to predict (need at least 2)")
     device = next(model.parameters()).device
-    bar = ProgressLine("perplexity", total, "windows") if progress else None
+    bar = Progress("perplexity", total, "windows", every=0.5) if progress else None
     nll, tokens, done = 0.0, 0, 0
     started = time.perf_counter()
     batch: list[np.ndarray] = []

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ember.errors import EmberError
+from ember.progress import duration
 from ember.train.console import RankWarnings, cpu_group
 
 LOG_FORMATS = ("short", "megatron")
@@ -234,18 +235,6 @@ def _gib(value: float) -> str:
     return f"{value:.2f}" if value < 10 else f"{value:.0f}"
 
 
-def duration(seconds: float) -> str:
-    """45s, 12m05s, 3h05m, 14d02h."""
-    seconds = max(0, int(round(seconds)))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    if seconds < 86400:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
-
-
 def _si(value: float) -> str:
     for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if value >= limit:
@@ -284,21 +273,3 @@ def _fmt(value: float | None, spec: str = ".6E") -> str:
     return format(value, spec)
 
 
-class Progress:
-    """Rate and ETA of a long loop (an evaluation of many batches), printed at most every
-    `every_s` seconds, so a quarter-hour validation is not a quarter hour of silence."""
-
-    def __init__(self, total: int, what: str, emit, every_s: float = 30.0):
-        import time
-
-        self.total, self.what, self.emit, self.every_s = total, what, emit, every_s
-        self._clock = time.perf_counter
-        self.start = self.last = self._clock()
-
-    def update(self, done: int) -> None:
-        now = self._clock()
-        if now - self.last < self.every_s or done >= self.total:
-            return
-        self.last = now
-        rate = (now - self.start) / max(done, 1)
-        self.emit(f"{self.what}: {done}/{self.total} ({rate:.2f} s each, eta {duration(rate * (self.total - done))})")

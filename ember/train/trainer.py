@@ -40,7 +40,8 @@ from ember.train import gradients
 from ember.train import model_setup
 from ember.train.cpu_threads import set_cpu_threads
 from ember.train.fused_loss import lm_loss_sum
-from ember.train.metrics import MetricsLogger, Progress, format_train_line, memory_record, peak_tflops
+from ember.progress import Progress
+from ember.train.metrics import MetricsLogger, format_train_line, memory_record, peak_tflops
 from ember.train.optim import build_optimizer, set_lr
 from ember.train.precision import LossScaler, autocast
 from ember.train.profiling import RunProfiler
@@ -576,9 +577,9 @@ class Trainer:
         loader = self._loader(dataset, start)
         total = torch.zeros((), device=self.device)
         tokens = torch.zeros((), device=self.device)
-        progress = Progress(iters, f"{'validation' if split == 'valid' else 'test'} batches", self.metrics.print)
-        for done in range(iters):
-            progress.update(done)  # rate and ETA every 30 s of a long evaluation (rank 0)
+        # rate and ETA every 30 s of a long evaluation (rank 0)
+        progress = Progress(f"{'validation' if split == 'valid' else 'test'}", iters, "batches", self.metrics.print)
+        for _ in range(iters):
             micro_batches = self._next_micro_batches(loader)
             if self.pipeline is not None:
                 total += self._pipeline_eval(micro_batches)
@@ -586,6 +587,8 @@ class Trainer:
                 for batch in micro_batches:
                     total += self._loss_sum(batch)
             tokens += sum(batch["loss_mask"].sum() for batch in micro_batches)
+            progress.update()
+        progress.close()
         loader.close()
         totals = self._global_sum(torch.stack([total, tokens.float()])).tolist()
         self._set_training(True)
