@@ -146,11 +146,10 @@ def _next_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: fl
 class _Decoder:
     """A batch of left-padded prompts decoding through one preallocated KV cache.
 
-    Everything that does not change from step to step is built once: the positions of every
-    slot (counted from each row's first real token), the rotary tables at those positions and,
-    when rows are padded, which cache slots hold real tokens. A step then only slices them; the
-    transformer's own forward would rebuild them and compute the prompt's every logit.
-    Call within torch.inference_mode()."""
+    Built once: the positions of every slot (counted from each row's first real token) and, when
+    rows are padded, which cache slots hold real tokens. Each step runs the transformer's own
+    forward with those positions, a mask that keeps rows off their padding, and the output layer
+    on the last position only. Call within torch.inference_mode()."""
 
     def __init__(self, model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int):
         args = model.args
@@ -175,10 +174,7 @@ class _Decoder:
             pads = torch.tensor([width - n for n in lengths], device=self.device)
             self.valid = self.positions[None, :] >= pads[:, None]
             self.positions = (self.positions[None, :] - pads[:, None]).clamp(min=0)
-        self.rope = None
-        if model.rope_cos is not None:
-            dtype = model.tok_embeddings.weight.dtype
-            self.rope = model._rope(self.positions, dtype)
+        self.dtype = model.tok_embeddings.weight.dtype
 
     def prefill(self) -> torch.Tensor:
         """Run the prompts; logits [B, vocab] for each row's next token."""
@@ -189,18 +185,9 @@ class _Decoder:
         return self._forward(tokens[:, None])
 
     def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        model, start, seq = self.model, self.cache.length, tokens.shape[1]
-        positions = self.positions[..., start : start + seq]
-        h = model._embed(tokens, positions)
-        rope = None if self.rope is None else tuple(table[:, start : start + seq] for table in self.rope)
-        mask = self._mask(seq, start, h.dtype)
-        for layer in model.layers.values():
-            h = layer(h, rope, mask, self.cache)
-        self.cache.advance(seq)
-        logits = model.output(model.norm(h[:, -1]))
-        if model.args.output_multiplier != 1.0:
-            logits = logits * model.args.output_multiplier
-        return logits
+        start, seq = self.cache.length, tokens.shape[1]
+        return self.model(tokens, self.positions[..., start : start + seq], self.cache,
+                          mask=self._mask(seq, start, self.dtype), head=_last_position_logits)
 
     def _mask(self, seq: int, start: int, dtype: torch.dtype) -> AttentionMask:
         model = self.model
@@ -216,6 +203,11 @@ class _Decoder:
         if base.mask.dtype == torch.bool:
             return AttentionMask(base.mask & allowed, is_causal=False)
         return AttentionMask(base.mask.masked_fill(~allowed, float("-inf")), is_causal=False)
+
+
+def _last_position_logits(hidden: torch.Tensor, output: torch.nn.Module) -> torch.Tensor:
+    """The output layer on each row's last position only: all that decoding reads."""
+    return output(hidden[:, -1])
 
 
 # ---------------------------------------------------------------------------------------------

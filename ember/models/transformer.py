@@ -173,6 +173,7 @@ class Transformer(nn.Module):
         *,
         head: Callable[[torch.Tensor, nn.Linear], torch.Tensor] | None = None,
         documents: torch.Tensor | None = None,
+        mask: AttentionMask | None = None,
     ) -> torch.Tensor:
         """tokens: LongTensor [B, T] (or hidden states [B, T, dim] when tok_embeddings is None).
         positions: [T] or [B, T]; default start..start+T-1 where start is the cache length.
@@ -184,7 +185,10 @@ class Transformer(nn.Module):
         forward, where data parallelism has the output weight gathered.
 
         `documents` [B, T] (packed documents, ember.models.documents): each token's document index;
-        attention then stays inside each document. T is the whole sequence attended over."""
+        attention then stays inside each document. T is the whole sequence attended over.
+
+        `mask`, when given, replaces the attention mask the model would build (ember.generation's
+        left-padded batches: no row attends to another row's padding)."""
         batch, seq = tokens.shape[:2]
         start = kv_cache.length if kv_cache is not None else 0
         if positions is None:
@@ -194,7 +198,8 @@ class Transformer(nn.Module):
         else:
             h = tokens
         rope = self._rope(positions, h.dtype) if self.rope_cos is not None else None
-        mask = build_attention_mask(self.args, seq, start, h.device, h.dtype, self.alibi_slopes, documents)
+        if mask is None:
+            mask = build_attention_mask(self.args, seq, start, h.device, h.dtype, self.alibi_slopes, documents)
         for layer in self.layers.values():
             h = layer(h, rope, mask, kv_cache)
         if kv_cache is not None:
