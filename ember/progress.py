@@ -33,9 +33,11 @@ def duration(seconds: float) -> str:
 
 class Progress:
     def __init__(self, label: str, total: int | None = None, unit: str = "items",
-                 emit: Callable[[str], None] | None = None, every: float = 30.0,
+                 emit: Callable[[str], None] | None = None, every: float = 30.0, final: bool = False,
                  clock: Callable[[], float] = time.perf_counter):
-        self.label, self.total, self.unit = label, total, unit
+        """`final`: close() always reports the final count (else only after a loop long enough to
+        have reported along the way: a quick one stays silent)."""
+        self.label, self.total, self.unit, self.final = label, total, unit, final
         self.done = 0
         self._clock = clock
         self._terminal = emit is None and sys.stderr.isatty()
@@ -60,9 +62,7 @@ class Progress:
             self._emit(self.line())
 
     def close(self) -> None:
-        """The final line on stderr; through `emit`, only after a loop long enough to have
-        reported along the way (its caller prints the result anyway)."""
-        if self._emit == self._to_stderr or self._last > self.started:
+        if self.final or self._last > self.started:
             self._emit(self.line())
         if self._terminal:
             sys.stderr.write("\n")

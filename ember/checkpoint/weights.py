@@ -33,6 +33,7 @@ from torch import nn
 
 from ember.errors import EmberError
 from ember.models.args import ModelArgs
+from ember.progress import Progress
 
 MANIFEST = "ember_model.json"
 FORMAT = "ember-weights"
@@ -198,6 +199,8 @@ class ShardedWriter:
         self.names = shard_names(len(self.shards))
         self._index = 0
         self._writer: SafetensorsFileWriter | None = None
+        # a conversion of a large model takes minutes: a line every 10 s says how far it got
+        self._progress = Progress("writing weights", len(entries), "tensors", every=10.0)
         if len(self.shards) > 1:
             index = {
                 "metadata": {"total_size": sum(e.nbytes for e in entries)},
@@ -209,12 +212,14 @@ class ShardedWriter:
         if self._writer is None:
             self._writer = SafetensorsFileWriter(self.folder / self.names[self._index], self.shards[self._index])
         self._writer.write(name, tensor)
+        self._progress.update()
         if self._writer.complete:
             self._writer.close()
             self._writer = None
             self._index += 1
 
     def close(self) -> None:
+        self._progress.close()
         if self._writer is not None:
             self._writer.close()
             raise RuntimeError(f"{self.folder}: shard {self.names[self._index]} was left incomplete")

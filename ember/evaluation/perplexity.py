@@ -165,7 +165,7 @@ def evaluate_perplexity(model: nn.Module, stream: TokenStream, seq_length: int, 
     if total == 0:
         raise EmberError(f"{stream.source} holds {stream.num_tokens} tokens: nothing to predict (need at least 2)")
     device = next(model.parameters()).device
-    bar = Progress("perplexity", total, "windows", every=0.5) if progress else None
+    bar = Progress("perplexity", total, "windows", every=0.5, final=True) if progress else None
     nll, tokens, done = 0.0, 0, 0
     started = time.perf_counter()
     batch: list[np.ndarray] = []
