@@ -286,13 +286,14 @@ def test_tiny_runs_keep_the_family_and_the_training_settings(name, model, tmp_pa
     assert config.model.padded_vocab_size is None  # sizes are the tiny model's
 
 
-def test_pai_raw_json_training_data_is_refused_in_one_line(tmp_path, monkeypatch):
+def test_pai_raw_json_training_data_is_tokenized_once_or_a_one_line_error(tmp_path, monkeypatch):
+    """PAI's --train-data X.json is tokenized before training (tests/test_pai_json_data.py); a
+    missing one is a one-line error naming it."""
     from ember.errors import EmberError
 
     monkeypatch.delenv("EMBER_TINY", raising=False)
-    with pytest.raises(EmberError, match="raw json file, which PAI tokenizes while training; tokenize it once: "
-                                         "`ember preprocess"):
-        resolve("pai_bloom_run_finetune_megatron_bloom", tmp_path, TRAIN_DATASET_PATH="instruct.json")
+    with pytest.raises(EmberError, match=r"^--train-data-path \S*instruct.json: no such file [^\n]*$"):
+        resolve("pai_bloom_run_finetune_megatron_bloom", tmp_path, TRAIN_DATASET_PATH=str(tmp_path / "instruct.json"))
 
 
 def test_refused_values_are_one_line_errors(tmp_path):

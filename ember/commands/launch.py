@@ -336,15 +336,16 @@ def plan_from_args(args) -> LaunchPlan:
 # --------------------------------------------------------------------------- checking before spawning
 
 
-def training_config(train_args: list[str]):
-    """(Config, parsed arguments) of `ember train TRAIN_ARGS`, as every rank will resolve them."""
+def training_config(train_args: list[str], prepare_data: bool = True):
+    """(Config, parsed arguments) of `ember train TRAIN_ARGS`, as every rank will resolve them
+    (`prepare_data`: json training files tokenized into their cache, see `resolve_config`)."""
     from ember.commands.train import add_arguments as add_train_arguments
     from ember.commands.train import resolve_config
 
     parser = argparse.ArgumentParser(prog="ember launch -- (ember train arguments)")
     add_train_arguments(parser)
     args = parser.parse_intermixed_args(train_args)
-    return resolve_config(args), args
+    return resolve_config(args, prepare_data=prepare_data), args
 
 
 def _tiny_plan(plan: LaunchPlan, world: int) -> LaunchPlan:
@@ -581,7 +582,7 @@ def emit_manifests(plan: LaunchPlan, args) -> int:
     from ember.config import validate
 
     if plan.module == TRAIN_MODULE:
-        config, _ = training_config(plan.train_args)
+        config, _ = training_config(plan.train_args, prepare_data=False)  # the cluster's files, not here
         for nnodes in range(plan.min_nnodes or plan.nnodes, plan.nnodes + 1):
             validate(config, plan.nproc_per_node * nnodes, check_paths=False)
     build = indexed_job if args.emit == "k8s" else pytorch_job

@@ -48,9 +48,12 @@ def _launched_by_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
-def resolve_config(args: argparse.Namespace, world_size: int | None = None) -> Config:
+def resolve_config(args: argparse.Namespace, world_size: int | None = None, prepare_data: bool = True) -> Config:
     """The run's configuration from its arguments, as every rank resolves it. Under EMBER_TINY the
-    built-in assets are made first (once per machine) and the run is kept off any GPU."""
+    built-in assets are made first (once per machine) and the run is kept off any GPU. With
+    `prepare_data`, json files given as split data (PAI's --train-data/--valid-data) are tokenized
+    once into a cache and named by their prefixes (`ember.data.raw_finetune`); the launcher does it
+    before any rank starts."""
     assets = None
     if tiny.enabled():
         from ember.compat.tiny_assets import prepare
@@ -60,7 +63,12 @@ def resolve_config(args: argparse.Namespace, world_size: int | None = None) -> C
         assets = prepare()
         if world_size is None and os.environ.get("WORLD_SIZE"):
             world_size = int(os.environ["WORLD_SIZE"])
-    return config_from_args(args, assets, world_size)
+    config = config_from_args(args, assets, world_size)
+    if prepare_data and not tiny.enabled():  # tiny runs swap in their own data
+        from ember.data.raw_finetune import tokenize_raw_json_data
+
+        tokenize_raw_json_data(config)
+    return config
 
 
 def _print_config(resolved: Config) -> None:

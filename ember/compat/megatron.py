@@ -220,7 +220,8 @@ def _dropin_flags() -> list[Flag]:
         Flag(("--recompute-activations",), t + "recompute_granularity", "= --recompute-granularity selective",
              const="selective"),
         Flag(("--patch-tokenizer-type",), d + "tokenizer_type", "PAI's --tokenizer-type"),
-        # PAI fine-tuning: its data flags name the splits' files (preprocessed prefixes for ember)
+        # PAI fine-tuning: its data flags name the splits' json files (tokenized once before training by
+        # ember.data.raw_finetune) or, as ember's own flags, tokenized prefixes
         Flag(("--train-data",), d + "train_data_path", "PAI: = --train-data-path", nargs="+"),
         Flag(("--valid-data",), d + "valid_data_path", "PAI: = --valid-data-path", nargs="+"),
     ]
@@ -328,25 +329,24 @@ def _apply_dropin(config: Config, args: argparse.Namespace) -> None:
         config.model.moe_router_load_balancing_type = "none"
     if getattr(args, "max_padding_length", None) is not None:
         config.data.seq_length = args.max_padding_length
-    _refuse_raw_files(config)
+    _bloom_tokenizer_from_load(config)
     _megatron_dropout_defaults(config, args)
     _print_notice_once(args)
 
 
-def _refuse_raw_files(config: Config) -> None:
-    """PAI's --train-data/--valid-data name json files it tokenizes while training; ember trains on
-    preprocessed prefixes (EMBER_TINY swaps in its own data, so nothing is read then)."""
-    from ember.compat import tiny
+def _bloom_tokenizer_from_load(config: Config) -> None:
+    """PAI's BloomTokenizerFromHF loads the tokenizer of --load (`from_pretrained(args.load)`), and only
+    without one the hub's bloom-560m: here the tokenizer folder of the --load checkpoint (an ember weight
+    folder's `tokenizer/`, or tokenizer files beside the weights), when no --tokenizer-name-or-path names one."""
+    import os
 
-    if tiny.enabled():
+    d, load = config.data, config.checkpoint.load
+    if d.tokenizer_type != "BloomTokenizerFromHF" or d.tokenizer_name_or_path or not load:
         return
-    for name in ("train_data_path", "valid_data_path"):
-        for path in getattr(config.data, name):
-            if path.endswith((".json", ".jsonl")):
-                raise EmberError(f"{path} is a raw json file, which PAI tokenizes while training; tokenize it "
-                                 f"once: `ember preprocess --input {path} --tokenizer-name-or-path DIR --output-prefix "
-                                 f"PREFIX` (with the --handler-name of its records, as examples/bloom/"
-                                 f"run_finetune_bloom.sh does), then pass PREFIX")
+    for folder in (os.path.join(load, "tokenizer"), load):
+        if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+            d.tokenizer_name_or_path = folder
+            return
 
 
 MEGATRON_DROPOUT = 0.1  # Megatron-LM's default --attention-dropout and --hidden-dropout

@@ -5,6 +5,8 @@
     AlpacaStyleInstructionHandler   instruction/input/output records
     SharegptStyleInstructionHandler conversations ([{"from": "human"|"gpt"|..., "value": ...}]
                                     or OpenAI-style "messages" with role/content)
+    PaiFinetuneHandler              PAI-Megatron-Patch's fine-tuning json: {"text"} records as its
+                                    Bloom dataset reads them (all trained), else Alpaca records
 
 The instruction handlers write `PREFIX_packed_input_ids_document` and
 `PREFIX_packed_labels_document` (ModelLink's names): the labels equal the ids where the model is
@@ -23,7 +25,8 @@ from ember.data.chat import ChatTemplateError, load_chat_template, record_messag
 from ember.data.records import DecodedChunk, Skip
 
 IGNORE_INDEX = -100
-HANDLERS = ("GeneralPretrainHandler", "AlpacaStyleInstructionHandler", "SharegptStyleInstructionHandler")
+HANDLERS = ("GeneralPretrainHandler", "AlpacaStyleInstructionHandler", "SharegptStyleInstructionHandler",
+            "PaiFinetuneHandler")
 
 # Prompt templates (`--prompt-type`): how an instruction and a conversation turn are laid out.
 ALPACA_PROMPT = (
@@ -225,6 +228,39 @@ class AlpacaStyleInstructionHandler(_InstructionHandler):
         return segments
 
 
+PAI_END_OF_TEXT = "</s>"  # what PAI's Bloom dataset appends: Bloom's EOS token, written as text
+
+
+class PaiFinetuneHandler(AlpacaStyleInstructionHandler):
+    """The json files PAI-Megatron-Patch's `run_finetune_megatron_bloom.sh` passes as --train-data/
+    --valid-data. PAI's Bloom dataset (megatron_patch/data/finetune_dataset.py `BloomDataset`, later
+    data/bloom.py `BloomRawDataset`) reads one {"text": ...} per line and trains on all of it,
+    `text + '</s>'` tokenized: here the text's ids then the tokenizer's EOS id (the same ids for
+    Bloom's tokenizer, whose EOS is `</s>`; a text already ending in `</s>` gets no second one, as
+    in PAI). A record without "text" but with instruction/output (which PAI's Bloom dataset cannot
+    read) gets the Alpaca prompt, trained on the response only."""
+
+    def segments(self, record):
+        text = record.get("text")
+        if not isinstance(text, str):
+            if not isinstance(record.get("instruction"), str):
+                return "missing 'text' (PAI's records) or 'instruction'/'output' (Alpaca records)"
+            return super().segments(record)
+        if text.endswith(PAI_END_OF_TEXT) and self._eos_is_end_of_text():
+            text = text[: -len(PAI_END_OF_TEXT)]  # the EOS id comes back below, once
+        if not text:
+            return "empty 'text'"
+        return [(text, True)]
+
+    def _eos_is_end_of_text(self) -> bool:
+        """Whether `</s>` is this tokenizer's EOS (Bloom's): then PAI's appended text is the EOS id.
+        Otherwise PAI's `</s>` is plain text to it, and here too."""
+        try:
+            return self.tokenizer.eod is not None and self.tokenizer.token_to_id(PAI_END_OF_TEXT) == self.tokenizer.eod
+        except NotImplementedError:
+            return False
+
+
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
               "system": "system", "bot": "assistant", "model": "assistant"}
 
@@ -311,6 +347,8 @@ def build_handler(name: str, tokenizer, encoder, json_keys, append_eod: bool, pr
         return AlpacaStyleInstructionHandler(tokenizer, prompt_type or "alpaca")
     if name == "SharegptStyleInstructionHandler":
         return SharegptStyleInstructionHandler(tokenizer, prompt_type or "chatml")
+    if name == "PaiFinetuneHandler":
+        return PaiFinetuneHandler(tokenizer, prompt_type or "alpaca")
     from ember.errors import EmberError
 
     raise EmberError(f"unknown --handler-name {name!r}; choose one of {', '.join(HANDLERS)}")

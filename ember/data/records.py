@@ -33,6 +33,9 @@ class DecodedChunk:
     num_bytes: int = 0
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def decode_chunk(chunk: Chunk) -> DecodedChunk:
     out = DecodedChunk(path=chunk.path)
     if chunk.lines is not None:
@@ -49,6 +52,8 @@ def decode_chunk(chunk: Chunk) -> DecodedChunk:
             if not raw.strip():
                 out.skips.append(Skip(chunk.path, line_no, "blank line"))
                 continue
+            if line_no == 1 and raw.startswith(UTF8_BOM):  # a file saved with a BOM (PAI reads utf-8-sig)
+                raw = raw[len(UTF8_BOM):]
             try:
                 record = orjson.loads(raw)
             except orjson.JSONDecodeError as err:
