@@ -6,13 +6,22 @@ Activation Recomputation in Large Transformer Models", 2022) count Megatron's: b
 layer of the tensors autograd saves for backward, times the tokens and layers in flight.
 
 - Parameters, gradients and AdamW state are fp32 (4 + 4 + 8 bytes per parameter) whatever the
-  compute precision (ember/train/precision.py); ZeRO-1 and FSDP shard them over data parallelism.
-- Under bf16/fp16 autocast every matmul casts its input and weight: each linear layer keeps its own
-  half-precision copy of its input, and each micro-batch in flight keeps a half-precision copy of
-  the stage's matrices (autocast caches casts for one forward only).
-- The residual stream, norm inputs/outputs and softmax statistics stay fp32.
+  compute precision (ember/train/precision.py). With data (or context) parallelism FSDP2 holds
+  them: sharded over dp_shard x cp for ZeRO-1/FSDP, plus a gathered copy (for replicate and
+  ZeRO-1 from the first forward to the last backward — replicate keeps the model twice; for FSDP
+  the root group and the block in backward). Expert-parallel weights stay outside FSDP, whole.
+- Under bf16/fp16 autocast every matmul casts its weight, and autocast caches one
+  half-precision copy per matrix until its context exits (a micro-batch's forward; a pipeline
+  step's whole schedule); each linear layer keeps its own half-precision copy of its input.
+- The residual stream, norm inputs and softmax statistics stay fp32; RMSNorm on fp32 plain
+  tensors keeps only its input and 1/rms (ember.models.norms), F.rms_norm (tensor-parallel
+  DTensors) the normalised value too.
 - Attention is SDPA (saves q, k, v, output and the log-sum-exp); Grok-1's soft-capped attention
-  materialises the score matrix.
+  materialises the score matrix; context parallelism keeps the whole sequence's keys and values,
+  the queries' chunk copies and outputs, and their masks (ember.parallel.context).
+- The loss is the fused output layer + cross-entropy (ember.train.fused_loss: gradients made in
+  forward, a block of logits at a time) except under tensor parallelism (vocabulary-parallel
+  logits) and pipelines (the schedule keeps each stage's output, logits on the last).
 - Tensor parallelism follows torchtitan: column/row-parallel projections, vocabulary-parallel
   embedding and loss; with sequence parallelism the norm regions are split over TP ranks while the
   projections' inputs are gathered whole. Experts are split over EP ranks and, as in Megatron's
@@ -20,12 +29,16 @@ layer of the tensors autograd saves for backward, times the tokens and layers in
 - MoE blocks route top-k rows per token, spread evenly over experts (dropless routing can be
   uneven; a capacity factor bounds it).
 - Recompute "full" keeps only each block's input (and rebuilds one block at a time); "selective"
-  keeps the outputs of matmuls and attention (ember/parallel/recompute.py's policy).
+  keeps the outputs of matmuls and attention (ember/parallel/recompute.py's policy). Backward
+  through a block adds its MLP's hidden gradients.
 - Pipeline schedules keep activations of min(pp, micro-batches) micro-batches on the first stage
-  (1F1B), pp * (1 + (pp - 1) / (pp * v)) for interleaved 1F1B with v virtual stages, and all
-  micro-batches for GPipe; the last stage keeps one (1F1B) and holds the loss.
+  (1F1B), pp * (1 + (pp - 1) / (pp * v)) for interleaved 1F1B with v virtual stages (the last
+  rank ((v - 1) pp + 1) / v), and all micro-batches for GPipe; the last stage keeps one (1F1B)
+  and holds the loss.
 
-A test checks these numbers against torch's MemTracker on real and fake-tensor training steps.
+Tests check these numbers against measured peaks: tests/test_plan.py (torch's MemTracker, one
+process, real and fake tensors, recomputation and autocast) and tests/test_plan_memory.py (torch's
+CPU allocator over real `Trainer` steps on gloo, every parallel layout, within 10% per rank).
 Communication is counted as bytes each device sends per optimizer step (ring algorithms).
 """
 
@@ -171,11 +184,16 @@ def _linear_inputs(width: int, consumers: int, workload: Workload) -> int:
     return RESIDUAL_BYTES * width
 
 
-def _norm_saved(args: ModelArgs, width: int, input_bytes: int) -> int:
-    """Bytes per row a norm keeps: RMSNorm its fp32 input, the normalised value (cast back to the
-    input dtype) and 1/rms; LayerNorm its fp32 input, mean and 1/std."""
+def _norm_saved(args: ModelArgs, layout: Layout, width: int, input_bytes: int) -> int:
+    """Bytes per row a norm keeps (its output is kept by whatever reads it, counted there).
+    RMSNorm (ember.models.norms): on fp32 plain tensors its own function keeps the input and
+    1/rms; otherwise (tensor-parallel weights are DTensors, half-precision inputs) F.rms_norm
+    keeps the fp32 input and 1/rms, and the scaling by the weight the normalised value, in the
+    input's dtype. LayerNorm, which autocast runs in fp32: its fp32 input, mean and 1/std."""
     if args.norm_type == "layernorm":
         return RESIDUAL_BYTES * width + 8
+    if layout.tp == 1 and input_bytes == RESIDUAL_BYTES:
+        return input_bytes * width + 4
     return RESIDUAL_BYTES * width + input_bytes * width + 4
 
 
@@ -189,6 +207,14 @@ def _attention_saved(args: ModelArgs, layout: Layout, workload: Workload) -> flo
         saved = 4 * p * q + heads * seq * (8 + (p if workload.autocast else 0))
     else:
         saved = p * (2 * q + 2 * kv) + 4 * heads  # q, k, v, output; log-sum-exp
+        if layout.cp > 1:
+            # ember.parallel.context: the keys and values of the whole sequence (in place of the
+            # local ones), the queries cut into the two load-balanced chunks (copies, in place of
+            # the whole) with each chunk's output besides their concatenation, and each chunk's
+            # mask over the keys it sees (fp32 in SDPA): 4 c^2 (2 cp + 1) bytes for chunks of c
+            saved += p * 2 * kv * (layout.cp - 1) + p * q
+            chunk = seq / (2 * layout.cp)
+            saved += 4 * chunk * chunk * (2 * layout.cp + 1) / (layout.micro_batch_size * seq / layout.cp)
     if args.qk_norm:
         saved += (RESIDUAL_BYTES + p) * (q + kv) + 4 * (heads + kv_heads)
     return saved
@@ -197,6 +223,17 @@ def _attention_saved(args: ModelArgs, layout: Layout, workload: Workload) -> flo
 def _mlp_saved(args: ModelArgs, ffn: float, workload: Workload) -> float:
     """Hidden activations of one MLP per row: gated keeps w1 out, act out, w3 out, product."""
     return workload.compute_bytes * ffn * (4 if args.mlp_type == "gated" else 2)
+
+
+def block_backward_bytes(args: ModelArgs, layout: Layout, workload: Workload) -> float:
+    """Bytes per local token a block's backward adds at its largest, on top of what the block
+    keeps: the MLP's hidden gradients once its product (gated) or activation output has been
+    used — two hidden-width gradients where one saved tensor was freed (gated), else one."""
+    if args.num_experts:
+        ffn = args.moe_top_k * args.moe_ffn_dim / layout.etp
+    else:
+        ffn = args.ffn_dim / layout.tp
+    return workload.compute_bytes * ffn * (2 if args.mlp_type == "gated" else 1)
 
 
 def _mlp_inputs(args: ModelArgs) -> int:
@@ -221,9 +258,9 @@ def _moe_saved(args: ModelArgs, layout: Layout, workload: Workload) -> float:
 def block_activation_bytes(args: ModelArgs, layout: Layout, workload: Workload) -> float:
     """Bytes per local token one block keeps for backward without recomputation."""
     h, p, shards = args.dim, workload.compute_bytes, layout.seq_shards
-    norms = 2 * _norm_saved(args, h, RESIDUAL_BYTES)
+    norms = 2 * _norm_saved(args, layout, h, RESIDUAL_BYTES)
     if args.sandwich_norm:
-        norms += 2 * _norm_saved(args, h, p)
+        norms += 2 * _norm_saved(args, layout, h, p)
     saved = norms / shards
     saved += _linear_inputs(h, 3, workload) + _attention_saved(args, layout, workload)
     if args.num_experts:
@@ -258,9 +295,35 @@ def head_activation_bytes(args: ModelArgs, layout: Layout, workload: Workload) -
     keeps fp32 log-probabilities; the start of backward adds two fp32 vocabulary-sized gradients.
     Vocabulary-parallel: /tp."""
     vocab = args.vocab_size / layout.tp
-    kept = _norm_saved(args, args.dim, RESIDUAL_BYTES) / layout.seq_shards
+    kept = _norm_saved(args, layout, args.dim, RESIDUAL_BYTES) / layout.seq_shards
     kept += _linear_inputs(args.dim, 1, workload) + 4 * vocab + 8
     transient = 8 * vocab
+    return kept, transient
+
+
+FUSED_LOSS_LOGITS_BYTES = 2**30  # ember.train.fused_loss: blocks of up to 1 GiB of fp32 logits (accelerators)
+
+
+def fused_loss_applies(layout: Layout) -> bool:
+    """Whether the trainer's loss is the fused output layer + cross-entropy
+    (ember.train.fused_loss): everywhere but tensor-parallel logits and pipeline stages."""
+    return layout.tp == 1 and layout.pp == 1
+
+
+def fused_head_bytes(args: ModelArgs, layout: Layout, workload: Workload, tokens: float) -> tuple[float, float]:
+    """(kept, transient) bytes of one micro-batch's final norm, output layer and loss fused
+    (ember.train.fused_loss): its forward makes the gradients, kept for backward — the hidden
+    states' in fp32 and the output weight's, a whole fp32 [vocab, dim] per micro-batch — while a
+    block of logits (fp32 for the softmax), the token-weighted hidden states and, under autocast,
+    half-precision copies of the weight and the hidden states live until it returns."""
+    h, v, p = args.dim, args.vocab_size, workload.compute_bytes
+    rows = min(tokens, max(256, FUSED_LOSS_LOGITS_BYTES // (4 * v)))
+    kept = tokens * (_norm_saved(args, layout, h, RESIDUAL_BYTES) + GRAD_BYTES * h) + GRAD_BYTES * v * h
+    transient = rows * v * p  # the logits block (turned into its gradient in place)
+    transient += tokens * (RESIDUAL_BYTES * h + p * h + 4)  # the normalised hidden states, weighted copy, log p
+    if workload.autocast:
+        transient += rows * v * (4 + p)  # the fp32 softmax block, the gradient cast back
+        transient += p * v * h + 2 * tokens * p * h  # weight and hidden states cast, half-precision gradient
     return kept, transient
 
 
@@ -292,9 +355,11 @@ def in_flight(args: ModelArgs, layout: Layout, workload: Workload, first: bool) 
         return 1
     if layout.schedule == "gpipe":
         return m
-    if not first:
-        return 1
     virtual = layout.virtual_stages(args.n_layers)
+    if not first:
+        # interleaved 1F1B (torch's warm-up): the last rank runs (v - 1) * pp forward chunks of
+        # 1/v of its layers before its first backward, then holds one more
+        return min(m * 1.0, ((virtual - 1) * layout.pp + 1) / virtual)
     if virtual > 1:
         penalty = 1 + (layout.pp - 1) / (layout.pp * virtual)
         return min(m * 1.0, layout.pp * penalty)
@@ -313,7 +378,7 @@ class StageMemory:
     optimizer: float = 0
     activations: float = 0
     weight_copies: float = 0  # half-precision casts autocast keeps for backward
-    temporaries: float = 0  # loss gradients, one recomputed block, FSDP's gathered block
+    temporaries: float = 0  # the loss's blocks, or backward through a (recomputed, gathered) block
     in_flight: float = 1
 
     @property
@@ -338,22 +403,45 @@ def _shard_degrees(layout: Layout) -> tuple[int, int]:
     return dense, expert
 
 
-def _state_bytes(params: Params, layout: Layout, accumulating: bool) -> tuple[float, float, float, float]:
-    """(parameters, gradients, optimizer, transient) bytes for the parameter/optimizer state."""
-    dense_d, expert_d = _shard_degrees(layout)
-    sharded = params.dense / dense_d + params.expert / expert_d
-    full = params.total
-    if layout.dp_mode == "replicate" or layout.dp == 1:
-        grads = GRAD_BYTES * full if accumulating else 0
-        return MASTER_BYTES * full, grads, ADAM_BYTES * full, 0
-    if layout.dp_mode == "zero1":
-        # shards persist; gathered parameters stay between forward and backward and gradients
-        # accumulate unsharded until the reduce-scatter
-        grads = GRAD_BYTES * (sharded + (full if accumulating else 0))
-        return MASTER_BYTES * (full + sharded), grads, ADAM_BYTES * sharded, 0
-    # fsdp: one block gathered (plus the next, prefetched) and one block's unsharded gradients
-    block = params.largest_block
-    return MASTER_BYTES * sharded, GRAD_BYTES * sharded, ADAM_BYTES * sharded, (2 * MASTER_BYTES + GRAD_BYTES) * block
+def _fsdp_shards(layout: Layout) -> int:
+    """Ranks FSDP2 shards a parameter over (ember.parallel.mesh: dp_shard x cp; 0 without FSDP)."""
+    if layout.dp * layout.cp == 1:
+        return 0
+    return (layout.dp_shard if layout.dp_mode != "replicate" else 1) * layout.cp
+
+
+def _state_bytes(params: Params, block: Params, n_layers: int, layout: Layout,
+                 accumulating: bool) -> tuple[float, float, float, float]:
+    """(parameters, gradients, optimizer, transient) bytes of the parameter/optimizer state at the
+    activation peak (the last micro-batch), as FSDP2 (ember.parallel.fsdp) keeps them; transient:
+    what backward through a block adds.
+
+    Expert-parallel weights stay outside FSDP: whole on each rank with their gradients and AdamW
+    state (replicated over the expert data-parallel ranks). FSDP2 gathers the other parameters
+    into a separate unsharded copy, also over a shard group of one (replicate mode: the model
+    twice, an implementation cost DDP would not have)."""
+    shards = _fsdp_shards(layout)
+    dense, expert = params.dense, params.expert
+    block_dense = block.dense
+    if layout.ep == 1:  # experts are ordinary FSDP parameters
+        dense, expert, block_dense = dense + expert, 0, block_dense + block.expert
+    grads_whole = GRAD_BYTES * (dense + expert) if accumulating else 0
+    if not shards:  # no FSDP: the parameters themselves, gradients accumulating in place
+        return MASTER_BYTES * (dense + expert), grads_whole, ADAM_BYTES * (dense + expert), 0
+    sharded = dense / shards
+    optimizer = ADAM_BYTES * (sharded + expert)
+    if layout.dp_mode in ("replicate", "zero1"):
+        # gathered from the first forward to the last backward; gradients accumulate unsharded and
+        # are reduced into their shards after the last backward
+        return MASTER_BYTES * (dense + sharded + expert), grads_whole, optimizer, 0
+    # fsdp: what no block owns (embeddings, final norm, output layer: the root group) stays gathered
+    # from the first forward to the last backward; in backward one block is gathered (plus the
+    # next, prefetched) with its unsharded gradients; the sharded gradients of earlier
+    # micro-batches' reduce-scatters
+    root = dense - block_dense * n_layers
+    grads = GRAD_BYTES * (sharded + (expert if accumulating else 0))
+    return (MASTER_BYTES * (sharded + root + expert), grads, optimizer,
+            (2 * MASTER_BYTES + GRAD_BYTES) * block_dense)
 
 
 def estimate_memory(args: ModelArgs, layout: Layout, workload: Workload) -> MemoryEstimate:
@@ -378,23 +466,39 @@ def estimate_memory(args: ModelArgs, layout: Layout, workload: Workload) -> Memo
         # gradients are resident at the activation peak when earlier micro-batches left them, and
         # (counted in full) when recomputation rebuilds blocks while gradients fill up
         grads_at_peak = accumulating or layout.recompute != "none"
-        stage.parameters, stage.gradients, stage.optimizer, gathered = _state_bytes(params, layout, grads_at_peak)
+        stage.parameters, stage.gradients, stage.optimizer, gathered = _state_bytes(params, block, n_layers, layout,
+                                                                                     grads_at_peak)
         stage.parameters += buffer_bytes(args)
         per_micro_batch = tokens * kept_block * n_layers + forward_extras(args, workload, local_seq)
         if first:
             per_micro_batch += 8 * tokens  # token ids
-        if last:
+        transient = 0.0
+        matrices = params.matrices
+        if last and fused_loss_applies(layout):
+            kept, transient = fused_head_bytes(args, layout, workload, tokens)
+            per_micro_batch += kept
+            matrices -= head_params(args, layout).matrices  # the fused loss casts it (transient)
+        elif last:
             per_micro_batch += tokens * head_kept
+            transient = tokens * head_transient
+        if layout.pp > 1:
+            # the schedule keeps each stage's output until its backward: hidden states (whole
+            # sequence under sequence parallelism), or the last stage's logits
+            width = args.vocab_size / layout.tp * workload.compute_bytes if last else RESIDUAL_BYTES * args.dim
+            per_micro_batch += tokens * width
         stage.activations = flight * per_micro_batch
-        transient = tokens * head_transient if last else 0.0
-        if layout.recompute == "none":
-            stage.weight_copies = half * params.matrices * flight
-        else:
-            # the block being recomputed adds what it did not keep (and its weight casts); that
-            # happens after the loss gradients are gone, so the larger of the two counts
-            transient = max(transient, tokens * (full_block - kept_block) + half * block.matrices)
-            stage.weight_copies = half * (params.matrices - block.matrices * n_layers) * flight
-        stage.temporaries = transient + gathered
+        # autocast caches one half-precision copy of each matrix until its context exits: the
+        # trainer's covers a micro-batch's forward (the matmuls save the copies for backward unless
+        # recomputed), or a pipeline step's whole schedule, every micro-batch sharing the copies
+        stage.weight_copies = half * matrices
+        # backward through a block adds its MLP's hidden gradients; a block being recomputed first
+        # adds what it did not keep (and, without a pipeline, casts its matrices again, once the
+        # forward's copies are gone). That happens once the loss is done with its temporaries, so
+        # the larger of the two counts
+        backward = tokens * (full_block - kept_block + block_backward_bytes(args, layout, workload)) + gathered
+        if layout.recompute != "none" and layout.pp == 1:
+            backward -= half * block.matrices * (n_layers - 1)
+        stage.temporaries = max(transient, backward)
         if not grads_at_peak:
             # one micro-batch, no pipeline: gradients appear as activations are freed
             stage.gradients = 0
