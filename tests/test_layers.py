@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1] / "ember"
 # Lowest first. A unit is a package (or a top-level module); a module belongs to the longest unit
 # that prefixes its name.
 LAYERS: list[tuple[str, ...]] = [
-    ("ember", "ember.errors", "ember.progress"),
+    ("ember", "ember.errors"),
+    ("ember.progress", "ember.file_lock"),  # utilities every layer above may use
     ("ember.config",),
     ("ember.models",),
     ("ember.data", "ember.parallel", "ember.checkpoint"),

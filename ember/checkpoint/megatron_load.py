@@ -16,16 +16,15 @@ What Megatron itself would do with that `--load`, and what ember does:
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from ember.checkpoint.megatron import convert_megatron_to_ember, describe_megatron_source, locate_megatron_checkpoint
 from ember.checkpoint.weights import is_weight_folder, read_manifest
 from ember.errors import EmberError
+from ember.file_lock import exclusive
 
 IMPORT_FOLDER = "megatron_import"
 
@@ -50,7 +49,8 @@ def megatron_weights_for_load(load: str, *, finetune: bool, output_dir: str | No
             f"weights from iteration 0 (Megatron's --finetune), or keep resuming it with Megatron")
     name = checkpoint.folder.name
     target = import_folder(load, output_dir) / name
-    with _exclusive(target.parent):
+    with exclusive(target.parent / ".lock", "the Megatron import folder",
+                   "give --save or --output-dir a writable folder"):
         if _imported_from(target, load, checkpoint.iteration):
             notice(f"--load {load}: using its weights as imported before into {target}")
             return target
@@ -69,20 +69,3 @@ def _imported_from(target: Path, load: str, iteration) -> bool:
         return False  # damaged: convert again
     return source.get("kind") == "megatron" and source.get("path") == str(Path(load).resolve()) \
         and source.get("iteration") == iteration
-
-
-@contextmanager
-def _exclusive(folder: Path) -> Iterator[None]:
-    """Hold `folder/.lock` (created with the folder) for the duration: one converter at a time."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        handle = open(folder / ".lock", "a+")
-    except OSError as err:
-        raise EmberError(f"cannot write the Megatron import folder {folder} ({err.strerror}); "
-                         f"give --save or --output-dir a writable folder") from None
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -21,7 +21,6 @@ so a second run reuses the folder and a changed file or tokenizer is tokenized a
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -29,11 +28,10 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from ember.errors import EmberError
+from ember.file_lock import exclusive
 
 RAW_SUFFIXES = (".json", ".jsonl")
 HANDLER = "PaiFinetuneHandler"
@@ -113,7 +111,8 @@ def tokenized_prefix(source: str, flag: str, spec: tuple, root: Path,
     key = cache_key(path, spec)
     folder = root / f"{path.stem}-{key}"
     prefix = str(folder / PREFIX_NAME)
-    with _exclusive(root, folder.name):
+    with exclusive(root / f"{folder.name}.lock", "the tokenized-data folder",
+                   "give --data-cache-path (or --save) a writable folder"):
         if is_complete(folder, key):
             if not _quiet_rank():
                 notice(f"{flag} {source}: using its tokens from {folder} (tokenized before)")
@@ -184,18 +183,3 @@ def is_complete(folder: Path, key: str) -> bool:
     return True
 
 
-@contextmanager
-def _exclusive(root: Path, name: str) -> Iterator[None]:
-    """Hold `root/name.lock` for the duration: one process tokenizes a file, the others wait."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        handle = open(root / f"{name}.lock", "a+")
-    except OSError as err:
-        raise EmberError(f"cannot write the tokenized-data folder {root} ({err.strerror}); give "
-                         f"--data-cache-path (or --save) a writable folder") from None
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
