@@ -1,7 +1,7 @@
 """One process at a time: an exclusive lock file for work that several ranks may start together
 (converting a Megatron checkpoint, tokenizing a raw json file), so that one does it and the
-others wait, then find it done. Locks of processes on one machine (fcntl); at the bottom of the
-layer order with `ember.errors`, so data and checkpoint code can both use it."""
+others wait, then find it done. Locks of processes on one machine (fcntl); low in the layer order
+(just above `ember.errors`), so data and checkpoint code can both use it."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Rate and ETA of a long loop (an evaluation, a perplexity pass), reported now and then so that a
-quarter-hour job is not a quarter hour of silence. At the bottom of the layer order with
-`ember.errors`, so that data, checkpoint, training and evaluation code can all report through it.
+quarter-hour job is not a quarter hour of silence. Low in the layer order (just above
+`ember.errors`), so that data, checkpoint, training and evaluation code can all report through it.
 
     progress = Progress("validation batches", total=100, emit=metrics.print, every=30)
     for batch in batches:
