@@ -272,3 +272,16 @@ def test_tensor_parallel_eval_matches_hf(setup, tmp_path):
     ours = [_score(req) for s in samples["ember_test_mc"] for req in s["resps"]]
     theirs = [_score(req) for req in _responses(reference, "ember_test_mc")[0]]
     assert len(ours) == 3 and ours == pytest.approx(theirs, abs=2e-4, rel=1e-5)
+
+
+def test_ember_lm_eval_without_lm_eval_says_what_to_install(monkeypatch):
+    """`ember-lm-eval` on an install without the eval extra: one line, not a traceback."""
+    import sys
+
+    from ember.evaluation.__main__ import main
+
+    for name in ["lm_eval", "lm_eval.__main__", *(m for m in sys.modules if m.startswith("lm_eval."))]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed (restored afterwards)
+    monkeypatch.delitem(sys.modules, "ember.evaluation.harness", raising=False)  # restored afterwards
+    with pytest.raises(SystemExit, match=r"needs lm-evaluation-harness .*pip install 'ember\[eval\]'"):
+        main()

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 
 def main() -> None:
-    import ember.evaluation.harness  # noqa: F401 - registers the "ember" model
-    from lm_eval.__main__ import cli_evaluate
+    import sys
 
+    try:
+        import ember.evaluation.harness  # noqa: F401 - registers the "ember" model
+        from lm_eval.__main__ import cli_evaluate
+    except ImportError as err:
+        sys.exit(f"ember-lm-eval: needs lm-evaluation-harness ({err}); pip install 'ember[eval]'")
     ember.evaluation.harness.offline()
     cli_evaluate()
 
