@@ -20,6 +20,7 @@ import torch
 
 from ember.errors import EmberError
 from ember.models.positions import AttentionMask, build_attention_mask
+from ember.models.transformer import evaluating
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,9 +65,7 @@ def generate(
     `list(generate(...))` for all ids at once. The model is in eval mode meanwhile."""
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(-1).tolist()
     stop = _stop_ids(eos_id)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         with torch.inference_mode():
             decoder = _Decoder(model, [prompt], max_new_tokens)
             logits = decoder.prefill()
@@ -77,8 +76,6 @@ def generate(
                 break
             with torch.inference_mode():
                 logits = decoder.step(torch.tensor([token], device=decoder.device))
-    finally:
-        model.train(was_training)
 
 
 def generate_batch(
@@ -98,28 +95,23 @@ def generate_batch(
     if len(prompts) == 0 or max_new_tokens <= 0:
         return [[] for _ in prompts]
     stop = _stop_ids(eos_id)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            decoder = _Decoder(model, [list(map(int, p)) for p in prompts], max_new_tokens)
-            out = torch.zeros(len(prompts), max_new_tokens, dtype=torch.long, device=decoder.device)
-            stop_ids = torch.tensor(sorted(stop), dtype=torch.long, device=decoder.device)
-            finished = torch.zeros(len(prompts), dtype=torch.bool, device=decoder.device)
-            logits = decoder.prefill()
-            for step in range(max_new_tokens):
-                tokens = _next_tokens(logits, temperature, top_k, top_p, generator)
-                out[:, step] = tokens
-                if stop:
-                    finished |= torch.isin(tokens, stop_ids)
-                    # reading `finished` is a host sync: every 8 steps is enough to stop early
-                    if step % 8 == 7 and bool(finished.all()):
-                        break
-                if step + 1 < max_new_tokens:
-                    logits = decoder.step(tokens)
-            rows = out[:, : step + 1].tolist()
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.inference_mode():
+        decoder = _Decoder(model, [list(map(int, p)) for p in prompts], max_new_tokens)
+        out = torch.zeros(len(prompts), max_new_tokens, dtype=torch.long, device=decoder.device)
+        stop_ids = torch.tensor(sorted(stop), dtype=torch.long, device=decoder.device)
+        finished = torch.zeros(len(prompts), dtype=torch.bool, device=decoder.device)
+        logits = decoder.prefill()
+        for step in range(max_new_tokens):
+            tokens = _next_tokens(logits, temperature, top_k, top_p, generator)
+            out[:, step] = tokens
+            if stop:
+                finished |= torch.isin(tokens, stop_ids)
+                # reading `finished` is a host sync: every 8 steps is enough to stop early
+                if step % 8 == 7 and bool(finished.all()):
+                    break
+            if step + 1 < max_new_tokens:
+                logits = decoder.step(tokens)
+        rows = out[:, : step + 1].tolist()
     return [_cut_after_stop(row, stop) for row in rows]
 
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.errors import EmberError
+from ember.models.transformer import evaluating
 from ember.progress import Progress
 
 _LOGITS_CHUNK = 1024  # positions per output-layer call: the full [B, T, vocab] logits never exist at once
@@ -179,10 +180,8 @@ def evaluate_perplexity(model: nn.Module, stream: TokenStream, seq_length: int, 
         if bar:
             bar.update(len(rows))
 
-    was_training = model.training
-    model.eval()
     try:
-        with torch.inference_mode():
+        with evaluating(model), torch.inference_mode():
             for window in token_windows(stream, seq_length):
                 if done + len(batch) >= total:
                     break
@@ -196,7 +195,6 @@ def evaluate_perplexity(model: nn.Module, stream: TokenStream, seq_length: int, 
             if batch:
                 run(batch)
     finally:
-        model.train(was_training)
         if bar:
             bar.close()
     return PerplexityResult(nll, tokens, done, time.perf_counter() - started)

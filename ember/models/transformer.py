@@ -8,7 +8,8 @@ and feeds hidden states instead of tokens (the torchtitan pattern). No distribut
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -257,3 +258,14 @@ class Transformer(nn.Module):
             dtype or param.dtype,
             param.device,
         )
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """`model` in eval mode for the block (no dropout), then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
