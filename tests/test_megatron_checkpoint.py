@@ -366,7 +366,7 @@ def _same_ember_weights(a: Path, b: Path) -> None:
 
 @pytest.mark.parametrize("layout", [("legacy", 2, 2), ("torch_dist", 2, 2), ("legacy", 1, 4), ("torch_dist", 1, 1),
                                     ("legacy", 2, 1)])
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3"])
 def test_round_trip_megatron_ember_megatron_ember_is_bit_exact(megatron_saves, tmp_path, family, layout):
     from ember.checkpoint.megatron_export import convert_ember_to_megatron
 
@@ -380,7 +380,7 @@ def test_round_trip_megatron_ember_megatron_ember_is_bit_exact(megatron_saves, t
 
 
 @pytest.mark.parametrize("ckpt_format", ["legacy", "torch_dist"])
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3"])
 def test_megatron_core_loads_ember_export_and_gives_ember_logits(megatron_saves, tmp_path, family, ckpt_format):
     """megatron-core itself loads ember's export at TP 2 x PP 2 (legacy: each rank's
     model_optim_rng.pt with load_state_dict(strict=True); torch_dist: dist_checkpointing.load of
