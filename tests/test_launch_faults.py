@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -148,12 +149,54 @@ def test_killing_train_nproc_stops_torchrun_and_its_ranks(tmp_path, token_data):
             time.sleep(0.2)
         left = [pid for pid in spawned if _alive(pid)]
         assert not left, f"processes {left} outlived ember train"
+        # the ranks' configuration file, which the killed `ember train` could not remove: the next
+        # start removes it (once the pid names no process: reaped)
+        train.wait(30)
+        written = list(Path(tempfile.gettempdir()).glob(f"ember-train-*-{train.pid}-*.yaml"))
+        assert written, "ember train wrote no configuration file for its ranks"
+        from ember.commands.launch_torchrun import remove_stale_rank_configs
+
+        remove_stale_rank_configs()
+        assert not [path for path in written if path.exists()]
     finally:
         for pid in spawned:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
         train.wait()
         log.close()
+
+
+_WRITE_AND_WAIT = """
+import sys, time
+from ember.commands.launch_torchrun import write_rank_config
+from ember.config import Config
+print(write_rank_config(Config(), sys.argv[1]), flush=True)
+time.sleep(120)
+"""
+
+
+def test_ranks_config_of_a_killed_train_is_removed_by_the_next_start(tmp_path):
+    """`ember train --nproc-per-node` hands its ranks the configuration in a file that a SIGKILLed
+    `ember train` leaves behind; the next start removes the files of processes that are gone (the
+    process table is the reference: a process started, killed and reaped here) and only those."""
+    from ember.commands.launch_torchrun import remove_stale_rank_configs, write_rank_config
+    from ember.config import Config
+
+    writer = subprocess.Popen([sys.executable, "-c", _WRITE_AND_WAIT, str(tmp_path)], stdout=subprocess.PIPE,
+                              text=True, env=_env())
+    try:
+        orphan = Path(writer.stdout.readline().strip())
+        assert orphan.parent == tmp_path and orphan.is_file()
+    finally:
+        writer.kill()
+        writer.wait()
+        writer.stdout.close()
+    assert orphan.is_file()  # SIGKILL: nothing removed it
+    live = Path(write_rank_config(Config(), tmp_path))  # this process's own run, still going
+    other = tmp_path / orphan.name.replace("ember-train-", "ember-train-otherhost_", 1)  # another machine's
+    other.write_text(orphan.read_text())
+    assert remove_stale_rank_configs(tmp_path) == [orphan]
+    assert not orphan.exists() and live.is_file() and other.is_file()
 
 
 # --------------------------------------------------------------------------- rendezvous

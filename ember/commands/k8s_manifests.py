@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+from ember.commands.launch_plan import TRAIN_MODULE
+
 GPU_RESOURCE = "nvidia.com/gpu"
 PYTORCHJOB_CONTAINER = "pytorch"  # the names the training operator looks for
 PYTORCHJOB_PORT_NAME = "pytorchjob-port"
@@ -21,7 +23,7 @@ def _command(plan, extra: list[str] | None = None) -> list[str]:
     flags = [f"--max-restarts={plan.max_restarts}", f"--log-dir={plan.log_dir}"]
     if plan.timeout:
         flags.append(f"--timeout={plan.timeout}")
-    if plan.module != "ember.commands.train":
+    if plan.module != TRAIN_MODULE:
         flags.append(f"--module={plan.module}")
     return ["ember", "launch", *flags, *(extra or []), "--", *plan.train_args]
 

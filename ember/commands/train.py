@@ -13,18 +13,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
-import tempfile
 
 from ember.compat import config_from_args, tiny
 from ember.compat.megatron import add_config_arguments
 from ember.config import Config, to_yaml, validate
 from ember.errors import EmberError
-
-# What every rank runs (`python -m ember.commands.train ARGS`, see `main`).
-RANK_MODULE = "ember.commands.train"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -109,40 +103,15 @@ def run(args: argparse.Namespace) -> int:
         # what --load/--save hold and the model against the layout are checked here once, not by
         # every rank after torchrun starts
         check_before_starting(resolved, world_size)
-        return _launch(config, args)
+        from ember.commands.launch_torchrun import run_torchrun
+
+        return run_torchrun(config, args)
     from ember.train.trainer import run_training
 
     result = run_training(config)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"ember train: {result.reason} at iteration {result.iteration}")
     return 0
-
-
-def _launch(config: Config, args: argparse.Namespace) -> int:
-    """Run torchrun with this configuration on `--nproc-per-node` processes; wait for it."""
-    fd, path = tempfile.mkstemp(prefix="ember-train-", suffix=".yaml")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(to_yaml(config))
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node or 1}",
-               f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}", f"--master-addr={args.master_addr}",
-               f"--master-port={args.master_port}", "-m", RANK_MODULE, "--config", path]
-    from ember.commands.child_processes import die_with_parent
-
-    # torchrun stops when this process dies, even by SIGKILL, and takes the ranks with it
-    parent = os.getpid()
-    process = subprocess.Popen(command, preexec_fn=lambda: die_with_parent(parent))
-    # torchrun passes SIGTERM on to the workers, which save a checkpoint and stop.
-    previous_term = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signum))
-    previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal already signals torchrun
-    try:
-        code = process.wait()
-    finally:
-        signal.signal(signal.SIGTERM, previous_term)
-        signal.signal(signal.SIGINT, previous_int)
-        os.unlink(path)
-    if code != 0:
-        print(f"ember train: torchrun exited with status {code}", file=sys.stderr)
-    return code
 
 
 def main(argv: list[str] | None = None) -> int:
