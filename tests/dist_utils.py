@@ -232,3 +232,46 @@ def masked_batch(vocab: int, seed: int, batch: int, seq: int):
     tokens = torch.randint(0, vocab, (batch, seq + 1), generator=generator)
     loss_mask = (torch.rand(batch, seq, generator=generator) > 0.25).float()
     return tokens[:, :-1], tokens[:, 1:], loss_mask
+
+
+# ------------------------------------------ one Trainer step per case, on every rank (plan tests)
+
+
+def run_trainer_cases(script: str, data: str, out: Path, which: str, nprocs: int, timeout: float = 300) -> list[dict]:
+    """Run `python SCRIPT DATA OUT WHICH` on `nprocs` gloo ranks (the script's `__main__` calls
+    `trainer_cases_on_rank`) and return each rank's results, rank by rank."""
+    import json
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {"PYTHONPATH": os.pathsep.join([str(repo), str(repo / "tests"), os.environ.get("PYTHONPATH", "")])}
+    result = run_ranks([script, data, str(out), which], nprocs, timeout=timeout, cwd=repo, env=env)
+    assert result.returncode == 0, result.output[-4000:]
+    return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(nprocs)]
+
+
+def trainer_cases_on_rank(cases: dict, argv_of: Callable[..., list[str]], out_dir: str,
+                          measure: Callable[..., dict]) -> None:
+    """One rank of `run_trainer_cases`: for each case `name: (model, flags, global_batch)`, a
+    `Trainer` (what `ember train` runs) set up from `argv_of(out, model, flags, global_batch)` and
+    `measure(trainer, steps, global_batch)` -> a JSON-able dict, `steps` the micro-batches of its
+    first two steps; writes {name: dict} to OUT_DIR/rank{r}.json."""
+    import io
+    import json
+
+    import torch
+    import torch.distributed as dist
+
+    from ember.train import Trainer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    results = {}
+    for name, (model, flags, global_batch) in cases.items():
+        trainer = Trainer(train_config(argv_of(os.path.join(out_dir, name), model, flags, global_batch)),
+                          stream=io.StringIO()).setup()
+        steps = [trainer._next_micro_batches(trainer.train_batches) for _ in range(2)]
+        results[name] = measure(trainer, steps, global_batch)
+        trainer.close()
+    Path(out_dir, f"rank{dist.get_rank()}.json").write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()

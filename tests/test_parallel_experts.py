@@ -16,6 +16,16 @@ of their largest element, losses within 5e-7; a token routed or dropped differen
 a 1e-2 difference.
 
 This file is also the rank worker: `python tests/test_parallel_experts.py OUT_DIR`.
+
+Expert data parallelism under FSDP (`test_experts_sharded_over_expert_data_parallel_ranks`):
+`ember train` on 4 processes with ep 2, so two expert data-parallel ranks hold each expert, under
+ZeRO-1 and FSDP (the experts then FSDP2 units over those ranks, ember.parallel.fsdp): losses,
+gradient norms and evaluation loss step by step as the single-process run, with
+tests/test_train_layouts.py's tolerances and rank driver; and the ZeRO-1 run's checkpoint
+(experts sharded over (edp, ep)) resumes at ep 4 without FSDP on the experts and in one process
+with the next steps of that same run. That FSDP does hold the experts there is checked by
+tests/test_plan_traffic.py (their gathers, once per ZeRO-1 step) and tests/test_plan_memory.py
+(their AdamW state, sharded over the expert data-parallel ranks).
 """
 
 from __future__ import annotations
@@ -217,6 +227,56 @@ def test_ep2_matches_single_process(ep_results, case, model_name, settings):
                           msg=lambda m, n=name: f"{n}: {m}")
     for name in grads:  # both ranks end the step with the same full gradients
         torch.testing.assert_close(ranks[1]["grads"][name], grads[name], rtol=0, atol=0)
+
+
+# ------------------------------------------------ expert data parallelism under FSDP (ember train)
+
+EDP_SAVED_AT = 2
+
+
+@pytest.mark.slow  # starts processes: see tests/conftest.py
+def test_experts_sharded_over_expert_data_parallel_ranks(tmp_path):
+    import json
+
+    from dist_utils import read_metrics, run_ranks, train_config, write_token_dataset
+    import test_train_layouts as layouts  # its rank driver, flags and tolerances
+    from test_train_layouts import ITERS, LOSS_REL, NORM_REL
+
+    from ember.train import run_training
+
+    data = write_token_dataset(tmp_path / "tokens", seed=3)
+    ep2 = ["--expert-model-parallel-size", "2"]
+    checkpoint = tmp_path / "save" / f"iter_{EDP_SAVED_AT:07d}"
+    runs = {  # 4 processes: dp 4, so ep 2 leaves 2 expert data-parallel ranks
+        "zero1": [*ep2, "--use-distributed-optimizer", "--save", str(tmp_path / "save"),
+                  "--save-interval", str(EDP_SAVED_AT)],
+        "fsdp-overlap": [*ep2, "--use-torch-fsdp2", "--overlap-grad-reduce"],
+        "ep4-resumed": ["--expert-model-parallel-size", "4", "--load", str(checkpoint)],
+    }
+    spec = tmp_path / "runs.json"
+    spec.write_text(json.dumps([layouts.argv(data, tmp_path / name, "tiny-mixtral", flags)
+                                for name, flags in runs.items()]))
+    result = run_ranks([layouts.__file__, str(spec)], 4, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.output[-5000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_training(train_config(layouts.argv(data, tmp_path / "reference", "tiny-mixtral")))
+        run_training(train_config(layouts.argv(data, tmp_path / "one-process-resumed", "tiny-mixtral",
+                                               ["--load", str(checkpoint)])))
+    finally:
+        torch.set_num_threads(threads)
+    reference = read_metrics(tmp_path / "reference")
+    for name in ("zero1", "fsdp-overlap"):
+        layouts._assert_same_run(read_metrics(tmp_path / name), reference, LOSS_REL, name)
+    train, evals = read_metrics(tmp_path / "zero1")  # the run the checkpoint came from, uninterrupted
+    for name in ("ep4-resumed", "one-process-resumed"):
+        resumed, resumed_evals = read_metrics(tmp_path / name)
+        assert sorted(resumed) == list(range(EDP_SAVED_AT + 1, ITERS + 1)), name  # from the checkpoint on
+        for it in resumed:
+            assert resumed[it]["loss"] == pytest.approx(train[it]["loss"], rel=LOSS_REL), (name, it)
+            assert resumed[it]["grad_norm"] == pytest.approx(train[it]["grad_norm"], rel=NORM_REL), (name, it)
+        assert resumed_evals[ITERS]["eval_loss"] == pytest.approx(evals[ITERS]["eval_loss"], rel=LOSS_REL), name
 
 
 class _FakeMesh:

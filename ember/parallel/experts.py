@@ -20,10 +20,11 @@ Semantics, chosen to match Megatron-LM and a single-process run of the same micr
   Megatron sums them over its TP x CP group.
 
 Gradients: an expert's gradient on its owner is the sum over the EP group of every rank's loss
-gradient (the all-to-all backward brings them home). The expert weights are left out of FSDP;
-the trainer finishes their gradients itself (`ember.train.gradients.reduce_expert_grads`): summed
-over the expert data-parallel ranks (those holding the same experts) and divided by the dp x cp
-size FSDP averages every other gradient over.
+gradient (the all-to-all backward brings them home). It is then summed over the expert
+data-parallel ranks (those holding the same experts) and divided by the dp x cp size FSDP averages
+every other gradient over: under zero1 / fsdp by FSDP2 itself, each block's experts being an FSDP
+unit over those ranks (`ember.parallel.fsdp`, which also shards their AdamW state there); under
+replicate by the trainer (`ember.train.gradients.reduce_expert_grads`).
 
 With tensor parallelism (TP x EP): every expert's ffn dim is also split over the tp ranks
 (Megatron's expert tensor parallelism equal to tp), so the weights are 2-D DTensors on the

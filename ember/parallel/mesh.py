@@ -8,10 +8,14 @@ always there (possibly of size 1); pp, cp and tp only above 1.
 Expert parallelism borrows its ranks from data and context parallelism, as Megatron does (its
 expert groups are carved out of the data-parallel x context-parallel ranks): the dp x cp ranks
 are viewed as (edp, ep), ep innermost. An expert's weights are sharded over `ep` (and over `tp`
-when tensor parallelism is on: Megatron's expert tensor parallelism = tp), and replicated over
-`edp`, the "expert data-parallel" ranks, whose gradients are summed by hand (see
-`ember.train.gradients`). Borrowing from dp x cp rather than from dp_shard x cp alone
-(torchtitan) lets expert parallelism run with every data-parallel mode, replicated ones too.
+when tensor parallelism is on: Megatron's expert tensor parallelism = tp), and data-parallel
+over `edp`, the "expert data-parallel" ranks: with zero1 / fsdp FSDP2 shards them over edp
+(`expert_fsdp`, torchtitan's efsdp; `ember.parallel.fsdp`), with replicate their gradients are
+summed by hand (`ember.train.gradients`). FSDP2 composes its mesh with a DTensor parameter's only
+when both are slices of one parent mesh: edp and ep come from one unflattening of the dp x cp
+ranks, tp from the world mesh they were flattened from. Borrowing from dp x cp rather than from
+dp_shard x cp alone (torchtitan) lets expert parallelism run with every data-parallel mode,
+replicated ones too; an HSDP run (--dp-replicate) still shards the experts over all of edp.
 
 Which mesh serves what:
 - `dp`: the data loader's rank/size (tp, cp and pp peers read the same samples);
@@ -20,7 +24,8 @@ Which mesh serves what:
 - `fsdp`: (dp_replicate, dp_shard x cp): FSDP2 reduces gradients over data and context
   parallelism together (torchtitan's dp_shard_cp), since cp ranks' gradients are partial sums too;
 - `tp`, `cp`, `pp`: the model-parallel pieces;
-- `ep`, `expert` ((ep, tp), or ep), `edp`: expert parallelism.
+- `ep`, `expert` ((ep, tp), or ep), `edp`: expert parallelism; `expert_fsdp`: edp where FSDP
+  shards the experts (zero1, fsdp; None under replicate or when edp is 1).
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ def build_meshes(layout: Layout, device_type: str) -> ParallelMeshes:
         meshes.ep = experts["ep"]
         meshes.edp = experts["edp"] if layout.dp * layout.cp > layout.ep else None
         meshes.expert = DeviceMesh._concatenate([meshes.ep, meshes.tp]) if meshes.tp is not None else meshes.ep
+        meshes.expert_fsdp = meshes.edp if layout.dp_mode != "replicate" else None
     return meshes
 
 
@@ -76,6 +82,7 @@ class ParallelMeshes:
     ep: Any = None
     edp: Any = None
     expert: Any = None
+    expert_fsdp: Any = None
 
 
 def default_device() -> torch.device:

@@ -21,6 +21,9 @@ Layout over the tp mesh, per block:
 - sequence parallelism: between the tensor-parallel regions (norms, residual adds, embeddings'
   outputs) activations are split over the sequence dim; attention/MLP inputs are all-gathered
   once per module and their outputs reduce-scattered, instead of all-reduced.
+- dropout: masks on sharded tensors (this rank's heads; its piece of the sequence under sequence
+  parallelism) come from a stream of this rank's own, masks on replicated activations from the
+  stream all tp ranks share (`ember.parallel.rng`).
 
 Every parameter becomes a DTensor on the tp mesh (replicated ones too), so gradient clipping,
 optimizers and DCP see one kind of tensor. Replicated weights that see only part of the data
@@ -47,6 +50,7 @@ from ember.models.attention import Attention
 from ember.models.positions import AttentionMask, build_attention_mask
 from ember.parallel.context import set_sequence_layout
 from ember.parallel.dtensor import local_part
+from ember.parallel.rng import apply_dropout_streams
 
 
 # ------------------------------------------------------------------------------ parallel styles
@@ -127,6 +131,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
     if sequence_parallel:
         set_sequence_layout(model, sp_degree=tp)
     model.tensor_parallel_mesh = tp_mesh
+    # dropout on this rank's heads (and, with sp, its piece of the sequence) draws its own masks
+    apply_dropout_streams(model, tp_mesh, sequence_parallel)
 
 
 def _parallelize_block(block: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool,

@@ -6,9 +6,10 @@ After the backward pass a layout leaves gradients in several forms:
 - FSDP-managed parameters: DTensors already reduced (averaged) over dp x cp;
 - tensor-parallel parameters without FSDP: DTensors, possibly `Partial` over tp (norm weights
   under sequence parallelism, Qwen3's q/k norms) — made whole here, once, before anything reads them;
-- expert-parallel weights (left out of FSDP): the all-to-all backward has summed every ep peer's
-  contribution; they still need summing over the expert data-parallel ranks (`edp`) and the
-  same 1/(dp x cp) that FSDP applies to everything else (Megatron scales expert gradients alike);
+- expert-parallel weights: under zero1 / fsdp FSDP-managed over the expert data-parallel ranks
+  (`edp`) and reduced like the rest; under replicate left out of FSDP: the all-to-all backward has
+  summed every ep peer's contribution, and they still need summing over `edp` and the same
+  1/(dp x cp) that FSDP applies to everything else (Megatron scales expert gradients alike);
 - pipeline stages: disjoint parameters per pp rank.
 
 The global norm is the L2 norm over the whole model, counting each parameter once: per group of
@@ -46,8 +47,9 @@ def make_partial_grads_whole(params: Iterable[nn.Parameter]) -> None:
 
 @torch.no_grad()
 def reduce_expert_grads(expert_params: Iterable[nn.Parameter], edp_group, average_over: int) -> None:
-    """Sum expert gradients over the expert data-parallel ranks and divide by `average_over`
-    (the dp x cp size FSDP averages the other gradients over)."""
+    """Sum the gradients of expert weights left out of FSDP (replicate mode) over the expert
+    data-parallel ranks and divide by `average_over` (the dp x cp size FSDP averages the other
+    gradients over)."""
     for param in expert_params:
         if param.grad is None:
             continue
@@ -85,7 +87,8 @@ def global_grad_norm(params: Iterable[nn.Parameter], pp_group=None) -> torch.Ten
 def split_param_groups_by_mesh(optimizer: torch.optim.Optimizer) -> None:
     """One parameter group per (group, mesh): the fused and foreach optimizer kernels take one
     group's tensors in a single call, which DTensor runs only when they share a mesh (expert
-    weights live on the ep mesh, the rest on the FSDP / tp mesh). Call before the first step."""
+    weights live on the (edp,) ep (, tp) mesh, the rest on the FSDP / tp mesh). Call before the
+    first step."""
     groups = []
     for group in optimizer.param_groups:
         by_mesh: dict[object, list[nn.Parameter]] = {}

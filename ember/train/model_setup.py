@@ -62,7 +62,9 @@ class ParallelModel:
     `model`: the whole model, or (pipeline parallelism) this rank's stages as one module under
     the whole model's parameter names (`RankStages`): what the optimizer and checkpoints see.
     `modules`: what runs (the model, or the stages). `pipeline`: the stages' `PipelineParts`.
-    `expert_params`: expert-parallel weights, whose gradients the trainer finishes itself.
+    `expert_params`: expert-parallel weights left out of FSDP (replicate mode, or one expert
+    data-parallel rank), whose gradients the trainer finishes itself; under zero1 / fsdp with
+    expert data parallelism FSDP holds them (`ember.parallel.fsdp`) and this list is empty.
     """
 
     model: nn.Module
@@ -91,7 +93,7 @@ def build_model(args: ModelArgs, config: Config, device: torch.device,
     experts = []
     for module in modules:
         module.materialize(device)
-        if meshes is not None and meshes.ep is not None:
+        if meshes is not None and meshes.ep is not None and meshes.expert_fsdp is None:
             from ember.parallel.experts import expert_parameters
 
             experts.extend(expert_parameters(module))
@@ -125,19 +127,27 @@ def parallelize(model: nn.Module, config: Config, device: torch.device, meshes: 
         from ember.parallel.context import apply_context_parallel
 
         apply_context_parallel(model, meshes.cp, load_balance=True)
+        from ember.parallel.rng import apply_dropout_streams
+
+        apply_dropout_streams(model)  # dropout masks per sequence shard (done already if TP applied it)
     apply_recompute(model, t.recompute_granularity, t.recompute_method, t.recompute_num_layers)
     if compile_enabled(config, device):
         for block in model.layers.values():
             block.compile()
     if meshes is not None and meshes.fsdp is not None:
-        ignored = None
-        if meshes.ep is not None:
+        ignored, experts = None, None
+        if meshes.ep is not None and meshes.expert_fsdp is not None:  # sharded over edp by FSDP
+            from ember.parallel.experts import moe_blocks
+
+            experts = [moe.experts for moe in moe_blocks(model)]
+        elif meshes.ep is not None:  # replicated over edp, reduced by the trainer
             from ember.parallel.experts import expert_parameters
 
             ignored = set(expert_parameters(model))
         # per-block FSDP units for either overlap: a block's gradients reduce while earlier blocks'
         # backward runs, and its parameters all-gather while the previous block computes (issue 16)
-        apply_data_parallel(model, meshes.fsdp, p.dp_mode, p.overlap_grad_reduce or p.overlap_param_gather, ignored)
+        apply_data_parallel(model, meshes.fsdp, p.dp_mode, p.overlap_grad_reduce or p.overlap_param_gather, ignored,
+                            experts, meshes.expert_fsdp, meshes.layout.grad_average_size)
 
 
 def compile_enabled(config: Config, device: torch.device) -> bool:

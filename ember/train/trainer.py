@@ -128,7 +128,7 @@ class Trainer:
         # the model against the layout (heads, layers, experts, sequence): still no process group
         self.layout.check_model(self.model_args, c.data.seq_length)
         self._init_distributed()
-        seed_everything(c.train.seed)
+        seed_everything(self._stage_seed(c.train.seed))
         if self.meshes is not None:
             dp, loss = self.meshes.dp, self.meshes.loss
             self.dp_rank, self.dp_size = dp.get_local_rank(), dp.size()
@@ -140,7 +140,7 @@ class Trainer:
         self.model, self.modules, self.parts, self.expert_params = (
             built.model, built.modules, built.pipeline, built.expert_params)
         self.optimizer = build_optimizer(self.model, c.optim, c.train.lr, self.device)
-        if self.expert_params:
+        if self.meshes is not None and self.meshes.ep is not None:  # experts live on their own mesh
             gradients.split_param_groups_by_mesh(self.optimizer)
         self.scaler = LossScaler.for_precision(
             c.train.precision, self.device, loss_scale=c.train.loss_scale,
@@ -247,7 +247,15 @@ class Trainer:
         if path.is_file():
             ckpt.restore_rng_state(ckpt.read_rng_state(path))
         else:  # another layout: this rank has no saved state; derive one from the position
-            seed_everything(self.config.train.seed + self.state.iteration)
+            seed_everything(self._stage_seed(self.config.train.seed + self.state.iteration))
+
+    def _stage_seed(self, seed: int) -> int:
+        """The seed of this rank's random stream: pipeline stages hold different layers, so each
+        gets its own (Megatron's seed + 100 x pp rank) or layer i and layer i + layers-per-stage would
+        draw the same dropout masks; the ranks of one stage share it (ember.parallel.rng derives
+        the tensor- and context-parallel ranks' streams from it)."""
+        pp = self.meshes.pp if self.meshes is not None else None
+        return seed + 100 * pp.get_local_rank() if pp is not None else seed
 
     # ------------------------------------------------------------------ data
 
