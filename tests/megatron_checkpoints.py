@@ -76,6 +76,17 @@ FAMILIES = {
         model=dict(vocab_size=128, max_sequence_length=64, position_embedding_type="rope", rotary_base=10000,
                    share_embeddings_and_output_weights=False),
     ),
+    # dense and MoE layers mixed (--moe-layer-freq [0,1,1,0]): the mixtral layer where the pattern says 1,
+    # a dense SwiGLU MLP of ffn_hidden_size elsewhere (megatron-core's get_gpt_decoder_block_spec)
+    "mixed": dict(
+        config=dict(num_layers=4, hidden_size=64, num_attention_heads=8, num_query_groups=2, ffn_hidden_size=96,
+                    normalization="RMSNorm", gated_linear_unit=True, activation_func="silu", add_bias_linear=False,
+                    layernorm_epsilon=1e-5, num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=48,
+                    moe_token_dispatcher_type="allgather", moe_aux_loss_coeff=0.0, moe_grouped_gemm=False,
+                    moe_router_load_balancing_type="aux_loss", moe_layer_freq=[0, 1, 1, 0]),
+        model=dict(vocab_size=128, max_sequence_length=64, position_embedding_type="rope", rotary_base=10000,
+                   share_embeddings_and_output_weights=False),
+    ),
     # for measuring conversion time and memory (not used by the tests): Llama-style, ~0.86B parameters
     "llama1b": dict(
         config=dict(num_layers=16, hidden_size=2048, num_attention_heads=16, num_query_groups=4, ffn_hidden_size=5632,
@@ -113,7 +124,7 @@ def megatron_args(family: str, tp: int, pp: int, ckpt_format: str, ep: int = 1) 
         moe_aux_loss_coeff=c.get("moe_aux_loss_coeff", 0.0), moe_grouped_gemm=c.get("moe_grouped_gemm", False),
         moe_router_load_balancing_type=c.get("moe_router_load_balancing_type", "aux_loss"),
         moe_router_score_function="softmax", moe_router_pre_softmax=False, moe_shared_expert_intermediate_size=None,
-        moe_token_dispatcher_type=c.get("moe_token_dispatcher_type", "allgather"), moe_layer_freq=1,
+        moe_token_dispatcher_type=c.get("moe_token_dispatcher_type", "allgather"), moe_layer_freq=c.get("moe_layer_freq", 1),
         moe_router_topk_scaling_factor=None, moe_expert_capacity_factor=None, moe_input_jitter_eps=None,
         moe_z_loss_coeff=None, moe_router_enable_expert_bias=False, moe_router_num_groups=None,
         vocab_size=m["vocab_size"] - 3, padded_vocab_size=m["vocab_size"], make_vocab_size_divisible_by=32,
@@ -143,12 +154,17 @@ def build_model(family: str):
         **c, activation_func=activation, tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
         expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
-        use_cpu_initialization=True, params_dtype=torch.float32, pipeline_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0,
+        use_cpu_initialization=True, params_dtype=dtype or torch.float32, pipeline_dtype=dtype or torch.float32,
+        bf16=dtype == torch.bfloat16, hidden_dropout=0.0, attention_dropout=0.0,
         gradient_accumulation_fusion=False, persist_layer_norm=False, bias_activation_fusion=False,
         bias_dropout_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False, add_qkv_bias=c["add_bias_linear"],
     )
     layer_spec = get_gpt_layer_local_spec(num_experts=c.get("num_moe_experts"), moe_grouped_gemm=c.get("moe_grouped_gemm", False),
                                           normalization=c["normalization"], qk_layernorm=c.get("qk_layernorm", False))
+    if c.get("moe_layer_freq", 1) != 1:  # dense and MoE layers: one spec per layer of this stage
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+        layer_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=c["normalization"])
     return GPTModel(config, layer_spec, pre_process=parallel_state.is_pipeline_first_stage(),
                     post_process=parallel_state.is_pipeline_last_stage(), parallel_output=False, **spec["model"])
 

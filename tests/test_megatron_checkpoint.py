@@ -536,7 +536,6 @@ def test_moe_args_mapping_and_refusals():
     assert model_args_from_megatron(_namespace(**{**moe, "moe_ffn_hidden_size": None}))[1].moe_ffn_dim == 128
     for changes, message in ((dict(moe_router_load_balancing_type="seq_aux_loss"), "seq_aux_loss is not supported"),
                              (dict(moe_router_enable_expert_bias=True), "expert bias"),
-                             (dict(moe_layer_freq=2), "mixing dense and MoE layers"),
                              (dict(moe_router_num_groups=2), "group-limited"),
                              (dict(moe_router_topk_scaling_factor=2.5), "top-k scaling"),
                              (dict(add_bias_linear=True), "experts with biases")):

@@ -1,7 +1,7 @@
 """The seeds' own upstream scripts, run by ember with only their launcher line changed (issue 16).
 
 tests/upstream/*.txt hold the flags of MindSpeed-LLM's llama2/qwen3 pretraining scripts, ModelLink's
-Grok-1 script and PAI-Megatron-Patch's Bloom scripts (repository, path and commit in each file's
+Grok-1 script (and MindSpeed-LLM's newer one, with --moe-layer-freq/--first-k-dense-replace) and PAI-Megatron-Patch's Bloom scripts (repository, path and commit in each file's
 header; only the flags are kept, with the settings they read). Here:
 
 - every flag is answered: honoured (a setting of ember's config), or accepted and named in the one
@@ -35,7 +35,8 @@ from ember.config import Config
 UPSTREAM = Path(__file__).resolve().parent / "upstream"
 BIN = str(Path(sys.executable).parent)
 TRAINING_SCRIPTS = ("mindspeed_llama2_pretrain_llama2_7b_ptd", "mindspeed_qwen3_pretrain_qwen3_8b_4K_ptd",
-                    "modellink_grok1_pretrain_grok1_40b_ptd", "pai_bloom_run_pretrain_megatron_bloom",
+                    "modellink_grok1_pretrain_grok1_40b_ptd", "mindspeed_grok1_pretrain_grok1_40b_ptd",
+                    "pai_bloom_run_pretrain_megatron_bloom",
                     "pai_bloom_run_finetune_megatron_bloom")
 DATA_SCRIPTS = ("mindspeed_qwen3_data_convert_qwen3_pretrain", "modellink_grok1_data_convert_grok1_pretrain")
 # the paths the scripts leave for the user to fill in
@@ -218,6 +219,19 @@ def test_modellink_grok1_flags(tmp_path):
     assert "--use-mc2" in notice and "--moe-token-dispatcher-type" in notice and "--no-rope-fusion" in notice
 
 
+def test_mindspeed_grok1_flags(tmp_path):
+    """The newer MindSpeed-LLM Grok-1 script: --moe-layer-freq -1 --first-k-dense-replace -1 is
+    MindSpeed's `i >= -1 and i % -1 == 0`, every layer MoE (H6)."""
+    c, m, notice = resolve("mindspeed_grok1_pretrain_grok1_40b_ptd", tmp_path, tokenizer_vocab=131072)
+    assert (m.num_experts, m.moe_top_k, m.moe_aux_loss_coef, m.n_layers, m.vocab_size) == (8, 2, 0.01, 12, 131072)
+    assert m.moe_layer_pattern is None and m.n_moe_layers == 12
+    assert m.sandwich_norm and (m.embedding_multiplier, m.output_multiplier) == (78.38367176906169, 0.5773502691896257)
+    assert (m.moe_input_jitter, m.init_std) == (0.0, 0.02)
+    assert (c.model.moe_layer_freq, c.model.first_k_dense_replace) == ("-1", -1)
+    assert (c.parallel.expert_model_parallel_size, c.parallel.tensor_model_parallel_size) == (2, 8)
+    assert "--context-parallel-algo" in notice and "--spec" in notice
+
+
 def test_input_jitter_flags(tmp_path):
     from ember.models.from_config import megatron_overrides
 
@@ -270,6 +284,7 @@ def test_pai_bloom_finetune_flags(tmp_path):
 
 
 @pytest.mark.parametrize("name, model", [("modellink_grok1_pretrain_grok1_40b_ptd", "tiny-grok1"),
+                                         ("mindspeed_grok1_pretrain_grok1_40b_ptd", "tiny-grok1"),
                                          ("pai_bloom_run_pretrain_megatron_bloom", "tiny-bloom"),
                                          ("mindspeed_qwen3_pretrain_qwen3_8b_4K_ptd", "tiny-qwen3")])
 def test_tiny_runs_keep_the_family_and_the_training_settings(name, model, tmp_path, tiny_cache):
@@ -284,6 +299,7 @@ def test_tiny_runs_keep_the_family_and_the_training_settings(name, model, tmp_pa
     assert config.model.name == model
     assert (config.model.attention_dropout, config.model.hidden_dropout) == dropout
     assert config.model.padded_vocab_size is None  # sizes are the tiny model's
+    assert config.model.moe_layer_freq is None  # so is the layer pattern (the tiny model's layer count)
 
 
 def test_pai_raw_json_training_data_is_tokenized_once_or_a_one_line_error(tmp_path, monkeypatch):

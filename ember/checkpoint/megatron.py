@@ -268,8 +268,6 @@ def model_args_from_megatron(saved: Any, where: str = "the checkpoint") -> tuple
         (get("num_experts") and get("moe_router_num_groups"), "group-limited routing (--moe-router-num-groups)"),
         (get("num_experts") and get("moe_router_topk_scaling_factor", 1.0) != 1.0,
          f"router top-k scaling (--moe-router-topk-scaling-factor {get('moe_router_topk_scaling_factor')})"),
-        (get("num_experts") and not _every_layer_moe(get("moe_layer_freq", 1)),
-         f"models mixing dense and MoE layers (--moe-layer-freq {get('moe_layer_freq')})"),
         (get("num_experts") and str(get("moe_router_score_function", "softmax")) not in ("softmax", "sigmoid"),
          f"router score function {get('moe_router_score_function')}"),
         (get("multi_latent_attention", False), "multi-latent attention"),
@@ -326,6 +324,10 @@ def model_args_from_megatron(saved: Any, where: str = "the checkpoint") -> tuple
             m.moe_token_drop_policy = str(get("moe_token_drop_policy", "probs"))
         if get("moe_z_loss_coeff"):
             m.moe_z_loss_coeff = float(get("moe_z_loss_coeff"))
+        # dense and MoE layers mixed: Megatron's parsed --moe-layer-freq (an int or a 0/1 list), and
+        # MindSpeed's --first-k-dense-replace; the dense layers' MLP is ffn_hidden_size wide
+        m.moe_layer_freq = get("moe_layer_freq")
+        m.first_k_dense_replace = get("first_k_dense_replace")
     fields = megatron_default_args(config, megatron_overrides(config))
     if get("num_experts"):
         # Megatron's softmax router: top-k of the logits, softmax over those k (= ember's softmax,
@@ -348,14 +350,6 @@ def model_args_from_megatron(saved: Any, where: str = "the checkpoint") -> tuple
     return _family_of(args), args
 
 
-def _every_layer_moe(freq: Any) -> bool:
-    if isinstance(freq, (list, tuple)):
-        return all(int(f) == 1 for f in freq)
-    if isinstance(freq, str):  # Megatron's "([1]*N)" pattern strings
-        return freq.strip() in ("1", "[1]") or bool(re.fullmatch(r"\(?\[1\]\s*\*\s*\d+\)?", freq.strip()))
-    return int(freq) == 1
-
-
 def _aux_loss_coefficient(get: Callable[..., Any], where: str) -> float:
     """ember's load-balancing loss is Megatron's 'aux_loss' (Switch, over the micro-batch)."""
     kinds, coefficients = get("moe_router_load_balancing_type", "aux_loss"), get("moe_aux_loss_coeff", 0.0)
@@ -373,8 +367,8 @@ def _aux_loss_coefficient(get: Callable[..., Any], where: str) -> float:
 
 
 def _family_of(args: ModelArgs) -> str:
-    if args.num_experts:
-        return "mixtral"
+    if args.num_experts:  # Qwen3-MoE: q/k norm, dense and MoE layers may mix
+        return "qwen3_moe" if args.qk_norm and not args.sandwich_norm else "mixtral"
     """The Hugging Face family an `ember convert --to hf` of the result would write."""
     if args.qk_norm:
         return "qwen3"
@@ -582,6 +576,9 @@ class TorchDistReader(_Reader):
             elif layer == -1:
                 for i in range(shape[0]):
                     self._add((i, key), shape[1:], dtype, fqn, (i,))
+            elif "*" in key:  # one layer's [experts, ...]: mixed dense/MoE models save layer by layer
+                for e in range(shape[0]):
+                    self._add((layer, key.replace("*", str(e))), shape[1:], dtype, fqn, (e,))
             else:
                 self._add((layer, key), shape, dtype, fqn, ())
         self.naming = "/".join(sorted(naming)) or "mcore"
@@ -868,7 +865,7 @@ def ember_tensors(args: ModelArgs, get: Callable[[int | None, str], torch.Tensor
             yield prefix + "attention.wo.bias", get(i, "self_attention.linear_proj.bias")
         for part in norm_parts:
             yield prefix + f"ffn_norm.{part}", get(i, f"pre_mlp_layernorm.{part}")
-        if args.num_experts:
+        if args.is_moe_layer(i):
             yield from _moe_tensors(args, prefix, lambda key, i=i: get(i, key))
             continue
         for part, present in (("weight", True), ("bias", args.mlp_bias)):

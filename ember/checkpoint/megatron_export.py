@@ -96,8 +96,10 @@ def megatron_args_from_ember(args: ModelArgs, tensor_parallel: int, pipeline_par
             and rope_scaling.get("high_freq_factor") == 4.0 and rope_scaling.get("original_max_seq_len") == 8192):
         raise EmberError(f"RoPE scaling {rope_scaling} is not Megatron's --use-rope-scaling (Llama-3.1 with fixed factors)")
     tp, pp = tensor_parallel, pipeline_parallel
-    ffn = (args.moe_ffn_dim, "moe_ffn_hidden_size") if moe else (args.ffn_dim, "ffn_hidden_size")
-    checks = [(args.n_heads, "attention heads"), (args.n_kv_heads, "query groups"), ffn, (args.vocab_size, "vocabulary rows")]
+    ffn = [(args.moe_ffn_dim, "moe_ffn_hidden_size")] if moe else []
+    if args.n_moe_layers < args.n_layers:  # dense layers (all, or mixed with MoE ones)
+        ffn.append((args.ffn_dim, "ffn_hidden_size"))
+    checks = [(args.n_heads, "attention heads"), (args.n_kv_heads, "query groups"), *ffn, (args.vocab_size, "vocabulary rows")]
     for count, what in checks:
         if count % tp:
             raise EmberError(f"--target-tensor-parallel-size {tp} does not divide the {count} {what}")
@@ -129,7 +131,8 @@ def megatron_args_from_ember(args: ModelArgs, tensor_parallel: int, pipeline_par
         moe_aux_loss_coeff=args.moe_aux_loss_coef, moe_router_load_balancing_type="aux_loss",
         moe_router_score_function=args.moe_gating,
         moe_router_pre_softmax=moe and args.moe_gating == "softmax" and not args.moe_renormalize,
-        moe_grouped_gemm=False, moe_token_dispatcher_type="allgather", moe_layer_freq=1,
+        moe_grouped_gemm=False, moe_token_dispatcher_type="allgather",
+        moe_layer_freq=list(args.moe_layer_pattern) if args.moe_layer_pattern else 1,
         moe_shared_expert_intermediate_size=None, moe_router_topk_scaling_factor=None,
         moe_router_enable_expert_bias=False, moe_router_num_groups=None,
         moe_expert_capacity_factor=args.moe_capacity_factor,
@@ -177,7 +180,7 @@ def megatron_tensors(args: ModelArgs, get: Callable[[str], torch.Tensor], layers
             yield i, "self_attention.linear_proj.bias", get(p + "attention.wo.bias")
         for part in norm_parts:
             yield i, f"pre_mlp_layernorm.{part}", get(p + f"ffn_norm.{part}")
-        if args.num_experts:
+        if args.is_moe_layer(i):
             yield i, "mlp.router.weight", get(p + "moe.router.weight")
             w1 = get(p + "moe.experts.w1")
             w3 = get(p + "moe.experts.w3") if args.mlp_type == "gated" else None
@@ -311,6 +314,9 @@ def _write_torch_dist(args: ModelArgs, source: _EmberSource, folder: Path, names
     state_meta: dict[str, Any] = {}
     storage: dict[Any, Any] = {}
     layers = args.n_layers
+    # megatron-core stacks the layers' tensors [layers, ...] when every layer is alike; a model mixing
+    # dense and MoE layers it saves layer by layer (decoder.layers.N.*, experts [experts, ...])
+    by_layer = args.moe_layer_pattern is not None
     with open(folder / data_name, "wb") as f:
         def put(index: Any, payload: bytes) -> None:
             storage[index] = _StorageInfo(relative_path=data_name, offset=f.tell(), length=len(payload))
@@ -325,6 +331,13 @@ def _write_torch_dist(args: ModelArgs, source: _EmberSource, folder: Path, names
             expert = _EXPERT_KEY.match(key) if layer is not None else None
             if layer is None:
                 fqn, shape, offsets, chunk = key, tuple(tensor.shape), (0,) * tensor.dim(), tensor
+            elif by_layer and expert:
+                index, experts = int(expert.group(1)), args.num_experts
+                fqn = f"decoder.layers.{layer}.mlp.experts.experts.{expert.group(2)}.{expert.group(3)}"
+                shape, offsets, chunk = (experts, *tensor.shape), (index, *(0,) * tensor.dim()), tensor[None]
+            elif by_layer:
+                fqn = f"decoder.layers.{layer}." + _DIST_NAMES.get(key, key)
+                shape, offsets, chunk = tuple(tensor.shape), (0,) * tensor.dim(), tensor
             elif expert:  # [layers, experts, ...], as SequentialMLP.sharded_state_dict stores them
                 index, experts = int(expert.group(1)), args.num_experts
                 fqn = f"decoder.layers.mlp.experts.experts.{expert.group(2)}.{expert.group(3)}"
@@ -339,7 +352,16 @@ def _write_torch_dist(args: ModelArgs, source: _EmberSource, folder: Path, names
                     properties=TensorProperties(dtype=tensor.dtype), size=torch.Size(shape), chunks=[])
             item.chunks.append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(chunk.shape)))
             put(MetadataIndex(fqn, torch.Size(offsets)), saved(chunk.contiguous().clone()))
-            if expert and expert.group(3) == "weight":
+            if by_layer and layer is not None and (expert and expert.group(3) == "weight" or not expert and
+                                                   key.endswith(".weight") and key[: -len(".weight")] in _LINEARS):
+                module = f"mlp.experts.experts.{expert.group(2)}" if expert else key[: -len(".weight")]
+                extra = f"decoder.layers.{layer}.{module}._extra_state/" + (
+                    f"shard_{index}_{experts}" if expert else "shard_0_1")
+                state_meta[extra] = BytesStorageMetadata()
+                put(MetadataIndex(extra), saved([None]))
+            elif by_layer:
+                pass
+            elif expert and expert.group(3) == "weight":
                 extra = (f"decoder.layers.mlp.experts.experts.{expert.group(2)}._extra_state/"
                          f"shard_{layer}.{index}_{layers}.{experts}")
                 state_meta[extra] = BytesStorageMetadata()

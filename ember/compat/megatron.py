@@ -61,6 +61,9 @@ def _flags() -> list[Flag]:
         Flag(("--moe-token-drop-policy",), m + "moe_token_drop_policy",
              "over capacity, drop the lowest router probabilities (probs, default) or later tokens (position)"),
         Flag(("--moe-z-loss-coeff",), m + "moe_z_loss_coeff", "router z-loss coefficient"),
+        Flag(("--moe-layer-freq",), m + "moe_layer_freq",
+             "which layers are MoE: N (every N-th, from layer 0) or a 0/1 list per layer, e.g. '([0]*1+[1]*3)'"),
+        Flag(("--first-k-dense-replace",), m + "first_k_dense_replace", "the first K layers dense (MindSpeed)"),
         Flag(("--init-method-std",), m + "init_method_std"),
         # data
         Flag(("--data-path", "--train_dataset_dir", "--train-dataset-dir", "--train_dataset"), d + "data_path",
@@ -251,6 +254,8 @@ NOTICE_FLAGS: dict[str, tuple[int, str]] = {
     "--moe-permutation-async-comm": (0, "ember's all-to-all expert dispatch"),
     "--moe-grouped-gemm": (0, "one grouped GEMM per expert weight where the device has one"),
     "--moe-permute-fusion": (0, "ember's all-to-all expert dispatch"),
+    "--context-parallel-algo": (1, "context parallelism all-gathers keys and values (Llama 3's), "
+                                   "one algorithm for every --context-parallel-size"),
     "--DDP-impl": (1, "data parallelism is FSDP2 in every mode: replicated, --use-distributed-optimizer, fsdp"),
     "--ckpt-format": (1, "ember's sharded checkpoints; `ember convert --to megatron` writes Megatron's"),
     "--no-save-rng": (0, "the RNG state is always saved (KBs); --no-load-rng decides its use"),

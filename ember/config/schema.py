@@ -82,6 +82,11 @@ class ModelConfig:
     # Position interpolation (MindFormers extend_method PI, Megatron's
     # --rotary-seq-len-interpolation-factor): RoPE positions divided by this factor.
     rotary_seq_len_interpolation_factor: float | None = None
+    # --- mixed dense/MoE layers (issue 16, H6) ---
+    # Megatron's --moe-layer-freq: an int N (every N-th layer MoE) or a list pattern such as
+    # "([0]*1+[1]*3)" (1 MoE, 0 dense per layer); MindSpeed's --first-k-dense-replace: K first layers dense.
+    moe_layer_freq: str | None = None
+    first_k_dense_replace: int | None = None
 
 
 @dataclass

@@ -8,6 +8,7 @@ module built on the meta device.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -84,6 +85,10 @@ class ModelArgs:
     moe_drop_policy: str = "probs"  # over capacity, drop the lowest router weights (probs) or later tokens (position)
     moe_z_loss_coef: float = 0.0  # ST-MoE / Megatron router z-loss coefficient
     moe_input_jitter: float = 0.0  # Megatron --moe-input-jitter-eps: router input * U(1-eps, 1+eps)
+    # Which layers are MoE: None, every layer (when num_experts); else one entry per layer, 1 MoE,
+    # 0 a dense FeedForward of width ffn_dim (Megatron's --moe-layer-freq list, Qwen3-MoE's
+    # mlp_only_layers). A pattern of all ones is stored as None, so old configs compare equal.
+    moe_layer_pattern: list[int] | None = None
 
     # dropout (training only). Megatron: attention_dropout on the attention probabilities,
     # hidden_dropout on the embeddings and on each branch output before its residual add.
@@ -106,6 +111,10 @@ class ModelArgs:
             self.head_dim = self.dim // self.n_heads
         if self.num_experts and self.moe_ffn_dim is None:
             self.moe_ffn_dim = self.ffn_dim
+        if self.moe_layer_pattern is not None:
+            self.moe_layer_pattern = [int(v) for v in self.moe_layer_pattern]
+            if self.num_experts and all(v == 1 for v in self.moe_layer_pattern):
+                self.moe_layer_pattern = None
         self.validate()
 
     # -- aliases other code may find more familiar ------------------------------------------
@@ -138,6 +147,22 @@ class ModelArgs:
              f"moe_capacity_factor must be positive (or None: dropless), got {self.moe_capacity_factor}")
         if self.num_experts:
             need(0 < self.moe_top_k <= self.num_experts, f"moe_top_k {self.moe_top_k} must be in 1..{self.num_experts}")
+        pattern = self.moe_layer_pattern
+        if pattern is not None:
+            need(bool(self.num_experts), "moe_layer_pattern needs num_experts > 0 (a dense model has no MoE layers)")
+            need(len(pattern) == self.n_layers and set(pattern) <= {0, 1},
+                 f"moe_layer_pattern must hold one 0 (dense) or 1 (MoE) per layer ({self.n_layers}), got {pattern}")
+
+    # -- which layers are MoE -------------------------------------------------------------------
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether layer `layer` (0-based) has a MoE block rather than a dense FeedForward."""
+        if not self.num_experts:
+            return False
+        return self.moe_layer_pattern is None or self.moe_layer_pattern[layer] == 1
+
+    @property
+    def n_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.n_layers))
 
     # -- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -190,15 +215,23 @@ class ModelArgs:
         qk_norm = 2 * self._norm_params(self.head_dim) if self.qk_norm else 0
         return weights + bias + qk_norm
 
-    def _layer_params(self, active_only: bool) -> int:
+    def _layer_params(self, active_only: bool, moe: bool | None = None) -> int:
+        """One layer's parameters; `moe`: whether it is a MoE layer (None: any MoE layer if
+        the model has experts)."""
         norms = (4 if self.sandwich_norm else 2) * self._norm_params(self.dim)
-        if not self.num_experts:
+        if not self.num_experts or moe is False:
             return self._attention_params() + norms + self._mlp_params(self.ffn_dim)
         experts = self.moe_top_k if active_only else self.num_experts
-        moe = experts * self._mlp_params(self.moe_ffn_dim) + self.num_experts * self.dim
+        ffn = experts * self._mlp_params(self.moe_ffn_dim) + self.num_experts * self.dim
         if self.num_shared_experts:
-            moe += self._mlp_params(self.num_shared_experts * self.moe_ffn_dim)
-        return self._attention_params() + norms + moe
+            ffn += self._mlp_params(self.num_shared_experts * self.moe_ffn_dim)
+        return self._attention_params() + norms + ffn
+
+    def _all_layer_params(self, active_only: bool) -> int:
+        moe = self.n_moe_layers
+        dense = self.n_layers - moe
+        return (moe * self._layer_params(active_only, moe=True) if moe else 0) + (
+            dense * self._layer_params(active_only, moe=False) if dense else 0)
 
     def embedding_params(self) -> int:
         """Token (and learned position) embedding tables."""
@@ -211,7 +244,7 @@ class ModelArgs:
         exclude_embeddings drops the token and position embedding tables; an untied output
         layer stays counted, as it is a real matmul.
         """
-        total = self.n_layers * self._layer_params(active_only=False) + self._norm_params(self.dim)
+        total = self._all_layer_params(active_only=False) + self._norm_params(self.dim)
         if self.embedding_norm:
             total += self._norm_params(self.dim)
         if not self.tie_embeddings:
@@ -223,7 +256,7 @@ class ModelArgs:
     def num_active_params(self) -> int:
         """Non-embedding parameters one token passes through (MoE: only top-k experts),
         plus the output projection, which every token multiplies by."""
-        layers = self.n_layers * self._layer_params(active_only=True)
+        layers = self._all_layer_params(active_only=True)
         norms = self._norm_params(self.dim) * (2 if self.embedding_norm else 1)
         return layers + norms + self.vocab_size * self.dim
 
@@ -261,3 +294,67 @@ def rope_scaling_from_dict(data: dict[str, Any] | None) -> dict[str, Any] | None
 
 def default_attn_scale(args: ModelArgs) -> float:
     return args.attn_scale if args.attn_scale is not None else 1.0 / math.sqrt(args.head_dim)
+
+
+def moe_layer_pattern(freq: Any, n_layers: int, first_k_dense: int | None = None,
+                      where: str = "--moe-layer-freq") -> list[int] | None:
+    """Megatron's --moe-layer-freq (and MindSpeed's --first-k-dense-replace) -> ModelArgs'
+    moe_layer_pattern: one 1 (MoE) or 0 (dense) per layer; None when every layer is MoE.
+
+    `freq`: an int N (layer i is MoE when i % N == 0, as Megatron and MindSpeed test it: -1 is every
+    layer, as MindSpeed's grok1 script passes it), or a list, or a string of a Python list
+    expression as Megatron takes it ("[0,1,1,1]", "([0]*1+[1]*3)"; only list literals of ints,
+    `list * int` and `list + list` are read, nothing is evaluated); None: every layer.
+    `first_k_dense`: the first K layers dense whatever `freq` says (K <= 0: none)."""
+    if freq is None:
+        pattern = [1] * n_layers
+    else:
+        value = _pattern_value(freq, where) if isinstance(freq, str) else freq
+        if isinstance(value, bool) or not isinstance(value, (int, list, tuple)):
+            raise EmberError(f"{where} {freq!r}: give an int N (every N-th layer MoE) or a list of 0/1 per layer, "
+                             "e.g. '([0]*1+[1]*3)'")
+        if isinstance(value, int):
+            if value == 0:
+                raise EmberError(f"{where} {freq!r}: the frequency must not be 0 (1: every layer MoE)")
+            pattern = [1 if i % value == 0 else 0 for i in range(n_layers)]
+        else:
+            pattern = list(value)
+            if len(pattern) != n_layers or any(isinstance(v, bool) or v not in (0, 1) for v in pattern):
+                raise EmberError(f"{where} {freq!r}: the list must hold one 0 (dense) or 1 (MoE) per layer, "
+                                 f"{n_layers} in all (--num-layers); it has {len(pattern)}: {pattern}")
+    if first_k_dense is not None and first_k_dense > 0:
+        if first_k_dense > n_layers:
+            raise EmberError(f"--first-k-dense-replace {first_k_dense}: more than the {n_layers} layers (--num-layers)")
+        pattern = [0] * first_k_dense + pattern[first_k_dense:]
+    return None if all(v == 1 for v in pattern) else pattern
+
+
+def _pattern_value(text: str, where: str) -> Any:
+    """The int or list a --moe-layer-freq string means, reading only int/list literals, `*` and
+    `+` (Megatron evals the string; ember never evaluates user text)."""
+    text = text.strip()
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":  # quoted once more by a script
+        text = text[1:-1]
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+        return _literal(tree.body)
+    except (SyntaxError, ValueError, TypeError, RecursionError):
+        raise EmberError(f"{where} {text!r}: not an int or a list pattern; write e.g. 2, [0,1,1,1] or "
+                         "'([0]*1+[1]*3)' (list literals of 0/1, * and + only)") from None
+
+
+def _literal(node: ast.AST) -> Any:
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant) \
+            and type(node.operand.value) is int:
+        return -node.operand.value
+    if isinstance(node, ast.List):
+        return [_literal(item) for item in node.elts]
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Mult, ast.Add)):
+        left, right = _literal(node.left), _literal(node.right)
+        if isinstance(node.op, ast.Add) and isinstance(left, list) and isinstance(right, list):
+            return left + right
+        if isinstance(node.op, ast.Mult) and isinstance(left, list) and type(right) is int and 0 <= len(left) * right <= 100_000:
+            return left * right
+    raise ValueError("unsupported expression")

@@ -36,18 +36,22 @@ class KVCache:
         self.dtype = dtype
         self.device = torch.device(device)
         self.length = 0
-        self._keys: dict[int, torch.Tensor] = {}
-        self._values: dict[int, torch.Tensor] = {}
+        self._layers: dict[int, torch.Tensor] = {}
+
+    def layer(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole key and value buffers [B, Hkv, max_len, D] of one layer (positions past
+        `length` hold nothing yet). Generation's fused decode step writes them in place."""
+        if layer_id not in self._layers:
+            self._layers[layer_id] = torch.zeros((2, *self.shape), dtype=self.dtype, device=self.device)
+        keys_values = self._layers[layer_id]
+        return keys_values[0], keys_values[1]
 
     def update(self, layer_id: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new keys/values [B, Hkv, T, D] after the cached ones; return all so far."""
-        if layer_id not in self._keys:
-            self._keys[layer_id] = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
-            self._values[layer_id] = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         end = self.length + keys.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; this step needs {end}")
-        k_all, v_all = self._keys[layer_id], self._values[layer_id]
+        k_all, v_all = self.layer(layer_id)
         k_all[:, :, self.length : end] = keys
         v_all[:, :, self.length : end] = values
         return k_all[:, :, :end], v_all[:, :, :end]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from ember.errors import EmberError
-from ember.models.args import ModelArgs
+from ember.models.args import ModelArgs, moe_layer_pattern
 from ember.models.registry import get_model_args
 
 if TYPE_CHECKING:
@@ -29,8 +29,9 @@ TRAINING_SETTINGS = ("attention_dropout", "hidden_dropout", "moe_input_jitter")
 LOAD_BALANCING_TYPES = ("aux_loss", "none")
 
 
-def megatron_overrides(config: Config) -> dict[str, Any]:
-    """Megatron architecture flags -> ModelArgs fields (only those the user gave)."""
+def megatron_overrides(config: Config, n_layers: int | None = None) -> dict[str, Any]:
+    """Megatron architecture flags -> ModelArgs fields (only those the user gave). `n_layers`: the
+    layer count of the named or loaded model, for a --moe-layer-freq given without --num-layers."""
     m = config.model
     out: dict[str, Any] = {}
     simple = {"num_layers": "n_layers", "hidden_size": "dim", "ffn_hidden_size": "ffn_dim",
@@ -70,6 +71,11 @@ def megatron_overrides(config: Config) -> dict[str, Any]:
     if m.qk_layernorm is not None:
         out["qk_norm"] = m.qk_layernorm
     out.update(_dropin_overrides(m))
+    if m.moe_layer_freq is not None or m.first_k_dense_replace is not None:
+        layers = m.num_layers or n_layers
+        if layers is None:
+            raise EmberError("--moe-layer-freq/--first-k-dense-replace need the layer count: pass --num-layers")
+        out["moe_layer_pattern"] = moe_layer_pattern(m.moe_layer_freq, layers, m.first_k_dense_replace)
     if m.rotary_seq_len_interpolation_factor:  # position interpolation (H3): positions / factor
         out["rope_scaling"] = {"type": "linear", "factor": float(m.rotary_seq_len_interpolation_factor)}
     return out
@@ -140,13 +146,18 @@ def model_args_from_config(config: Config, checkpoint_args: ModelArgs | None = N
     a tokenizer may read large files.
     """
     m = config.model
-    overrides = megatron_overrides(config)
+    base = get_model_args(m.name) if m.name else checkpoint_args
+    overrides = megatron_overrides(config, base.n_layers if base is not None else None)
     if "vocab_size" in overrides:  # Megatron pads the given vocabulary like a tokenizer's
         overrides["vocab_size"] = pad_vocab(overrides["vocab_size"], m.make_vocab_size_divisible_by)
     if m.padded_vocab_size is not None:  # MindSpeed: this size exactly, whatever the tokenizer's
         overrides["vocab_size"] = m.padded_vocab_size
     if m.name:
         args = get_model_args(m.name)
+        if args.moe_layer_pattern is not None and overrides.get("n_layers", args.n_layers) != args.n_layers \
+                and "moe_layer_pattern" not in overrides:
+            raise EmberError(f"--num-layers {overrides['n_layers']}: {m.name} mixes dense and MoE layers "
+                             f"({args.moe_layer_pattern}); give the new layers' pattern with --moe-layer-freq")
         if m.name.startswith("tiny-") and "vocab_size" not in overrides:
             # tiny models take the tokenizer's vocabulary (their registry size is a placeholder)
             vocab = tokenizer_vocab()

@@ -26,6 +26,7 @@ MODEL_TYPE_TO_FAMILY = {
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "mixtral": "mixtral",
+    "qwen3_moe": "qwen3_moe",
     "bloom": "bloom",
     "gpt2": "gpt2",
 }
@@ -35,6 +36,7 @@ HF_ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "mixtral": "MixtralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
     "bloom": "BloomForCausalLM",
     "gpt2": "GPT2LMHeadModel",
 }
@@ -57,7 +59,7 @@ _ARCHITECTURE_FIELDS = (
     "embedding_norm", "sandwich_norm", "qk_norm", "mlp_type", "activation", "position_type", "rope_theta",
     "rope_scaling", "sliding_window", "attn_scale", "attn_logit_softcap", "qkv_bias", "attn_out_bias",
     "mlp_bias", "tie_embeddings", "embedding_multiplier", "output_multiplier", "num_experts", "moe_top_k",
-    "moe_ffn_dim", "moe_gating", "moe_renormalize", "num_shared_experts",
+    "moe_ffn_dim", "moe_gating", "moe_renormalize", "num_shared_experts", "moe_layer_pattern",
 )
 
 
@@ -137,8 +139,10 @@ def _llama_like_fields(c: dict[str, Any], family: str, where: str) -> dict[str, 
     )
     if family == "qwen2":  # Qwen2 always has q/k/v biases and never an output bias
         fields.update(qkv_bias=True, attn_out_bias=False)
-    if family == "qwen3":
+    if family in ("qwen3", "qwen3_moe"):
         fields["qk_norm"] = True
+    if family == "qwen3_moe":
+        fields.update(_qwen3_moe_fields(c))
     if family in ("mistral", "mixtral"):
         fields["sliding_window"] = c.get("sliding_window")
     if family == "mixtral":
@@ -148,6 +152,22 @@ def _llama_like_fields(c: dict[str, Any], family: str, where: str) -> dict[str, 
             moe_aux_loss_coef=float(c.get("router_aux_loss_coef", 0.001)),
         )
     return fields
+
+
+def _qwen3_moe_fields(c: dict[str, Any]) -> dict[str, Any]:
+    """Qwen3-MoE: softmax router over all experts, top-k, renormalised only with norm_topk_prob;
+    dense layers (width intermediate_size) where mlp_only_layers names them or where
+    (layer + 1) % decoder_sparse_step != 0, as transformers' Qwen3MoeDecoderLayer decides."""
+    layers, step = c["num_hidden_layers"], int(c.get("decoder_sparse_step") or 1)
+    dense = set(c.get("mlp_only_layers") or [])
+    return dict(
+        num_experts=c.get("num_experts") or c.get("num_local_experts") or 128,
+        moe_top_k=c.get("num_experts_per_tok", 8),
+        moe_ffn_dim=c.get("moe_intermediate_size", 768),
+        moe_renormalize=bool(c.get("norm_topk_prob", False)),
+        moe_aux_loss_coef=float(c.get("router_aux_loss_coef", 0.001)),
+        moe_layer_pattern=[int(i not in dense and (i + 1) % step == 0) for i in range(layers)],
+    )
 
 
 def _bloom_fields(c: dict[str, Any], where: str) -> dict[str, Any]:
@@ -250,10 +270,21 @@ def _llama_like_config(args: ModelArgs, family: str) -> dict[str, Any]:
     )
     if family == "llama":
         config.update(attention_bias=args.qkv_bias, mlp_bias=args.mlp_bias)
-    if family == "qwen3":
+    if family in ("qwen3", "qwen3_moe"):
         config["attention_bias"] = args.qkv_bias
-    if family in ("qwen2", "qwen3"):
+    if family in ("qwen2", "qwen3", "qwen3_moe"):
         config["use_sliding_window"] = False
+    if family == "qwen3_moe":
+        pattern = args.moe_layer_pattern or [1] * args.n_layers
+        config.update(
+            num_experts=args.num_experts,
+            num_experts_per_tok=args.moe_top_k,
+            moe_intermediate_size=args.moe_ffn_dim,
+            norm_topk_prob=args.moe_renormalize,
+            router_aux_loss_coef=args.moe_aux_loss_coef,
+            decoder_sparse_step=1,
+            mlp_only_layers=[i for i, moe in enumerate(pattern) if not moe],
+        )
     if family in ("mistral", "mixtral"):
         config["sliding_window"] = args.sliding_window
     if family == "mixtral":
@@ -376,6 +407,14 @@ _LLAMA_LAYER = [
     _Stack("moe.experts.w2", "block_sparse_moe.experts.{e}.w2.weight"),
     _Stack("moe.experts.w3", "block_sparse_moe.experts.{e}.w3.weight"),
 ]
+# Qwen3-MoE: the Llama layer (its dense layers' mlp.*_proj), MoE layers in the per-expert layout
+# of the published checkpoints (and of save_pretrained)
+_QWEN3_MOE_LAYER = [rule for rule in _LLAMA_LAYER if "block_sparse_moe" not in rule.hf] + [
+    _Rename("moe.router.weight", "mlp.gate.weight"),
+    _Stack("moe.experts.w1", "mlp.experts.{e}.gate_proj.weight"),
+    _Stack("moe.experts.w2", "mlp.experts.{e}.down_proj.weight"),
+    _Stack("moe.experts.w3", "mlp.experts.{e}.up_proj.weight"),
+]
 _LLAMA_TOP = [
     _Rename("tok_embeddings.weight", "model.embed_tokens.weight"),
     _Rename("norm.weight", "model.norm.weight"),
@@ -445,6 +484,7 @@ def _layer_rules(layer_rules: list[_Rule], hf_prefix: str) -> list[_Rule]:
 
 _RULES: dict[str, list[_Rule]] = {
     **{f: _LLAMA_TOP + _layer_rules(_LLAMA_LAYER, "model.layers.") for f in ("llama", "mistral", "qwen2", "qwen3", "mixtral")},
+    "qwen3_moe": _LLAMA_TOP + _layer_rules(_QWEN3_MOE_LAYER, "model.layers."),
     "bloom": _BLOOM_TOP + _layer_rules(_BLOOM_LAYER, "transformer.h."),
     "gpt2": _GPT2_TOP + _layer_rules(_GPT2_LAYER, "transformer.h."),
 }
@@ -567,24 +607,30 @@ def normalise_hf_tensor(family: str, args: ModelArgs, name: str, tensor: torch.T
         name = "transformer." + name
     if name == "lm_head.weight" and args.tie_embeddings:
         return  # tied: the embedding is the head
-    if family == "mixtral":
+    if family in _PER_EXPERT_NAMES:
         router = _FUSED_ROUTER.match(name)
-        if router:
+        if router and family == "mixtral":
             yield f"model.layers.{router.group(1)}.block_sparse_moe.gate.weight", tensor
             return
         fused = _FUSED_EXPERTS.match(name)
         if fused:
             layer, kind = fused.groups()
-            prefix = f"model.layers.{layer}.block_sparse_moe.experts"
+            module, gate_name, up_name, down_name = _PER_EXPERT_NAMES[family]
+            prefix = f"model.layers.{layer}.{module}.experts"
             for e in range(tensor.shape[0]):
                 if kind == "down_proj":
-                    yield f"{prefix}.{e}.w2.weight", tensor[e]
+                    yield f"{prefix}.{e}.{down_name}.weight", tensor[e]
                 else:
                     gate, up = tensor[e].chunk(2, dim=0)
-                    yield f"{prefix}.{e}.w1.weight", gate
-                    yield f"{prefix}.{e}.w3.weight", up
+                    yield f"{prefix}.{e}.{gate_name}.weight", gate
+                    yield f"{prefix}.{e}.{up_name}.weight", up
             return
     yield name, tensor
+
+
+# family -> (MoE module name, per-expert gate, up and down projection names) in published checkpoints
+_PER_EXPERT_NAMES = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2"),
+                     "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj")}
 
 
 def ember_state_shapes(args: ModelArgs) -> dict[str, tuple[torch.Size, torch.dtype]]:

@@ -18,7 +18,7 @@ from ember.models.args import ModelArgs
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    family: str  # llama | mistral | qwen2 | qwen3 | mixtral | grok1 | bloom | gpt2
+    family: str  # llama | mistral | qwen2 | qwen3 | mixtral | qwen3_moe | grok1 | bloom | gpt2
     args: ModelArgs
     published_params: float | None  # the figure from the model card / paper, None for tiny-*
     source: str
@@ -108,6 +108,15 @@ _register(
     norm_eps=1e-5, rope_theta=1000000.0, num_experts=8, moe_top_k=2, moe_aux_loss_coef=0.02,
 )
 
+# Qwen3-MoE (Qwen/Qwen3-30B-A3B/config.json): q/k norm, 128 experts of width 768, top-8
+# renormalised (norm_topk_prob), every layer MoE (mlp_only_layers empty); 3.3B active.
+_register(
+    "qwen3-30b-a3b", "qwen3_moe", 30.5e9, "Qwen/Qwen3-30B-A3B",
+    vocab_size=151936, dim=2048, n_layers=48, n_heads=32, n_kv_heads=4, head_dim=128, ffn_dim=6144,
+    max_seq_len=40960, norm_eps=1e-6, rope_theta=1000000.0, qk_norm=True, num_experts=128, moe_top_k=8,
+    moe_ffn_dim=768, moe_aux_loss_coef=0.001,
+)
+
 # ---------------------------------------------------------------------------------------------
 # Grok-1. The full model follows xai-org/grok-1 (model.py / run.py): 64 layers, GeGLU experts
 # (ffn = 8 * 6144 * 2/3), sandwich RMSNorms, attention logits soft-capped at 30, embeddings
@@ -175,6 +184,11 @@ _register(
     "tiny-grok1", "grok1", None, "tiny grok1-40b (sandwich norms, multipliers, 4 experts)",
     n_kv_heads=2, ffn_dim=96, num_experts=4, moe_top_k=2, moe_aux_loss_coef=0.01, sandwich_norm=True,
     embedding_multiplier=78.38367176906169, output_multiplier=0.5773502691896257, **_TINY,
+)
+_register(
+    "tiny-qwen3-moe", "qwen3_moe", None, "tiny Qwen3-MoE (layer 0 dense, layer 1 MoE: 4 experts, top-2)",
+    n_kv_heads=2, head_dim=32, ffn_dim=176, norm_eps=1e-6, qk_norm=True, num_experts=4, moe_top_k=2,
+    moe_ffn_dim=96, moe_aux_loss_coef=0.001, moe_layer_pattern=[0, 1], **_TINY,
 )
 _register(
     "tiny-bloom", "bloom", None, "tiny Bloom (ALiBi, embedding LayerNorm)",

@@ -34,7 +34,7 @@ class Block(nn.Module):
         self.attention = Attention(layer_id, args)
         self.post_attention_norm = build_norm(args) if args.sandwich_norm else None
         self.ffn_norm = build_norm(args)
-        if args.num_experts:
+        if args.is_moe_layer(layer_id):  # mixed models: the other layers a dense FeedForward
             self.moe = MoE(args)
             self.feed_forward = None
         else:

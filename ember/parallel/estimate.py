@@ -9,7 +9,8 @@ layer of the tensors autograd saves for backward, times the tokens and layers in
   compute precision (ember/train/precision.py). With data (or context) parallelism FSDP2 holds
   them: sharded over dp_shard x cp for ZeRO-1/FSDP, plus a gathered copy (for replicate and
   ZeRO-1 from the first forward to the last backward — replicate keeps the model twice; for FSDP
-  the root group and the block in backward). Expert-parallel weights stay outside FSDP, whole.
+  the root group and the block in backward). Expert-parallel weights: the same over the expert
+  data-parallel ranks under zero1/fsdp; under replicate outside FSDP, whole.
 - Under bf16/fp16 autocast every matmul casts its weight, and autocast caches one
   half-precision copy per matrix until its context exits (a micro-batch's forward; a pipeline
   step's whole schedule); each linear layer keeps its own half-precision copy of its input.
@@ -113,8 +114,9 @@ def _mlp_split(args: ModelArgs, ffn: int, tp: int) -> tuple[int, int]:
     return matrices + bias, matrices
 
 
-def block_params(args: ModelArgs, layout: Layout) -> Params:
-    """One transformer block's parameters on one device."""
+def block_params(args: ModelArgs, layout: Layout, moe: bool | None = None) -> Params:
+    """One transformer block's parameters on one device; `moe`: a MoE block or a dense one
+    (None: the model's kind; models mixing the two ask for each)."""
     tp = layout.tp
     q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
     attn_matrices = (args.dim * (q + 2 * kv) + q * args.dim) // tp
@@ -122,7 +124,7 @@ def block_params(args: ModelArgs, layout: Layout) -> Params:
     attn += 2 * _norm(args, args.head_dim) if args.qk_norm else 0
     norms = (4 if args.sandwich_norm else 2) * _norm(args, args.dim)
     dense, matrices, expert = attn + norms, attn_matrices, 0
-    if args.num_experts:
+    if _moe(args, moe):
         dense += args.num_experts * args.dim  # router, replicated
         matrices += args.num_experts * args.dim
         one_expert, one_expert_matrices = _mlp_split(args, args.moe_ffn_dim, layout.etp)
@@ -164,8 +166,24 @@ def layers_per_stage(args: ModelArgs, layout: Layout) -> int:
     return math.ceil(args.n_layers / layout.pp)
 
 
+def _moe(args: ModelArgs, moe: bool | None) -> bool:
+    return bool(args.num_experts) if moe is None else moe
+
+
+def stage_layers(args: ModelArgs, layout: Layout, first: bool) -> dict[bool, int]:
+    """{is MoE: number of layers} of the first stage (first) or else the last one, each counted as
+    layers_per_stage layers; models mixing dense and MoE layers (ModelArgs.moe_layer_pattern) have
+    both kinds."""
+    n = layers_per_stage(args, layout)
+    layers = range(min(n, args.n_layers)) if first else range(max(0, args.n_layers - n), args.n_layers)
+    moe = sum(args.is_moe_layer(i) for i in layers)
+    return {kind: count for kind, count in ((True, moe), (False, len(layers) - moe)) if count}
+
+
 def stage_params(args: ModelArgs, layout: Layout, first: bool, last: bool) -> Params:
-    params = block_params(args, layout).scaled(layers_per_stage(args, layout))
+    params = Params()
+    for moe, count in stage_layers(args, layout, first).items():
+        params = params + block_params(args, layout, moe).scaled(count)
     if first:
         params = params + embedding_params(args, layout)
     if last:
@@ -225,11 +243,11 @@ def _mlp_saved(args: ModelArgs, ffn: float, workload: Workload) -> float:
     return workload.compute_bytes * ffn * (4 if args.mlp_type == "gated" else 2)
 
 
-def block_backward_bytes(args: ModelArgs, layout: Layout, workload: Workload) -> float:
+def block_backward_bytes(args: ModelArgs, layout: Layout, workload: Workload, moe: bool | None = None) -> float:
     """Bytes per local token a block's backward adds at its largest, on top of what the block
     keeps: the MLP's hidden gradients once its product (gated) or activation output has been
     used — two hidden-width gradients where one saved tensor was freed (gated), else one."""
-    if args.num_experts:
+    if _moe(args, moe):
         ffn = args.moe_top_k * args.moe_ffn_dim / layout.etp
     else:
         ffn = args.ffn_dim / layout.tp
@@ -255,7 +273,7 @@ def _moe_saved(args: ModelArgs, layout: Layout, workload: Workload) -> float:
     return saved
 
 
-def block_activation_bytes(args: ModelArgs, layout: Layout, workload: Workload) -> float:
+def block_activation_bytes(args: ModelArgs, layout: Layout, workload: Workload, moe: bool | None = None) -> float:
     """Bytes per local token one block keeps for backward without recomputation."""
     h, p, shards = args.dim, workload.compute_bytes, layout.seq_shards
     norms = 2 * _norm_saved(args, layout, h, RESIDUAL_BYTES)
@@ -263,14 +281,14 @@ def block_activation_bytes(args: ModelArgs, layout: Layout, workload: Workload) 
         norms += 2 * _norm_saved(args, layout, h, p)
     saved = norms / shards
     saved += _linear_inputs(h, 3, workload) + _attention_saved(args, layout, workload)
-    if args.num_experts:
+    if _moe(args, moe):
         saved += _moe_saved(args, layout, workload)
     else:
         saved += _linear_inputs(h, _mlp_inputs(args), workload) + _mlp_saved(args, args.ffn_dim / layout.tp, workload)
     return saved
 
 
-def block_selective_bytes(args: ModelArgs, layout: Layout, workload: Workload) -> float:
+def block_selective_bytes(args: ModelArgs, layout: Layout, workload: Workload, moe: bool | None = None) -> float:
     """Bytes per local token a block keeps under selective recomputation: its input and the
     outputs of its matmuls and attention."""
     h, p, tp = args.dim, workload.compute_bytes, layout.tp
@@ -280,7 +298,7 @@ def block_selective_bytes(args: ModelArgs, layout: Layout, workload: Workload) -
     if args.attn_logit_softcap is not None:
         saved += p * args.n_heads / tp * workload.seq_length
     gated = args.mlp_type == "gated"
-    if args.num_experts:
+    if _moe(args, moe):
         ffn = args.moe_ffn_dim / layout.etp
         saved += p * args.num_experts + args.moe_top_k * p * ((2 if gated else 1) * ffn + h)
         if args.num_shared_experts:
@@ -410,14 +428,24 @@ def _fsdp_shards(layout: Layout) -> int:
     return (layout.dp_shard if layout.dp_mode != "replicate" else 1) * layout.cp
 
 
-def _state_bytes(params: Params, block: Params, n_layers: int, layout: Layout,
+def _expert_fsdp_shards(layout: Layout) -> int:
+    """Ranks FSDP2 shards the expert-parallel weights over (ember.parallel.mesh's expert_fsdp: the
+    expert data-parallel ranks, under zero1 / fsdp); 0 where they stay outside FSDP, whole
+    (replicate, or a single expert data-parallel rank: the trainer reduces their gradients)."""
+    edp = layout.dp * layout.cp // layout.ep
+    return edp if layout.ep > 1 and layout.dp_mode != "replicate" and edp > 1 else 0
+
+
+def _state_bytes(params: Params, block: Params, blocks: Params, layout: Layout,
                  accumulating: bool) -> tuple[float, float, float, float]:
     """(parameters, gradients, optimizer, transient) bytes of the parameter/optimizer state at the
     activation peak (the last micro-batch), as FSDP2 (ember.parallel.fsdp) keeps them; transient:
-    what backward through a block adds.
+    what backward through a block adds. `block`: the largest of the stage's blocks, `blocks`: all of them.
 
-    Expert-parallel weights stay outside FSDP: whole on each rank with their gradients and AdamW
-    state (replicated over the expert data-parallel ranks). FSDP2 gathers the other parameters
+    Expert-parallel weights under zero1 / fsdp are FSDP2 units of their own, sharded over the
+    expert data-parallel ranks like the rest over dp_shard x cp; under replicate (or with one
+    expert data-parallel rank) they stay outside FSDP: whole on each rank with their gradients and
+    AdamW state. FSDP2 gathers the other parameters
     into a separate unsharded copy, also over a shard group of one (replicate mode: the model
     twice, an implementation cost DDP would not have)."""
     shards = _fsdp_shards(layout)
@@ -425,23 +453,26 @@ def _state_bytes(params: Params, block: Params, n_layers: int, layout: Layout,
     block_dense = block.dense
     if layout.ep == 1:  # experts are ordinary FSDP parameters
         dense, expert, block_dense = dense + expert, 0, block_dense + block.expert
+    expert_shards = _expert_fsdp_shards(layout)
+    # experts outside FSDP (whole, with whole state), and the shard of those FSDP holds
+    outside, expert_sharded = (0, expert / expert_shards) if expert_shards else (expert, 0)
     grads_whole = GRAD_BYTES * (dense + expert) if accumulating else 0
     if not shards:  # no FSDP: the parameters themselves, gradients accumulating in place
         return MASTER_BYTES * (dense + expert), grads_whole, ADAM_BYTES * (dense + expert), 0
     sharded = dense / shards
-    optimizer = ADAM_BYTES * (sharded + expert)
+    optimizer = ADAM_BYTES * (sharded + expert_sharded + outside)
     if layout.dp_mode in ("replicate", "zero1"):
         # gathered from the first forward to the last backward; gradients accumulate unsharded and
         # are reduced into their shards after the last backward
-        return MASTER_BYTES * (dense + sharded + expert), grads_whole, optimizer, 0
+        return MASTER_BYTES * (dense + sharded + expert + expert_sharded), grads_whole, optimizer, 0
     # fsdp: what no block owns (embeddings, final norm, output layer: the root group) stays gathered
     # from the first forward to the last backward; in backward one block is gathered (plus the
     # next, prefetched) with its unsharded gradients; the sharded gradients of earlier
     # micro-batches' reduce-scatters
-    root = dense - block_dense * n_layers
-    grads = GRAD_BYTES * (sharded + (expert if accumulating else 0))
-    return (MASTER_BYTES * (sharded + root + expert), grads, optimizer,
-            (2 * MASTER_BYTES + GRAD_BYTES) * block_dense)
+    root = dense - (blocks.dense + (blocks.expert if layout.ep == 1 else 0))
+    grads = GRAD_BYTES * (sharded + expert_sharded + (outside if accumulating else 0))
+    return (MASTER_BYTES * (sharded + root + expert_sharded + outside), grads, optimizer,
+            (2 * MASTER_BYTES + GRAD_BYTES) * (block_dense + (block.expert if expert_shards else 0)))
 
 
 def estimate_memory(args: ModelArgs, layout: Layout, workload: Workload) -> MemoryEstimate:
@@ -449,27 +480,38 @@ def estimate_memory(args: ModelArgs, layout: Layout, workload: Workload) -> Memo
     tokens = layout.micro_batch_size * workload.seq_length / layout.cp  # per micro-batch, local
     local_seq = workload.seq_length / layout.cp
     m = micro_batches(layout, workload)
-    full_block = block_activation_bytes(args, layout, workload)
-    kept_block = {"none": full_block, "selective": block_selective_bytes(args, layout, workload),
-                  "full": RESIDUAL_BYTES * args.dim / layout.seq_shards}[layout.recompute]
+
+    def full_block(moe: bool) -> float:
+        return block_activation_bytes(args, layout, workload, moe)
+
+    def kept_block(moe: bool) -> float:
+        if layout.recompute == "none":
+            return full_block(moe)
+        if layout.recompute == "selective":
+            return block_selective_bytes(args, layout, workload, moe)
+        return RESIDUAL_BYTES * args.dim / layout.seq_shards
+
     head_kept, head_transient = head_activation_bytes(args, layout, workload)
-    n_layers = layers_per_stage(args, layout)
-    block = block_params(args, layout)
     half = workload.compute_bytes if workload.autocast else 0
     estimate = MemoryEstimate()
     roles = [("only", True, True)] if layout.pp == 1 else [("first", True, False), ("last", False, True)]
     for name, first, last in roles:
         params = stage_params(args, layout, first, last)
+        # the stage's blocks: all alike, or dense and MoE ones (ModelArgs.moe_layer_pattern)
+        kinds = stage_layers(args, layout, first)
+        blocks = sum((block_params(args, layout, moe).scaled(count) for moe, count in kinds.items()), Params())
+        block = max((block_params(args, layout, moe) for moe in kinds), key=lambda b: b.dense + b.expert)
         flight = in_flight(args, layout, workload, first)
         stage = StageMemory(name, params, in_flight=flight)
         accumulating = m > 1 or layout.pp > 1
         # gradients are resident at the activation peak when earlier micro-batches left them, and
         # (counted in full) when recomputation rebuilds blocks while gradients fill up
         grads_at_peak = accumulating or layout.recompute != "none"
-        stage.parameters, stage.gradients, stage.optimizer, gathered = _state_bytes(params, block, n_layers, layout,
+        stage.parameters, stage.gradients, stage.optimizer, gathered = _state_bytes(params, block, blocks, layout,
                                                                                      grads_at_peak)
         stage.parameters += buffer_bytes(args)
-        per_micro_batch = tokens * kept_block * n_layers + forward_extras(args, workload, local_seq)
+        per_micro_batch = tokens * sum(kept_block(moe) * count for moe, count in kinds.items()) \
+            + forward_extras(args, workload, local_seq)
         if first:
             per_micro_batch += 8 * tokens  # token ids
         transient = 0.0
@@ -495,9 +537,10 @@ def estimate_memory(args: ModelArgs, layout: Layout, workload: Workload) -> Memo
         # adds what it did not keep (and, without a pipeline, casts its matrices again, once the
         # forward's copies are gone). That happens once the loss is done with its temporaries, so
         # the larger of the two counts
-        backward = tokens * (full_block - kept_block + block_backward_bytes(args, layout, workload)) + gathered
+        backward = tokens * max(full_block(moe) - kept_block(moe) + block_backward_bytes(args, layout, workload, moe)
+                                for moe in kinds) + gathered
         if layout.recompute != "none" and layout.pp == 1:
-            backward -= half * block.matrices * (n_layers - 1)
+            backward -= half * (blocks.matrices - block.matrices)
         stage.temporaries = max(transient, backward)
         if not grads_at_peak:
             # one micro-batch, no pipeline: gradients appear as activations are freed
@@ -534,8 +577,10 @@ def _ring(n: int) -> float:
 def _data_parallel_bytes(layout: Layout, params: Params, m: int) -> float:
     """Gradient and parameter synchronisation (ember.parallel.fsdp): FSDP2 over the mesh
     (dp_replicate, dp_shard x cp), whose shard group reduce-scatters gradients and all-gathers
-    parameters and whose replicas all-reduce their shards; expert-parallel weights stay outside
-    FSDP and are all-reduced over the expert data-parallel ranks once per step."""
+    parameters and whose replicas all-reduce their shards; expert-parallel weights are FSDP2 units
+    over the expert data-parallel ranks under zero1 / fsdp (the same bytes as an all-reduce once
+    per step for zero1, gathered twice and reduced every micro-batch for fsdp), else outside FSDP
+    and all-reduced over those ranks once per step."""
     replicas, shards = layout.dp_replicate, layout.dp_shard * layout.cp
     dense, expert = params.dense, params.expert
     if layout.ep == 1:  # without expert parallelism experts are ordinary FSDP parameters
@@ -547,12 +592,14 @@ def _data_parallel_bytes(layout: Layout, params: Params, m: int) -> float:
     across = 2 * _ring(replicas) * grad / shards
     experts = 2 * _ring(expert_d) * GRAD_BYTES * expert
     if layout.dp_mode == "fsdp":  # gathered for forward and again for backward, reduced, every micro-batch
+        if _expert_fsdp_shards(layout):
+            experts = m * 3 * _ring(expert_d) * GRAD_BYTES * expert
         return m * (2 * gather + scatter + across) + experts
     # replicate / zero1: one gather (free when unsharded) and one reduction per step
     return gather + scatter + across + experts
 
 
-def _tensor_parallel_block_units(args: ModelArgs, layout: Layout, forwards: int) -> float:
+def _tensor_parallel_block_units(args: ModelArgs, layout: Layout, forwards: int, moe: bool | None = None) -> float:
     """One block's tensor-parallel traffic per micro-batch, in all-reduces of the block's hidden
     states (under sequence parallelism an all-gather + reduce-scatter pair moves the same bytes).
 
@@ -563,7 +610,7 @@ def _tensor_parallel_block_units(args: ModelArgs, layout: Layout, forwards: int)
     also gathers the sequence at its input (forward) and its output gradient (backward), half a
     unit each."""
     per_pass = forwards + 1
-    if not args.num_experts:
+    if not _moe(args, moe):
         return 2 * per_pass
     units = per_pass * (1 + args.moe_top_k)
     if args.num_shared_experts:
@@ -579,12 +626,14 @@ def estimate_communication(args: ModelArgs, layout: Layout, workload: Workload) 
     p = workload.compute_bytes
     tokens = layout.micro_batch_size * workload.seq_length / layout.cp
     n_layers = layers_per_stage(args, layout)
+    kinds = stage_layers(args, layout, first=layout.pp == 1)  # {is MoE: layers}: mixed models have both
     params = stage_params(args, layout, first=layout.pp == 1, last=True)
     forwards = 2 if layout.recompute == "full" else 1  # full recompute repeats the forward
     comm.dp = _data_parallel_bytes(layout, params, m)
     if layout.tp > 1:
         head = 2 / layout.pp  # the embedding (first stage) and the output layer (last stage), a unit each
-        comm.tp = m * (n_layers * _tensor_parallel_block_units(args, layout, forwards) + head) \
+        units = sum(count * _tensor_parallel_block_units(args, layout, forwards, moe) for moe, count in kinds.items())
+        comm.tp = m * (units + head) \
             * 2 * _ring(layout.tp) * tokens * args.dim * p
     if layout.pp > 1:
         # per micro-batch, each of the pp * v - 1 stage boundaries carries activations one way and
@@ -595,7 +644,7 @@ def estimate_communication(args: ModelArgs, layout: Layout, workload: Workload) 
     if args.num_experts and layout.ep > 1:
         # dispatch (fp32 tokens) and combine (expert outputs), forward and backward
         routed = tokens * args.moe_top_k * args.dim
-        comm.ep = m * n_layers * (forwards + 1) * (RESIDUAL_BYTES + p) * routed * _ring(layout.ep)
+        comm.ep = m * kinds.get(True, 0) * (forwards + 1) * (RESIDUAL_BYTES + p) * routed * _ring(layout.ep)
     if layout.cp > 1:
         # keys and values all-gathered over the cp ranks (each sends its piece to cp - 1 others) in
         # every forward; the backward pass reduce-scatters their gradients (the same bytes) once
