@@ -19,6 +19,22 @@ activations on with plain send/recv) and saves the model the way Megatron-LM's t
 parallelism (world tp * pp * N, the expert ranks being data-parallel ranks; legacy files are then
 mp_rank_TT[_PPP]_EEE as Megatron-LM names them).
 
+--optim-steps K (tensor and pipeline parallelism, untied output) trains first, as Megatron-LM's train_step does, with
+megatron-core's own optimizer: its parameter groups (`_get_param_groups`: no weight decay on biases
+and 1-D weights), torch AdamW (megatron-core's fallback without apex/TE) in its FP32Optimizer, and
+its OptimizerParamScheduler (constant LR, as fixed in OPTIM). get_megatron_optimizer itself needs
+Megatron's DDP buffers, which need CUDA, so the optimizer is built from those parts the way it
+builds it. K steps on fixed batches, then the save holds the optimizer the way Megatron-LM's
+save_checkpoint writes it (torch_dist: `optimizer.sharded_state_dict(model_sharded_state_dict)`
+under 'optimizer'; legacy: `optimizer.state_dict()`), 'opt_param_scheduler' and iteration K. Then
+one MORE step on another fixed batch, and OUT/reference_optim.pt: {'train_tokens' (that batch),
+'tokens', 'logits' (megatron-core's logits after the extra step), 'optim' (its hyper-parameters)}.
+--bf16 makes the model bf16 (`model.bfloat16()`, as Megatron-LM's Float16Module) and the optimizer
+megatron-core's Float16OptimizerWithFloat16Params (fp32 master weights, saved as `fp32_param` /
+'fp32_from_fp16_params'); it sorts parameters by CUDA type names, which CPU tensors are shown as
+while it is built. --with-bf16 adds that bf16 model to the same run, under OUT/bf16. Megatron's
+distributed optimizer needs DDP's CUDA buffers: it cannot be written here.
+
 With --format both the one model is saved both ways, into OUT/torch_dist and OUT/legacy. Each save
 folder gets latest_checkpointed_iteration.txt, and reference.pt: {'tokens': [B, S], 'logits':
 [B, S, V] fp32 (vocabulary gathered)} from the last stage. megatron-core 0.16.1 runs this on CPU
@@ -37,6 +53,8 @@ from pathlib import Path
 
 ITERATION = 7
 BATCH, SEQ = 2, 12
+# the optimizer of --optim-steps: large enough a learning rate that the moments show in the logits
+OPTIM = dict(lr=0.01, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8)
 
 # name -> (TransformerConfig fields, GPTModel fields, Megatron-LM args beyond those)
 FAMILIES = {
@@ -98,7 +116,8 @@ FAMILIES = {
 }
 
 
-def megatron_args(family: str, tp: int, pp: int, ckpt_format: str, ep: int = 1) -> argparse.Namespace:
+def megatron_args(family: str, tp: int, pp: int, ckpt_format: str, ep: int = 1,
+                  iteration: int = ITERATION) -> argparse.Namespace:
     """The args Namespace Megatron-LM's training loop saves, with the fields a converter reads and
     a few of the others it holds (enums, dtypes, lists) so the loader's allow-list is exercised."""
     import torch
@@ -135,12 +154,15 @@ def megatron_args(family: str, tp: int, pp: int, ckpt_format: str, ep: int = 1) 
         world_size=tp * pp * ep, data_parallel_size=ep, params_dtype=torch.float32, fp16=False, bf16=False,
         ckpt_format=ckpt_format, transformer_impl="local", attention_backend=AttnBackend.auto,
         model_type=ModelType.encoder_or_decoder, init_method_std=0.02, attention_dropout=0.0, hidden_dropout=0.0,
-        iteration=ITERATION, consumed_train_samples=ITERATION * 4, train_iters=100, lr=3e-4,
+        iteration=iteration, consumed_train_samples=iteration * BATCH, train_iters=100, lr=OPTIM["lr"],
+        min_lr=OPTIM["lr"], weight_decay=OPTIM["weight_decay"], adam_beta1=OPTIM["adam_beta1"],
+        adam_beta2=OPTIM["adam_beta2"], adam_eps=OPTIM["adam_eps"], clip_grad=0.0, optimizer="adam",
+        use_distributed_optimizer=False, lr_decay_style="constant", global_batch_size=BATCH, micro_batch_size=BATCH,
         data_path=["/data/corpus_text_document"], load=None, save="/checkpoints", seed=1234,
     )
 
 
-def build_model(family: str):
+def build_model(family: str, dtype=None):
     import torch
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -206,7 +228,7 @@ def reference_forward(model, tokens):
     positions = torch.arange(tokens.shape[1])[None].expand_as(tokens)
     hidden_shape = (tokens.shape[1], tokens.shape[0], model.config.hidden_size)  # megatron: [s, b, h]
     if not parallel_state.is_pipeline_first_stage():
-        received = torch.empty(hidden_shape)
+        received = torch.empty(hidden_shape, dtype=model.config.params_dtype)
         dist.recv(received, src=parallel_state.get_pipeline_model_parallel_prev_rank())
         model.set_input_tensor(received)
     # megatron's mask convention: True = masked out (its default causal mask is made on "cuda")
@@ -219,7 +241,96 @@ def reference_forward(model, tokens):
     return out
 
 
-def save_torch_dist(model, args, folder: Path) -> None:
+def build_optimizer(model):
+    """megatron-core's optimizer for `model`, as get_megatron_optimizer builds it without the
+    distributed optimizer and without DDP: its parameter groups, torch AdamW, FP32Optimizer (a bf16
+    model: Float16OptimizerWithFloat16Params, with fp32 master weights); and Megatron-LM's
+    OptimizerParamScheduler over it."""
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.optimizer import (
+        OptimizerConfig,
+        _get_megatron_optimizer_based_on_param_groups,
+        _get_param_groups,
+    )
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    config = OptimizerConfig(optimizer="adam", lr=OPTIM["lr"], min_lr=OPTIM["lr"], weight_decay=OPTIM["weight_decay"],
+                             adam_beta1=OPTIM["adam_beta1"], adam_beta2=OPTIM["adam_beta2"], adam_eps=OPTIM["adam_eps"],
+                             clip_grad=0.0, params_dtype=model.config.params_dtype, bf16=model.config.bf16,
+                             use_distributed_optimizer=False)
+    groups = _get_param_groups([model], config, None)
+    tensor, type_of = torch.tensor, torch.Tensor.type
+    # The optimizers keep their (unused) loss scale of 1 on "cuda": on a CPU-only torch, the CPU;
+    # Float16OptimizerWithFloat16Params sorts parameters by their CUDA type names: CPU ones pass as those.
+    cuda_names = {"torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor", "torch.FloatTensor": "torch.cuda.FloatTensor"}
+    torch.tensor = lambda *a, **k: tensor(*a, **{**k, "device": "cpu"} if k.get("device") == "cuda" else k)
+    torch.Tensor.type = lambda self, *a, **k: type_of(self, *a, **k) if a or k else cuda_names.get(type_of(self), type_of(self))
+    try:
+        optimizer = _get_megatron_optimizer_based_on_param_groups(
+            config, [model], groups, model_parallel_group=parallel_state.get_model_parallel_group())
+    finally:
+        torch.tensor, torch.Tensor.type = tensor, type_of
+    scheduler = OptimizerParamScheduler(optimizer, init_lr=0.0, max_lr=OPTIM["lr"], min_lr=OPTIM["lr"], lr_warmup_steps=0,
+                                        lr_decay_steps=100 * BATCH, lr_decay_style="constant",
+                                        start_wd=OPTIM["weight_decay"], end_wd=OPTIM["weight_decay"],
+                                        wd_incr_steps=100 * BATCH, wd_incr_style="constant")
+    return optimizer, scheduler
+
+
+def train_step(model, optimizer, scheduler, tokens) -> None:
+    """Megatron-LM's train_step on one batch, one micro-batch (what its schedule does then): the
+    mean next-token cross-entropy, backward (pipeline stages hand activations forward and their
+    gradients back with plain send/recv), optimizer.step(), the scheduler advanced by the batch's
+    samples. No tied embedding across stages (its gradient all-reduce is not done here)."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import _allreduce_non_tensor_model_parallel_grads
+
+    assert not (model.share_embeddings_and_output_weights and parallel_state.get_pipeline_model_parallel_world_size() > 1)
+    model.train()
+    optimizer.zero_grad()
+    positions = torch.arange(tokens.shape[1])[None].expand_as(tokens)
+    causal = torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool).triu(1)[None, None]
+    received = None
+    if not parallel_state.is_pipeline_first_stage():
+        received = torch.empty(tokens.shape[1], tokens.shape[0], model.config.hidden_size, dtype=model.config.params_dtype)
+        dist.recv(received, src=parallel_state.get_pipeline_model_parallel_prev_rank())
+        received.requires_grad_()
+        model.set_input_tensor(received)
+    out = model(tokens, positions, attention_mask=causal)
+    if parallel_state.is_pipeline_last_stage():
+        loss = torch.nn.functional.cross_entropy(out[:, :-1].float().reshape(-1, out.shape[-1]),
+                                                 tokens[:, 1:].reshape(-1))
+        loss.backward()
+    else:
+        dist.send(out.detach().contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank())
+        grad = torch.empty_like(out)
+        dist.recv(grad, src=parallel_state.get_pipeline_model_parallel_next_rank())
+        torch.autograd.backward(out, grad)
+    if received is not None:
+        dist.send(received.grad.contiguous(), dst=parallel_state.get_pipeline_model_parallel_prev_rank())
+    # finalize_model_grads' sum over tensor-parallel ranks of the qk-layernorm (and sequence-parallel
+    # norm) gradients, megatron-core's own function; it reads the DDP wrapper's config
+    model.ddp_config = DistributedDataParallelConfig()
+    _allreduce_non_tensor_model_parallel_grads([model], model.config)
+    success, _, _ = optimizer.step()
+    assert success
+    scheduler.step(increment=tokens.shape[0])
+    model.eval()
+
+
+def train_tokens(family: str, step: int):
+    import torch
+
+    return torch.randint(0, FAMILIES[family]["model"]["vocab_size"], (BATCH, SEQ),
+                         generator=torch.Generator().manual_seed(1000 + step))
+
+
+def save_torch_dist(model, args, folder: Path, optimizer=None, scheduler=None) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
@@ -228,12 +339,16 @@ def save_torch_dist(model, args, folder: Path) -> None:
     if not filesystem_async.HAVE_PSUTIL:
         filesystem_async._process_memory = lambda: 0
 
-    state = {"model": model.sharded_state_dict(), "args": args, "iteration": ITERATION, "checkpoint_version": 3.0}
+    model_state = model.sharded_state_dict()
+    state = {"model": model_state, "args": args, "iteration": args.iteration, "checkpoint_version": 3.0}
+    if optimizer is not None:  # Megatron-LM's generate_state_dict
+        state["optimizer"] = optimizer.sharded_state_dict(model_state)
+        state["opt_param_scheduler"] = scheduler.state_dict()
     folder.mkdir(parents=True, exist_ok=True)
     dist_checkpointing.save(state, str(folder))
 
 
-def save_legacy(model, args, folder: Path) -> None:
+def save_legacy(model, args, folder: Path, optimizer=None, scheduler=None) -> None:
     import numpy as np
     import torch
     from megatron.core import parallel_state
@@ -245,8 +360,11 @@ def save_legacy(model, args, folder: Path) -> None:
         name += f"_{parallel_state.get_expert_model_parallel_rank():03d}"
     rng_state = [{"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
                   "torch_rng_state": torch.get_rng_state(), "cuda_rng_state": None, "rng_tracker_states": {}}]
-    state = {"args": args, "checkpoint_version": 3.0, "iteration": ITERATION,
+    state = {"args": args, "checkpoint_version": 3.0, "iteration": args.iteration,
              "model": model.state_dict_for_save_checkpoint(), "rng_state": rng_state}
+    if optimizer is not None:  # Megatron-LM's save_checkpoint without the distributed optimizer
+        state["optimizer"] = optimizer.state_dict()
+        state["opt_param_scheduler"] = scheduler.state_dict()
     (folder / name).mkdir(parents=True, exist_ok=True)
     torch.save(state, folder / name / "model_optim_rng.pt")
 
@@ -277,6 +395,55 @@ def load_saved(model, save_dir: Path, ckpt_format: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
+def make_saves(opts, root: Path, bf16: bool) -> None:
+    """Build, randomize, (train,) save in the formats asked for under `root`, write the references."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    model = build_model(opts.family, torch.bfloat16 if bf16 else None)
+    if bf16:  # what Megatron-LM's Float16Module wrapper does to every parameter (norms too)
+        model.bfloat16()
+    randomize(model, opts.family)
+    optimizer = scheduler = None
+    iteration = ITERATION
+    if opts.optim_steps:
+        assert opts.ep == 1, "--optim-steps: no expert parallelism"
+        optimizer, scheduler = build_optimizer(model)
+        for step in range(opts.optim_steps):
+            train_step(model, optimizer, scheduler, train_tokens(opts.family, step))
+        iteration = opts.optim_steps
+    model.eval()
+    tokens = torch.randint(0, FAMILIES[opts.family]["model"]["vocab_size"], (BATCH, SEQ),
+                           generator=torch.Generator().manual_seed(99))
+    logits = reference_forward(model, tokens)
+    formats = ["torch_dist", "legacy"] if opts.format == "both" else [opts.format]
+    for ckpt_format in formats:
+        out = root / ckpt_format if opts.format == "both" else root
+        args = megatron_args(opts.family, opts.tp, opts.pp, ckpt_format, opts.ep, iteration)
+        if bf16:
+            args.bf16, args.params_dtype = True, torch.bfloat16
+        folder = out / f"iter_{iteration:07d}"
+        if ckpt_format == "torch_dist":
+            save_torch_dist(model, args, folder, optimizer, scheduler)
+        else:
+            save_legacy(model, args, folder, optimizer, scheduler)
+        dist.barrier()
+        if logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0:
+            torch.save({"tokens": tokens, "logits": logits.float()}, out / "reference.pt")
+        if dist.get_rank() == 0:
+            (out / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+        dist.barrier()
+    if optimizer is not None:  # the reference continuation: one more step, then the logits
+        extra = train_tokens(opts.family, opts.optim_steps)
+        train_step(model, optimizer, scheduler, extra)
+        after = reference_forward(model, tokens)
+        if after is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
+            torch.save({"train_tokens": extra, "tokens": tokens, "logits": after.float(), "optim": dict(OPTIM),
+                        "iteration": iteration}, root / "reference_optim.pt")
+        dist.barrier()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
@@ -286,6 +453,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ep", type=int, default=1, help="expert-parallel size (world: tp * pp * ep, data-parallel ep)")
     parser.add_argument("--format", choices=["torch_dist", "legacy", "both"], required=True,
                         help="both: the same model saved in OUT/torch_dist and OUT/legacy")
+    parser.add_argument("--bf16", action="store_true", help="a bf16 model (with --optim-steps: fp32 master weights)")
+    parser.add_argument("--with-bf16", action="store_true", help="also the same as a bf16 model, under OUT/bf16")
+    parser.add_argument("--optim-steps", type=int, default=0,
+                        help="train this many steps with megatron-core's optimizer first and save its state "
+                             "(iteration = steps); then one more step for OUT/reference_optim.pt")
     parser.add_argument("--load", type=Path, default=None,
                         help="instead of saving: load this Megatron save folder (e.g. ember's export) into the "
                              "model at this layout (strict), run the forward on the tokens of OUT/reference.pt and "
@@ -321,8 +493,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  expert_model_parallel_size=opts.ep)
         megatron_random.initialize_rng_tracker(inference_rng_tracker=True)  # no CUDA RNG to fork; dropout is 0
         torch.manual_seed(1234)
-        model = build_model(opts.family)
         if opts.load is not None:
+            model = build_model(opts.family)
             load_saved(model, opts.load, opts.format)
             model.eval()
             tokens = torch.load(opts.out / "reference.pt")["tokens"]
@@ -331,26 +503,10 @@ def main(argv: list[str] | None = None) -> int:
                 torch.save({"tokens": tokens, "logits": logits.float()}, opts.out / "loaded.pt")
             dist.barrier()
             return 0
-        randomize(model, opts.family)
-        model.eval()
-        tokens = torch.randint(0, FAMILIES[opts.family]["model"]["vocab_size"], (BATCH, SEQ),
-                               generator=torch.Generator().manual_seed(99))
-        logits = reference_forward(model, tokens)
-        formats = ["torch_dist", "legacy"] if opts.format == "both" else [opts.format]
-        for ckpt_format in formats:
-            out = opts.out / ckpt_format if opts.format == "both" else opts.out
-            args = megatron_args(opts.family, opts.tp, opts.pp, ckpt_format, opts.ep)
-            folder = out / f"iter_{ITERATION:07d}"
-            if ckpt_format == "torch_dist":
-                save_torch_dist(model, args, folder)
-            else:
-                save_legacy(model, args, folder)
-            dist.barrier()
-            if logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0:
-                torch.save({"tokens": tokens, "logits": logits.float()}, out / "reference.pt")
-            if dist.get_rank() == 0:
-                (out / "latest_checkpointed_iteration.txt").write_text(str(ITERATION))
-            dist.barrier()
+        make_saves(opts, opts.out, bf16=opts.bf16)
+        if opts.with_bf16:  # the same again as a bf16 model, in these processes (no second start-up)
+            torch.manual_seed(1234)
+            make_saves(opts, opts.out / "bf16", bf16=True)
     finally:
         dist.destroy_process_group()
     return 0
@@ -361,12 +517,16 @@ if __name__ == "__main__":
 
 
 # ----------------------------------------------------------------------------- for the tests
-def build(out: Path, family: str, tp: int, pp: int, ckpt_format: str = "both", timeout: float = 300.0, ep: int = 1) -> Path:
+def build(out: Path, family: str, tp: int, pp: int, ckpt_format: str = "both", timeout: float = 300.0, ep: int = 1,
+          optim_steps: int = 0, bf16: bool = False, with_bf16: bool = False) -> Path:
     """Run this script as tp * pp * ep gloo ranks (free port, hard timeout, no process left behind)."""
     from dist_utils import run_ranks
 
     result = run_ranks([__file__, str(out), "--family", family, "--tp", str(tp), "--pp", str(pp), "--ep", str(ep),
-                        "--format", ckpt_format], nprocs=tp * pp * ep, timeout=timeout)
+                        "--format", ckpt_format, "--optim-steps", str(optim_steps), *(["--bf16"] if bf16 else []),
+                        *(["--with-bf16"] if with_bf16 else [])],
+                       nprocs=tp * pp * ep,
+                       timeout=timeout)
     if result.returncode != 0:
         raise RuntimeError(f"building the megatron-core {family} checkpoint failed "
                            f"(killed={result.killed}):\n{result.output[-8000:]}")

@@ -18,20 +18,26 @@ v of g] for each g, the groups split over tensor-parallel ranks), and SwiGLU's f
 per tensor-parallel rank in the per-rank files (the distributed format stores [all gate; all up]).
 
 Mixture of experts (Mixtral style: `--num-experts`, top-k softmax or sigmoid router, SwiGLU
-experts, every layer MoE): `mlp.router.weight` and per expert `linear_fc1` / `linear_fc2`, split
+experts): `mlp.router.weight` and per expert `linear_fc1` / `linear_fc2`, split
 over tensor-parallel ranks like the dense MLP; per-rank files name experts locally
 (`mlp.experts.local_experts.L.` or TE's grouped `mlp.experts.linear_fc1.weightL`) and, with expert
 parallelism, hold one expert rank's experts each (`mp_rank_TT[_PPP]_EEE`: global expert
 EEE * local experts + L); the distributed format stacks them [layers, experts, ...]
 (`decoder.layers.mlp.experts.experts.linear_fc1.weight`). ember stacks each layer's experts into
 `layers.N.moe.experts.w1/w3/w2` [E, ...]. Shared experts, expert bias, group-limited routing,
-top-k scaling, dense/MoE layer mixes, expert biases and the legacy GroupedMLP layout are refused.
+top-k scaling, expert biases and the legacy GroupedMLP layout are refused. Dense and MoE layers may
+mix (--moe-layer-freq, --first-k-dense-replace): a dense layer's `mlp.linear_fc1/fc2` become its
+`feed_forward`, as in a dense model.
 
 The architecture comes from the checkpoint's saved `args` (an argparse Namespace), read by
 `torch.load(weights_only=True)` with an allow-list: the Namespace itself, and inert stand-ins for
 the Megatron enums, optimizer config and numpy RNG state a checkpoint also holds. Anything else is
 refused with a one-line error; nothing in a checkpoint is ever executed. DCP's `.metadata` is read
 with a restricted unpickler that only builds DCP's own metadata records.
+
+Adam's state (`--load-optim`, `ember train --load` resuming an `iter_N`) is `ember.checkpoint.
+megatron_optim`'s: the same readers (a torch_dist name prefix, a per-rank selection of tensors) and
+the same `ember_tensors` transforms, since the moments are elementwise per parameter.
 
 Memory: a distributed checkpoint is read one layer's tensor at a time (only the chunks of that
 layer); per-rank files are memory-mapped and each output tensor is concatenated from its ranks'
@@ -544,7 +550,9 @@ class TorchDistReader(_Reader):
 
     format = "torch_dist"
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, prefix: str = ""):
+        """`prefix`: read the tensors stored under it, named as the model's after it (the
+        optimizer's moments: `optimizer.state.exp_avg.` + the model tensor's name)."""
         self.folder = folder
         self.metadata = read_dcp_metadata(folder)
         common = folder / "common.pt"
@@ -555,10 +563,16 @@ class TorchDistReader(_Reader):
         # (layer, key) -> (fqn, its indices on the stacked leading dimensions: layer[, expert])
         self._sources: dict[tuple[int | None, str], tuple[str, tuple[int, ...]]] = {}
         self.extras = []
+        self._prefix_of: dict[str, str] = {}  # with a prefix: model name -> stored name
         naming = set()
         for fqn, item in self.metadata.state_dict_metadata.items():
             if not hasattr(item, "chunks"):  # bytes: TE extra state, RNG, optimizer step
                 continue
+            if prefix:
+                if not fqn.startswith(prefix):
+                    continue
+                self._prefix_of[fqn[len(prefix):]] = fqn
+                fqn = fqn[len(prefix):]
             if not fqn.startswith(("embedding.", "decoder.", "output_layer.", "language_model.")):
                 self.extras.append(fqn)  # optimizer.* and the like
                 continue
@@ -593,6 +607,7 @@ class TorchDistReader(_Reader):
 
     def get(self, layer: int | None, key: str) -> torch.Tensor:
         fqn, lead = self._sources[(layer, key)]
+        fqn = self._prefix_of.get(fqn, fqn)
         item = self.metadata.state_dict_metadata[fqn]
         shape, dtype = self.shapes[(layer, key)]
         out = torch.empty(shape, dtype=dtype)
@@ -655,8 +670,13 @@ class LegacyReader(_Reader):
 
     format = "legacy"
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path,
+                 tensors_of: Callable[[dict[str, Any], Path], Iterator[tuple[str, Any]]] | None = None):
+        """`tensors_of(state, path)`: the (model tensor name, tensor) pairs to read from a rank
+        file's state (default: its 'model'; the optimizer import passes its moments under the
+        names of their parameters)."""
         self.folder = folder
+        self._tensors_of = tensors_of or (lambda state, path: _flatten(state["model"]))
         found_dirs = [(path, found) for path in sorted(folder.iterdir())
                       if (found := _RANK_DIR.match(path.name)) and path.is_dir()]
         # mp_rank_TT_XXX is TP x PP, or TP x EP when only expert parallelism is on: the saved args say which
@@ -777,7 +797,7 @@ class LegacyReader(_Reader):
         if path == self._ranks[(0, 0, 0)]:
             self.extras = [k for k in ("optimizer", "opt_param_scheduler", "rng_state") if state.get(k) is not None]
         tensors: dict[tuple[int | None, str], torch.Tensor] = {}
-        for name, value in _flatten(state["model"]):
+        for name, value in self._tensors_of(state, path):
             found = canonical_name(name)
             if found is None or not isinstance(value, torch.Tensor):
                 continue
@@ -978,7 +998,10 @@ def convert_megatron_to_ember(
 
 def describe_megatron_source(report: dict[str, Any]) -> str:
     """One line for a command to print after `convert_megatron_to_ember`."""
-    dropped = f"; not imported: {', '.join(report['dropped'])}" if report.get("dropped") else ""
+    kinds = list(dict.fromkeys(name.split(".")[0] for name in report.get("dropped") or []))
+    dropped = f"; not imported: {', '.join(kinds)}" if kinds else ""
+    if "optimizer" in kinds:
+        dropped += " (--load-optim imports Adam's state as an ember training checkpoint)"
     return (f"megatron {report['format']} ({report['naming']} names, iteration {report['iteration']}, "
             f"TP {report['tensor_parallel']} x PP {report['pipeline_parallel']}"
             f"{' x EP ' + str(report['expert_parallel']) if (report.get('expert_parallel') or 1) > 1 else ''}"

@@ -11,17 +11,29 @@ What Megatron itself would do with that `--load`, and what ember does:
   weights at iteration 0, no optimizer state — ember the same.
 - `iter_N` with `--finetune`: the weights at iteration 0, no optimizer or RNG state — ember the same.
 - `iter_N` without `--finetune`: Megatron resumes iteration N with its optimizer state. ember
-  imports weights only, so it refuses in one line rather than start over silently.
+  imports the weights, Adam's moments and the iteration into an ember training checkpoint
+  (`ember.checkpoint.megatron_optim`, under `megatron_import/iter_N-optim`) and resumes it, with a
+  notice; with `--no-load-optim` (Megatron's flag) it resumes iteration N with a fresh optimizer
+  and says the moments were dropped (`iter_N-no-optim`); a checkpoint without optimizer state, or
+  with one ember cannot map (Megatron's distributed optimizer), is refused in one line naming
+  `--finetune` and `--no-load-optim` rather than started over silently.
 """
 
 from __future__ import annotations
 
 import hashlib
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
 
 from ember.checkpoint.megatron import convert_megatron_to_ember, describe_megatron_source, locate_megatron_checkpoint
+from ember.checkpoint.megatron_optim import (
+    OptimizerFactory,
+    convert_megatron_to_training_checkpoint,
+    describe_training_import,
+    optimizer_state_summary,
+)
 from ember.checkpoint.weights import is_weight_folder, read_manifest
 from ember.errors import EmberError
 from ember.file_lock import exclusive
@@ -39,14 +51,14 @@ def import_folder(load: str, output_dir: str | None) -> Path:
 
 
 def megatron_weights_for_load(load: str, *, finetune: bool, output_dir: str | None,
-                              notice: Callable[[str], None] = print) -> Path:
-    """The ember weight folder to start from for `--load load` (a Megatron checkpoint)."""
+                              notice: Callable[[str], None] = print, load_optim: bool = True,
+                              optimizer_factory: OptimizerFactory | None = None) -> Path:
+    """What to start from for `--load load` (a Megatron checkpoint): an ember weight folder (a
+    release checkpoint, or --finetune), else an ember save folder resuming iteration N (needs
+    `optimizer_factory`, ember's optimizer for a model, see `convert_megatron_to_training_checkpoint`)."""
     checkpoint = locate_megatron_checkpoint(load)
     if checkpoint.iteration != "release" and not finetune:
-        raise EmberError(
-            f"--load {load} is a Megatron checkpoint at iteration {checkpoint.iteration}: Megatron would resume "
-            f"it with its optimizer state, which ember does not import; add --finetune to train from its "
-            f"weights from iteration 0 (Megatron's --finetune), or keep resuming it with Megatron")
+        return _resume_import(load, checkpoint, output_dir, notice, load_optim, optimizer_factory)
     name = checkpoint.folder.name
     target = import_folder(load, output_dir) / name
     with exclusive(target.parent / ".lock", "the Megatron import folder",
@@ -69,3 +81,43 @@ def _imported_from(target: Path, load: str, iteration) -> bool:
         return False  # damaged: convert again
     return source.get("kind") == "megatron" and source.get("path") == str(Path(load).resolve()) \
         and source.get("iteration") == iteration
+
+
+def _resume_import(load: str, checkpoint, output_dir: str | None, notice: Callable[[str], None], load_optim: bool,
+                   optimizer_factory: OptimizerFactory | None) -> Path:
+    """The ember save folder that continues Megatron's iteration N (see the module docstring)."""
+    n = checkpoint.iteration
+    choices = (f"add --finetune to train from its weights from iteration 0 (Megatron's --finetune), or "
+               f"--no-load-optim to continue from iteration {n} with a fresh optimizer")
+    if optimizer_factory is None:
+        raise EmberError(f"--load {load} is a Megatron checkpoint at iteration {n}; {choices}")
+    if load_optim:
+        reason = optimizer_state_summary(checkpoint)
+        if reason is not None:
+            raise EmberError(f"--load {load} is a Megatron checkpoint at iteration {n} without optimizer state ember "
+                             f"can import ({reason}); {choices}")
+    target = import_folder(load, output_dir) / f"{checkpoint.folder.name}-{'optim' if load_optim else 'no-optim'}"
+    dropped = "" if load_optim else "; --no-load-optim: its Adam moments are dropped, the optimizer starts fresh"
+    with exclusive(target.parent / ".lock", "the Megatron import folder",
+                   "give --save or --output-dir a writable folder"):
+        if _resume_imported_from(target, load, n, load_optim):
+            notice(f"--load {load}: continuing Megatron's iteration {n} from its import into {target}{dropped}")
+            return target
+        shutil.rmtree(target, ignore_errors=True)  # an import cut short
+        report = convert_megatron_to_training_checkpoint(load, target, optimizer_factory, load_optim=load_optim)
+        notice(f"--load {load}: continuing Megatron's run at iteration {n}: imported into {target}: "
+               f"{describe_training_import(report)}{dropped}")
+    return target
+
+
+def _resume_imported_from(target: Path, load: str, iteration, optimizer: bool) -> bool:
+    """Whether `target` is a complete training-checkpoint import of `load` at `iteration`."""
+    from ember.checkpoint.training import find_checkpoint
+
+    try:
+        ref = find_checkpoint(target) if target.is_dir() else None
+        source = ref.train_state().get("source") or {} if ref is not None and ref.kind == "training" else {}
+    except EmberError:
+        return False  # damaged: import again
+    return source.get("kind") == "megatron" and source.get("path") == str(Path(load).resolve()) \
+        and source.get("iteration") == iteration and source.get("optimizer") == optimizer

@@ -3,6 +3,8 @@
     ember convert --from hf --to ember HF_DIR OUT_DIR
     ember convert --from ember --to hf EMBER_DIR OUT_DIR   (EMBER_DIR may be an `ember train --save` folder)
     ember convert --from megatron --to ember MEGATRON_SAVE_DIR OUT_DIR [--iteration N]
+    ember convert --from megatron --to ember MEGATRON_SAVE_DIR SAVE_DIR --load-optim   (weights, Adam
+        moments and iteration as an ember training checkpoint: `ember train --load SAVE_DIR` continues the run)
     ember convert --from ember --to megatron EMBER_DIR OUT_DIR [--format torch_dist|legacy]
         [--target-tensor-parallel-size T] [--target-pipeline-parallel-size P] [--target-expert-parallel-size E]
     LoRA (a run with --lora-target-modules, or a PEFT adapter folder):
@@ -45,6 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--iteration", type=int, default=None,
                         help="--from megatron: the iteration to read (default: latest_checkpointed_iteration.txt)")
+    parser.add_argument("--load-optim", action="store_true",
+                        help="--from megatron --to ember: write an ember training checkpoint (OUT/latest, "
+                             "OUT/iter_N) with the weights (fp32 master copies where saved), Adam's moments and step, "
+                             "and the iteration, so `ember train --load OUT` continues the Megatron run; refused in "
+                             "one line when the checkpoint holds no optimizer state ember can map (e.g. Megatron's "
+                             "distributed optimizer). Without it only the weights are converted and the optimizer "
+                             "state is dropped (said so)")
     parser.add_argument("--format", dest="megatron_format", choices=["torch_dist", "legacy"], default="torch_dist",
                         help="--to megatron: Megatron-Core distributed checkpoint (torch_dist, default) or the "
                              "per-rank mp_rank_* files (legacy, --ckpt-format torch)")
@@ -72,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
     layout = (args.target_tensor_parallel_size, args.target_pipeline_parallel_size, args.target_expert_parallel_size)
     if args.to_format != "megatron" and (layout != (1, 1, 1) or args.megatron_format != "torch_dist"):
         raise EmberError("--format and --target-*-parallel-size describe a Megatron output; use them with --to megatron")
+    if getattr(args, "load_optim", False) and (args.from_format, args.to_format) != ("megatron", "ember"):
+        raise EmberError("--load-optim imports a Megatron run's optimizer state; use it with --from megatron --to ember")
     if args.iteration is not None and args.from_format != "megatron":
         raise EmberError("--iteration picks a Megatron checkpoint's iteration; use it with --from megatron")
     max_shard = parse_size(args.max_shard_size)
@@ -101,6 +112,21 @@ def run(args: argparse.Namespace) -> int:
 def _from_megatron(args: argparse.Namespace, max_shard: int, dtype, started: float) -> int:
     from ember.checkpoint.megatron import convert_megatron_to_ember, describe_megatron_source
 
+    if getattr(args, "load_optim", False):
+        from ember.checkpoint.megatron_optim import (NoUsableOptimizerState, convert_megatron_to_training_checkpoint,
+                                                     describe_training_import)
+        from ember.train.trainer import adam_for_megatron_import
+
+        if dtype is not None:
+            raise EmberError("--load-optim writes a training checkpoint in fp32 (the optimizer's precision); drop --dtype")
+        try:
+            report = convert_megatron_to_training_checkpoint(args.src, args.out, adam_for_megatron_import,
+                                                             iteration=args.iteration, overwrite=args.force)
+        except NoUsableOptimizerState as err:
+            raise EmberError(f"{err}; drop --load-optim to convert the weights only") from None
+        print(f"ember convert: {describe_training_import(report)} -> {args.out} (resume with "
+              f"`ember train --load {args.out}`), {time.perf_counter() - started:.1f}s")
+        return 0
     report = convert_megatron_to_ember(args.src, args.out, iteration=args.iteration, overwrite=args.force,
                                        dtype=dtype, max_shard_bytes=max_shard)
     print(f"ember convert: {describe_megatron_source(report)} -> {args.out} in {report['shards']} shard(s), "

@@ -696,13 +696,24 @@ def checkpoint_to_start_from(config: Config, notice=print) -> tuple[ckpt.Checkpo
         from ember.checkpoint.megatron_load import megatron_weights_for_load
 
         load = str(megatron_weights_for_load(load, finetune=config.train.finetune, output_dir=config.output_dir,
-                                             notice=notice))
+                                             notice=notice, load_optim=c.load_optim,
+                                             optimizer_factory=adam_for_megatron_import))
     ref = ckpt.find_checkpoint(load) if load else None
     if load:
         foreign.check_load(load, ref is not None, save=c.save, finetune=config.train.finetune)
     if c.load and ref is None:  # the first run of `--load DIR --save DIR`
         notice(f"no checkpoint in {c.load} (this run's --save) yet: starting from scratch")
     return ref, False
+
+
+def adam_for_megatron_import(model: torch.nn.Module, hyper: dict) -> torch.optim.Optimizer:
+    """ember's optimizer for a Megatron run's imported Adam state (ember.checkpoint.megatron_optim),
+    with that run's betas, eps and weight decay: the state a training checkpoint of it holds."""
+    from ember.config import OptimConfig
+
+    optim = OptimConfig(weight_decay=hyper["weight_decay"], adam_beta1=hyper["betas"][0], adam_beta2=hyper["betas"][1],
+                        adam_eps=hyper["eps"])
+    return build_optimizer(model, optim, hyper["lr"], torch.device("cpu"))
 
 
 def _architecture_differences(config: Config, own: ckpt.CheckpointRef) -> list[str]:

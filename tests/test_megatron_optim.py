@@ -1,0 +1,211 @@
+"""A Megatron run continued in ember (`ember.checkpoint.megatron_optim`), proven against megatron-core
+0.16.1 itself: tests/megatron_checkpoints.py trains a Llama-style GPTModel at TP 2 x PP 2 for 3 steps with
+megatron-core's optimizer (its parameter groups, FP32Optimizer over torch AdamW, its LR/weight-decay
+scheduler), saves it with the optimizer the way Megatron-LM does (torch_dist and per-rank files), takes
+one more step on a fixed batch and records the logits. ember imports weights + Adam moments + step +
+iteration, its trainer takes the same step, and the logits must match megatron-core's; the same step
+with a fresh optimizer must not. Also: --no-load-optim continues at iteration N with a fresh
+optimizer, and checkpoints without (mappable) optimizer state are refused in one line.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+
+import megatron_checkpoints  # noqa: E402  (tests/ is on sys.path, like dist_utils)
+from dist_utils import single_thread  # noqa: E402,F401  (autouse fixture: one torch thread)
+
+from ember.checkpoint.megatron_optim import NoUsableOptimizerState, legacy_parameter_names  # noqa: E402
+from ember.errors import EmberError  # noqa: E402
+
+STEPS = 3  # megatron-core's Adam steps before the save: the checkpoint is iteration 3
+
+
+@pytest.fixture(scope="module")
+def saves(tmp_path_factory):
+    """torch_dist/ and legacy/ saves of one megatron-core model with its optimizer, and reference_optim.pt;
+    the same under bf16/ for a bf16 model (Float16Optimizer: fp32 master weights)."""
+    root = tmp_path_factory.mktemp("megatron-optim") / "llama"
+    return megatron_checkpoints.build(root, "llama", 2, 2, optim_steps=STEPS, with_bf16=True)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from dist_utils import write_token_dataset
+
+    return write_token_dataset(tmp_path_factory.mktemp("tokens") / "tokens", documents=20, vocab=100)
+
+
+def _trainer(load: Path, out: Path, data: str, *extra: str):
+    from dist_utils import train_config
+
+    from ember.train import Trainer
+
+    stream = io.StringIO()
+    config = train_config(["--load", str(load), "--save", str(out), "--data-path", data, "--seq-length", "12",
+                           "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "10",
+                           "--split", "100,0,0", "--eval-iters", "0", "--no-tensorboard", "--no-compile",
+                           "--clip-grad", "0", "--lr", "0.01", "--lr-decay-style", "constant", *extra])
+    return Trainer(config, stream=stream).setup(), stream.getvalue()
+
+
+def _step_and_logits(trainer, reference: dict) -> torch.Tensor:
+    """ember's trainer takes megatron-core's extra step (same batch, LR; clip off), then its logits."""
+    from ember.train.optim import set_lr
+
+    tokens = reference["train_tokens"]
+    batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(tokens[:, 1:].shape)}
+    set_lr(trainer.optimizer, reference["optim"]["lr"])
+    trainer.model.train()
+    trainer.train_step([batch])
+    with torch.no_grad():
+        return trainer.model.eval()(reference["tokens"])
+
+
+def _tolerance(reference: torch.Tensor) -> float:
+    """fp32: megatron-core's TP-split matmuls and torch's foreach AdamW against ember's whole matmuls
+    and fused AdamW differ in reduction order only (~1e-7 relative per op; measured 3e-7 of the largest
+    logit); 1e-5 of the largest logit, as the weight conversion tests."""
+    return 1e-5 * reference.abs().max().item()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ckpt_format", ["torch_dist", "legacy"])
+def test_ember_continues_megatron_run_as_megatron_core_does(saves, data, tmp_path, ckpt_format):
+    reference = torch.load(saves / "reference_optim.pt")
+    trainer, said = _trainer(saves / ckpt_format, tmp_path / "run", data)
+    try:
+        assert f"continuing Megatron's run at iteration {STEPS}" in said and "Adam moments (step 3" in said
+        assert trainer.state.iteration == STEPS and trainer.state.consumed_samples == STEPS * megatron_checkpoints.BATCH
+        group = trainer.optimizer.param_groups[0]  # Megatron's Adam settings, not ember's defaults
+        assert (group["betas"], group["eps"]) == ((0.9, 0.95), 1e-8) and group["weight_decay"] == 0.1
+        assert {float(s["step"]) for s in trainer.optimizer.state.values()} == {float(STEPS)}
+        logits = _step_and_logits(trainer, reference)
+    finally:
+        trainer.close()
+    assert logits.shape == reference["logits"].shape
+    torch.testing.assert_close(logits, reference["logits"], rtol=0, atol=_tolerance(reference["logits"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ckpt_format", ["torch_dist", "legacy"])
+def test_bf16_run_continues_from_its_fp32_master_weights(saves, data, tmp_path, ckpt_format):
+    """A bf16 Megatron run (Float16Optimizer): ember takes the fp32 master weights, which round to
+    the bf16 model weights (those the weight conversion reads, to megatron-core's logits) but are
+    more exact, and the moments; its fp32 step then lands near megatron-core's bf16 step."""
+    from ember.checkpoint.megatron import convert_megatron_to_ember
+    from ember.checkpoint.weights import load_ember_weights
+
+    src = saves / "bf16" / ckpt_format
+    reference = torch.load(saves / "bf16" / "reference_optim.pt")
+    convert_megatron_to_ember(src, tmp_path / "bf16-weights")
+    _, bf16_weights = load_ember_weights(tmp_path / "bf16-weights")
+    trainer, said = _trainer(src, tmp_path / "run", data)
+    try:
+        assert "weights (its fp32 master copies)" in said and trainer.state.iteration == STEPS
+        weights = trainer.model.state_dict()
+        for name, rounded in bf16_weights.items():
+            assert rounded.dtype == torch.bfloat16 and torch.equal(weights[name].to(torch.bfloat16), rounded), name
+            assert not torch.equal(weights[name], rounded.float()), name  # not the bf16 copies
+        logits = _step_and_logits(trainer, reference)
+    finally:
+        trainer.close()
+    # megatron-core's step ran in bf16 (2^-8 relative per op): 5% of the largest logit, where a
+    # fresh optimizer's step is off by about half of it
+    scale = reference["logits"].abs().max().item()
+    assert (logits - reference["logits"]).abs().max().item() < 0.05 * scale
+
+
+@pytest.mark.slow
+def test_no_load_optim_continues_at_iteration_n_with_a_fresh_optimizer(saves, data, tmp_path):
+    reference = torch.load(saves / "reference_optim.pt")
+    trainer, said = _trainer(saves / "torch_dist", tmp_path / "run", data, "--no-load-optim")
+    try:
+        assert "Adam moments are dropped" in said and f"iteration {STEPS}" in said
+        assert trainer.state.iteration == STEPS and not trainer.optimizer.state
+        logits = _step_and_logits(trainer, reference)
+    finally:
+        trainer.close()
+    # the moments matter: without them the same step lands far from megatron-core's
+    assert (logits - reference["logits"]).abs().max().item() > 1000 * _tolerance(reference["logits"])
+
+
+def _without_optimizer(save_dir: Path, out: Path) -> Path:
+    """The per-rank files as Megatron-LM writes them with --no-save-optim (no 'optimizer' entries)."""
+    shutil.copytree(save_dir, out)
+    for path in out.glob("iter_*/mp_rank_*/model_optim_rng.pt"):
+        state = torch.load(path, weights_only=False)
+        del state["optimizer"], state["opt_param_scheduler"]
+        torch.save(state, path)
+    return out
+
+
+@pytest.mark.slow
+def test_checkpoint_without_optimizer_state_is_refused_unless_no_load_optim(saves, data, tmp_path):
+    src = _without_optimizer(saves / "legacy", tmp_path / "no-optim")
+    with pytest.raises(EmberError, match=r"iteration 3 without optimizer state .*holds no optimizer state.*"
+                                         r"add --finetune.*or --no-load-optim") as refused:
+        _trainer(src, tmp_path / "refused", data)
+    assert "\n" not in str(refused.value)
+    trainer, said = _trainer(src, tmp_path / "run", data, "--no-load-optim")
+    try:
+        assert trainer.state.iteration == STEPS and "dropped" in said
+    finally:
+        trainer.close()
+
+
+def test_unmappable_legacy_layouts_are_refused(saves):
+    """The index -> parameter map is rebuilt only for Megatron's standard grouping, every count and
+    shape checked; another grouping (decoupled LR, --lr-mult) or a mismatch is refused in one line."""
+    path = next((saves / "legacy").glob("iter_*/mp_rank_00_000/model_optim_rng.pt"))  # TP rank 0, first stage
+    state = torch.load(path, weights_only=False)
+    names = legacy_parameter_names(state, path)
+    groups = state["optimizer"]["param_groups"]
+    assert [names[i] for i in groups[1]["params"][:2]] == ["decoder.layers.0.input_layernorm.weight",
+                                                           "decoder.layers.0.pre_mlp_layernorm.weight"]
+    assert names[groups[0]["params"][0]] == "embedding.word_embeddings.weight"
+    for change, message in [
+        (lambda s: s["optimizer"]["param_groups"][0].update(lr_mult=2.0), "not Megatron's standard grouping"),
+        (lambda s: s["optimizer"]["param_groups"][1]["params"].pop(), r"group 1 holds \d+ parameters where"),
+        (lambda s: s["optimizer"]["state"][0].update(exp_avg=torch.zeros(3)), "moments of shape"),
+        (lambda s: s["optimizer"]["state"].pop(2), "no Adam moments"),
+    ]:
+        changed = copy.deepcopy(state)
+        change(changed)
+        with pytest.raises(NoUsableOptimizerState, match=message):
+            legacy_parameter_names(changed, path)
+
+
+@pytest.mark.slow
+def test_convert_command_load_optim(saves, tmp_path, capsys):
+    """`ember convert --from megatron --to ember --load-optim` writes an ember save folder that
+    resumes at the Megatron iteration; plain conversion says the optimizer state is not imported."""
+    from ember.checkpoint.training import find_checkpoint
+    from ember.cli import main
+
+    out = tmp_path / "resume"
+    assert main(["convert", "--from", "megatron", "--to", "ember", str(saves / "torch_dist"), str(out),
+                 "--load-optim"]) == 0
+    line = capsys.readouterr().out
+    assert "Adam moments (step 3" in line and f"ember train --load {out}" in line
+    ref = find_checkpoint(out)
+    assert ref.kind == "training" and ref.iteration == STEPS and ref.train_state()["has_optimizer"]
+    assert not list(ref.path.glob("rng/*"))  # no RNG state: each rank of the resumed run derives its own
+    assert main(["convert", "--from", "megatron", "--to", "ember", str(saves / "torch_dist"), str(out),
+                 "--load-optim"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["convert", "--from", "megatron", "--to", "ember", str(saves / "legacy"), str(tmp_path / "w")]) == 0
+    assert "not imported: optimizer" in capsys.readouterr().out
+    assert main(["convert", "--from", "ember", "--to", "hf", str(out), str(tmp_path / "hf"), "--load-optim"]) == 2
+    assert "--load-optim" in capsys.readouterr().err
+    no_optim = _without_optimizer(saves / "legacy", tmp_path / "no-optim")
+    assert main(["convert", "--from", "megatron", "--to", "ember", str(no_optim), str(tmp_path / "x"), "--load-optim"]) == 2
+    assert "holds no optimizer state" in capsys.readouterr().err and not (tmp_path / "x").exists()
