@@ -45,7 +45,6 @@ is not part of megatron-core, so its args Namespace is rebuilt here with the fie
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 import zlib

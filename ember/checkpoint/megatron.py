@@ -242,7 +242,8 @@ def read_dcp_metadata(folder: Path) -> Any:
 # =============================================================================================
 # saved args -> ModelArgs
 # =============================================================================================
-def _as_dict(args: Any, where: str) -> dict[str, Any]:
+def saved_args_dict(args: Any, where: str) -> dict[str, Any]:
+    """The fields of a checkpoint's saved `args` (a Namespace, or a dict in some converters' files)."""
     if isinstance(args, argparse.Namespace):
         return vars(args)
     if isinstance(args, dict):
@@ -257,7 +258,7 @@ def model_args_from_megatron(saved: Any, where: str = "the checkpoint") -> tuple
     from ember.config import Config
     from ember.models.from_config import megatron_default_args, megatron_overrides
 
-    a = _as_dict(saved, where)
+    a = saved_args_dict(saved, where)
 
     def get(name: str, default: Any = None) -> Any:
         value = a.get(name, default)
@@ -511,12 +512,12 @@ def _naming_of(name: str) -> str:
     return "legacy" if name.startswith(("language_model.", "word_embeddings_for_head.")) else "mcore"
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+def flatten_state(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
     """The legacy model saves nested dicts ({'language_model': {'embedding': {...}}})."""
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            yield from _flatten(value, name + ".")
+            yield from flatten_state(value, name + ".")
         else:
             yield name, value
 
@@ -676,7 +677,7 @@ class LegacyReader(_Reader):
         file's state (default: its 'model'; the optimizer import passes its moments under the
         names of their parameters)."""
         self.folder = folder
-        self._tensors_of = tensors_of or (lambda state, path: _flatten(state["model"]))
+        self._tensors_of = tensors_of or (lambda state, path: flatten_state(state["model"]))
         found_dirs = [(path, found) for path in sorted(folder.iterdir())
                       if (found := _RANK_DIR.match(path.name)) and path.is_dir()]
         # mp_rank_TT_XXX is TP x PP, or TP x EP when only expert parallelism is on: the saved args say which
@@ -685,7 +686,7 @@ class LegacyReader(_Reader):
             peek = load_megatron_pickle(found_dirs[0][0] / RANK_FILE)
             saved = peek.get("args") if isinstance(peek, dict) else None
             if isinstance(saved, (argparse.Namespace, dict)):
-                a = _as_dict(saved, str(folder))
+                a = saved_args_dict(saved, str(folder))
                 two_parts_are_ep = (a.get("expert_model_parallel_size") or 1) > 1 and (
                     a.get("pipeline_model_parallel_size") or 1) == 1
             del peek
@@ -748,9 +749,9 @@ class LegacyReader(_Reader):
                 shape[dim] = sum(p.shape[dim] for p in slices)
             self.shapes[where] = (tuple(shape), slices[0].dtype)
         del local, parts
-        self._gated = bool(_as_dict(self.saved_args, str(folder)).get("swiglu")) if self.saved_args is not None else False
+        self._gated = bool(saved_args_dict(self.saved_args, str(folder)).get("swiglu")) if self.saved_args is not None else False
         if self.saved_args is not None:
-            saved = _as_dict(self.saved_args, str(folder))
+            saved = saved_args_dict(self.saved_args, str(folder))
             etp = saved.get("expert_tensor_parallel_size")
             if saved.get("num_experts") and etp is not None and etp != tp_size:
                 raise EmberError(f"{folder}: per-rank files with --expert-tensor-parallel-size {etp} != tensor-parallel "
@@ -975,7 +976,7 @@ def convert_megatron_to_ember(
                                 where=f"{where} (as read with its saved args)")
 
     # 2. stream: one output tensor (or q/k/v, gate/up group) at a time
-    saved = _as_dict(reader.saved_args, where)
+    saved = saved_args_dict(reader.saved_args, where)
     source = {"kind": "megatron", "path": str(Path(src).resolve()), "iteration": checkpoint.iteration,
               "format": reader.format, "naming": reader.naming,
               "megatron_args": {k: _json_safe(v) for k, v in sorted(saved.items()) if isinstance(k, str)}}

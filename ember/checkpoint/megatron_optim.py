@@ -41,13 +41,13 @@ from ember.checkpoint.megatron import (
     LegacyReader,
     MegatronCheckpoint,
     TorchDistReader,
-    _as_dict,
-    _flatten,
     canonical_name,
     ember_tensors,
+    flatten_state,
     load_megatron_pickle,
     locate_megatron_checkpoint,
     model_args_from_megatron,
+    saved_args_dict,
     open_megatron_checkpoint,
 )
 from ember.errors import EmberError
@@ -143,14 +143,14 @@ def legacy_parameter_names(state: dict[str, Any], path: Path) -> dict[int, str]:
     `_get_param_groups` assigns them (see the module docstring); every count and shape checked."""
     where = str(path)
     optim, _ = _legacy_optimizer(state, path)
-    params = [(name, value) for name, value in _flatten(state["model"])
+    params = [(name, value) for name, value in flatten_state(state["model"])
               if isinstance(value, torch.Tensor) and canonical_name(name) is not None]
     if any(name.startswith(("language_model.", "word_embeddings_for_head.")) for name, _ in params):
         raise _refuse(where, "the legacy model's optimizer state (language_model.* names): its parameter order is "
                              "not one ember can verify")
     # Megatron's expert-parallel group: expert weights when the experts are split over ranks (EP > 1)
     saved = state.get("args")
-    ep = int((_as_dict(saved, where).get("expert_model_parallel_size") if saved is not None else 1) or 1)
+    ep = int((saved_args_dict(saved, where).get("expert_model_parallel_size") if saved is not None else 1) or 1)
     unused = list(params)
     names: dict[int, str] = {}
     for number, group in enumerate(optim["param_groups"]):
@@ -319,7 +319,7 @@ def convert_megatron_to_training_checkpoint(
     if weights.saved_args is None:
         raise EmberError(f"{where}: the checkpoint holds no saved 'args', so its architecture is unknown")
     family, args = model_args_from_megatron(weights.saved_args, where=f"{where} (saved args)")
-    saved = _as_dict(weights.saved_args, where)
+    saved = saved_args_dict(weights.saved_args, where)
     adam = read_megatron_adam(checkpoint, weights) if load_optim else None
     try:
         source = adam.readers[MASTER].get if adam is not None and adam.has_master_weights else weights.get
