@@ -2,6 +2,7 @@
 
     python benchmarks/preprocess.py --megatron-dir /tmp/Megatron-LM            # tools, 1 and 2 workers
     python benchmarks/preprocess.py --encoders                                  # encoders alone, 1 thread
+    python benchmarks/preprocess.py --stages                                    # where ember's time goes
 
 The corpus is a >= 100 MB jsonl made deterministically from the Python source files on this machine
 (the standard library, then this interpreter's site-packages); the tokenizer is a byte-level BPE
@@ -16,6 +17,20 @@ peak RSS is also measured on a quarter of the corpus, to show it does not grow w
 Face `tokenizers` (`encode`, `encode_batch`, `encode_batch_fast`), transformers' fast tokenizer
 called per document (Megatron's path), and ember's FastBPE (`encode`, `encode_batch_flat`),
 checking that all return the same ids.
+
+Each round also times ember's exact encoder alone on the same corpus, in this process, on one
+thread (the texts already in memory: no start-up, no JSON, no writing), and the summary gives
+ember's end-to-end tokens/s as a fraction of (that encoder's tokens/s x workers): the share of the
+cores that goes to tokenizing.
+
+`--baseline DIR` runs a second ember source tree too, as tool `ember-base`, alternately with the
+others (before/after a change: `git archive <commit> ember | tar -x -C DIR`); its outputs must be
+byte-identical as well.
+
+`--stages` takes ember's pipeline apart on one thread over the corpus: start-up (a fresh
+interpreter importing ember's preprocessing, the tokenizer, FastBPE's build), reading line chunks,
+JSON parsing, encoding, assembling documents (EOD, lengths), the pickling a worker pool adds per
+chunk (both ways), and writing .bin/.idx; CPU seconds (steady on a shared machine) and share of each.
 
 Megatron-LM >= core_v0.16 imports triton kernels at start-up, so on a machine without triton use
 the core_v0.15.2 tree (its preprocess_data.py differs from core_v0.16.1 only in the legacy
@@ -161,7 +176,9 @@ def run_measured(command: list[str], env: dict, cwd: Path, log: Path) -> dict:
     if process.returncode != 0:
         tail = log.read_text(errors="replace")[-3000:]
         raise SystemExit(f"{' '.join(command)} failed ({process.returncode}); log {log}:\n{tail}")
-    return {"wall": wall, "tree_rss": peak, "max_process_rss": usage.ru_maxrss * 1024}
+    # The child's rusage includes the workers it waited for: the CPU time of the whole tree.
+    return {"wall": wall, "tree_rss": peak, "max_process_rss": usage.ru_maxrss * 1024,
+            "cpu": usage.ru_utime + usage.ru_stime}
 
 
 def ember_command(corpus: Path, prefix: Path, tokenizer: Path, workers: int) -> list[str]:
@@ -183,7 +200,7 @@ def report(tool: str, workers: int, run: int, corpus: Path, prefix: Path, measur
     tokens = IndexedDataset(f"{prefix}_text_document").num_tokens
     mb = corpus.stat().st_size / 1e6
     line = (f"preprocess tool={tool:8s} workers={workers} run={run} input={mb:.1f}MB tokens={tokens:,} "
-            f"wall={measured['wall']:.1f}s tokens/s={tokens / measured['wall']:,.0f} "
+            f"wall={measured['wall']:.1f}s cpu={measured['cpu']:.1f}s tokens/s={tokens / measured['wall']:,.0f} "
             f"MB/s={mb / measured['wall']:.2f} peak_rss_tree={measured['tree_rss'] / 2**20:.0f}MiB "
             f"max_process_rss={measured['max_process_rss'] / 2**20:.0f}MiB load1={os.getloadavg()[0]:.1f}")
     print(line, flush=True)
@@ -193,6 +210,29 @@ def report(tool: str, workers: int, run: int, corpus: Path, prefix: Path, measur
 def same_files(a: Path, b: Path) -> bool:
     return all(filecmp.cmp(f"{a}_text_document{ext}", f"{b}_text_document{ext}", shallow=False)
                for ext in (".bin", ".idx"))
+
+
+def corpus_texts(corpus: Path) -> list[str]:
+    import orjson
+
+    with open(corpus, "rb") as f:
+        return [orjson.loads(line)["text"] for line in f]
+
+
+def time_encoder_alone(texts: list[str], tokenizer: Path) -> dict:
+    """ember's exact encoder (FastBPE) alone over `texts`, one thread, wall time."""
+    from tokenizers import Tokenizer
+
+    from ember.data.fast_bpe import FastBPE
+
+    fast = FastBPE.from_hf(Tokenizer.from_file(str(tokenizer / "tokenizer.json")))
+    start, cpu = time.perf_counter(), time.process_time()
+    _, lengths = fast.encode_batch_flat(texts)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    tokens = int(lengths.sum())
+    print(f"encoder  tool=FastBPE  threads=1 tokens={tokens:,} wall={wall:.1f}s cpu={cpu:.1f}s "
+          f"tokens/s={tokens / wall:,.0f} load1={os.getloadavg()[0]:.1f}", flush=True)
+    return {"wall": wall, "tokens": tokens, "cpu": cpu}
 
 
 def compare_tools(args, workdir: Path, corpus: Path, tokenizer: Path) -> None:
@@ -206,24 +246,47 @@ def compare_tools(args, workdir: Path, corpus: Path, tokenizer: Path) -> None:
         megatron_dir = None
     megatron_env = dict(os.environ, PYTHONPATH=str(megatron_dir)) if megatron_dir else None
 
+    baseline = Path(args.baseline).resolve() if args.baseline else None
+    if baseline is not None and not (baseline / "ember" / "cli.py").exists():
+        raise SystemExit(f"--baseline {baseline}: no ember/cli.py there (an ember source tree)")
     results: dict[tuple[str, int], list[dict]] = {}
+    texts = corpus_texts(corpus)
+    encoder_runs: list[dict] = []
     for run in range(1, args.repeats + 1):
+        encoder_runs.append(time_encoder_alone(texts, tokenizer))
         for workers in args.workers:
-            tools = ["ember", "megatron"] if megatron_dir else ["ember"]
+            tools = ["ember", *(["ember-base"] if baseline else []), *(["megatron"] if megatron_dir else [])]
             if run % 2 == 0:
                 tools.reverse()  # alternate who goes first, so neither always gets the warmer cache
             for tool in tools:
                 prefix = out / f"{tool}-w{workers}"
                 if tool == "ember":
                     command, tool_env = ember_command(corpus, prefix, tokenizer, workers), env
+                elif tool == "ember-base":
+                    command = ember_command(corpus, prefix, tokenizer, workers)
+                    tool_env = dict(os.environ, PYTHONPATH=str(baseline))
                 else:
                     command, tool_env = megatron_command(megatron_dir, corpus, prefix, tokenizer, workers), megatron_env
                 measured = run_measured(command, tool_env, workdir, out / f"{tool}-w{workers}-run{run}.log")
                 results.setdefault((tool, workers), []).append(report(tool, workers, run, corpus, prefix, measured))
 
+    best_encoder = min(encoder_runs, key=lambda r: r["wall"])
+    encoder_rate = best_encoder["tokens"] / best_encoder["wall"]
     for workers in args.workers:
         best_ember = min(results[("ember", workers)], key=lambda r: r["wall"])
-        line = f"summary workers={workers}: ember {best_ember['tokens'] / best_ember['wall']:,.0f} tokens/s"
+        ember_rate = best_ember["tokens"] / best_ember["wall"]
+        # CPU time does not depend on what else the machine runs: the encoder's share of it is
+        # the ratio a quiet machine would show, less what waiting for each other costs.
+        encoder_cpu = min(r["cpu"] for r in encoder_runs)
+        line = (f"summary workers={workers}: ember {ember_rate:,.0f} tokens/s = "
+                f"{ember_rate / (encoder_rate * workers):.0%} of the encoder alone x {workers} "
+                f"({encoder_rate:,.0f} tokens/s per thread); CPU: encoder {encoder_cpu:.1f}s of ember's "
+                f"{best_ember['cpu']:.1f}s ({encoder_cpu / best_ember['cpu']:.0%})")
+        if baseline:
+            best_base = min(results[("ember-base", workers)], key=lambda r: r["wall"])
+            line += (f"; baseline {best_base['tokens'] / best_base['wall']:,.0f} tokens/s -> "
+                     f"{best_base['wall'] / best_ember['wall']:.2f}x, byte-identical: "
+                     f"{'yes' if same_files(out / f'ember-w{workers}', out / f'ember-base-w{workers}') else 'NO'}")
         if megatron_dir:
             best_megatron = min(results[("megatron", workers)], key=lambda r: r["wall"])
             identical = same_files(out / f"ember-w{workers}", out / f"megatron-w{workers}")
@@ -241,6 +304,79 @@ def compare_tools(args, workdir: Path, corpus: Path, tokenizer: Path) -> None:
     print(f"summary rss: ember peak RSS (tree) {small['tree_rss'] / 2**20:.0f}MiB on "
           f"{quarter.stat().st_size / 1e6:.0f}MB vs {full['tree_rss'] / 2**20:.0f}MiB on "
           f"{corpus.stat().st_size / 1e6:.0f}MB", flush=True)
+
+
+# ---- where ember's time goes -------------------------------------------------------------------
+
+
+def startup_seconds(tokenizer: Path) -> tuple[float, float, float]:
+    """A fresh interpreter: (start + import ember's preprocessing, build the tokenizer, build
+    FastBPE), in CPU seconds."""
+    code = ("import time\n"
+            "from ember.data.preprocess import make_encoder\n"
+            "from ember.data.tokenizers import build_tokenizer\n"
+            "t1 = time.process_time()\n"
+            f"tok = build_tokenizer('PretrainedFromHF', {str(tokenizer)!r})\n"
+            "t2 = time.process_time()\n"
+            "make_encoder(tok, True)\n"
+            "print(t1, t2 - t1, time.process_time() - t2)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    imports, build_tok, build_fast = (float(x) for x in out.stdout.split())
+    return imports, build_tok, build_fast
+
+
+def profile_stages(args, workdir: Path, corpus: Path, tokenizer: Path) -> None:
+    import pickle
+
+    from ember.data.handlers import build_handler
+    from ember.data.indexed import IndexedDatasetWriter, optimal_dtype
+    from ember.data.preprocess import make_encoder
+    from ember.data.records import decode_chunk
+    from ember.data.sources import iter_chunks
+    from ember.data.tokenizers import build_tokenizer
+
+    seconds: dict[str, float] = {}
+    seconds["start-up: interpreter + imports"], seconds["start-up: tokenizer"], seconds["start-up: FastBPE build"] = \
+        startup_seconds(tokenizer)
+    tok = build_tokenizer("PretrainedFromHF", str(tokenizer))
+    encoder = make_encoder(tok, True)
+    handler = build_handler("GeneralPretrainHandler", tok, encoder, ("text",), True, None)
+
+    def timed(name, function):  # CPU time: the machine's other work does not count
+        start = time.process_time()
+        result = function()
+        seconds[name] = seconds.get(name, 0.0) + time.process_time() - start
+        return result
+
+    chunks = timed("read line chunks", lambda: list(iter_chunks([corpus], 1024, columns=["text"])))
+    decoded = timed("parse JSON", lambda: [decode_chunk(c) for c in chunks])
+    texts = [[r["text"] for r in d.records] for d in decoded]
+    timed("encode (FastBPE alone)", lambda: [encoder.encode_batch_flat(t) for t in texts])
+    handled = timed("handle = encode + assemble", lambda: [handler.handle(d) for d in decoded])
+    seconds["assemble (handle - encode)"] = seconds.pop("handle = encode + assemble") - seconds[
+        "encode (FastBPE alone)"]
+    timed("IPC: pickle chunks + results", lambda: [pickle.loads(pickle.dumps(x, pickle.HIGHEST_PROTOCOL))
+                                                   for x in (*chunks, *handled)])
+    out = workdir / "out"
+    out.mkdir(exist_ok=True)
+
+    def write():
+        writer = IndexedDatasetWriter(out / "stages_text_document", optimal_dtype(tok.vocab_size))
+        for h in handled:
+            docs = h.datasets["text"]
+            writer.add_documents(docs.tokens, docs.sequence_lengths, docs.sequences_per_document)
+        writer.finalize()
+
+    timed("write .bin/.idx", write)
+    tokens = sum(h.num_tokens for h in handled)
+    total = sum(seconds.values())
+    print(f"stages: {corpus.name}, {len(chunks)} chunks, {tokens:,} tokens, one thread, CPU seconds, "
+          f"load1 {os.getloadavg()[0]:.1f}", flush=True)
+    for name, value in seconds.items():
+        print(f"stage {name:34s} {value:6.2f}s {value / total:6.1%}", flush=True)
+    print(f"stage {'total':34s} {total:6.2f}s -> {tokens / total:,.0f} tokens per CPU-second; the encoder alone "
+          f"{tokens / seconds['encode (FastBPE alone)']:,.0f}", flush=True)
 
 
 # ---- encoders alone ----------------------------------------------------------------------------
@@ -312,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--encoders", action="store_true", help="time the encoders alone instead")
+    parser.add_argument("--baseline", default=None, help="another ember source tree to run alongside (before/after)")
+    parser.add_argument("--stages", action="store_true", help="where ember's time goes, stage by stage")
     args = parser.parse_args(argv)
 
     workdir = Path(args.workdir).resolve()
@@ -323,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                               args.train_mb)
     if args.encoders:
         compare_encoders(args, tokenizer)
+    elif args.stages:
+        profile_stages(args, workdir, corpus, tokenizer)
     else:
         compare_tools(args, workdir, corpus, tokenizer)
     return 0

@@ -5,7 +5,10 @@ seconds each on a 2-core machine: multi-process runs, whole training runs) are p
 working, `pytest -m "not slow"` runs the rest in a fraction of the time, and `pytest -m slow`
 only them. fp32 comparisons take their tolerance from tests/tolerances.py."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -19,6 +22,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 # Tiny runs of the seed scripts (EMBER_TINY) train 10 iterations by default, so a person sees the
 # loss fall; the tests check the plumbing, and 3 iterations do that in a third of the time.
 os.environ.setdefault("EMBER_TINY_ITERS", "3")
+# `ember preprocess` keeps FastBPE's rank tables in a cache (~/.cache/ember by default): the suite
+# and the processes it starts use one of their own, removed at the end.
+if "EMBER_FAST_BPE_CACHE" not in os.environ:
+    os.environ["EMBER_FAST_BPE_CACHE"] = tempfile.mkdtemp(prefix="ember-tests-fast-bpe-")
+    atexit.register(shutil.rmtree, os.environ["EMBER_FAST_BPE_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

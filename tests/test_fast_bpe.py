@@ -439,3 +439,39 @@ def test_older_tokenizer_json_layouts(gpt2_style):
     fast = FastBPE.from_hf(tok)
     assert tok.encode("a").ids[0] == 1 and tok.encode("a").ids[-1] == 0
     assert_same(tok, fast, EDGE_CASES[:40] + special_cases(special_tokens_of(tok)))
+
+
+# ---- the rank table's cache (issue 18: FastBPE's build was most of preprocessing's start-up) ----
+
+
+@pytest.mark.parametrize("name", ["gpt2_style", "permuted_ids", "llama3_style"])
+def test_cached_rank_table_gives_the_same_ids(name, request, tmp_path, monkeypatch):
+    """A build from the cache encodes as HF does, without running the check again; a damaged cache
+    file is rebuilt; another tokenizer gets its own file."""
+    import ember.data.fast_bpe as fast_bpe
+
+    tok = request.getfixturevalue(name)
+    texts = EDGE_CASES + random_texts(200, special_tokens_of(tok), seed=3)
+    expected = [e.ids for e in tok.encode_batch(texts)]
+    first = FastBPE.from_hf(tok, cache_dir=tmp_path)
+    files = list(tmp_path.glob("rank-table-*.npz"))
+    assert len(files) == 1 and first.encode_batch(texts) == expected
+
+    with monkeypatch.context() as patch:  # from the cache, the vocabulary is not checked again
+        patch.setattr(fast_bpe, "_rank_table", lambda model: pytest.fail("rank table rebuilt"))
+        cached = FastBPE.from_hf(tok, cache_dir=tmp_path)
+    assert cached.encode_batch(texts) == expected
+    assert cached._core._mergeable_ranks == first._core._mergeable_ranks
+    assert (cached._rank_to_id is None) == (first._rank_to_id is None)
+
+    files[0].write_bytes(files[0].read_bytes()[:100])  # truncated: rebuilt, then readable again
+    assert FastBPE.from_hf(tok, cache_dir=tmp_path).encode_batch(texts) == expected
+    with monkeypatch.context() as patch:
+        patch.setattr(fast_bpe, "_rank_table", lambda model: pytest.fail("rank table rebuilt"))
+        assert FastBPE.from_hf(tok, cache_dir=tmp_path).encode_batch(texts) == expected
+
+    other = Tokenizer.from_str(tok.to_str())
+    other.add_special_tokens(["<|ember-extra|>"])
+    text = "x = 1<|ember-extra|> y"
+    assert FastBPE.from_hf(other, cache_dir=tmp_path).encode(text) == other.encode(text).ids
+    assert len(list(tmp_path.glob("rank-table-*.npz"))) == 2

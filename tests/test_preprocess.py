@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -86,6 +85,29 @@ def test_parallelism_gives_the_same_bytes(tmp_path, corpus_jsonl, tokenizer_dir,
     assert preprocess(*common, "--output-prefix", tmp_path / "par", *flags) == 0
     assert same_files(tmp_path / "one_text_document", tmp_path / "par_text_document")
     assert not [p for p in os.listdir(tmp_path) if "tmp" in p]
+
+
+def test_long_documents_are_chunked_by_bytes(tmp_path, corpus_jsonl, tokenizer_dir, monkeypatch):
+    """A chunk closes at CHUNK_BYTES as well as at --chunk-size lines (issue 18: with long documents,
+    1,024 lines were most of the input and one worker did nearly all of it); the chunks still hold
+    every line once, in order, and 2 workers still write Megatron's bytes."""
+    import ember.data.sources as sources
+
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 4096)
+    texts = _texts(corpus_jsonl)
+    src = tmp_path / "long.jsonl"
+    src.write_text("".join(json.dumps({"text": " ".join(texts[i : i + 8])}) + "\n"
+                           for i in range(0, len(texts) - 8, 3)))
+    chunks = list(sources.iter_chunks([src], 1024))
+    lines = src.read_bytes().splitlines(keepends=True)
+    assert len(chunks) >= 5 and [line for c in chunks for line in c.lines] == lines
+    assert [c.first_line for c in chunks] == list(np.cumsum([1] + [len(c.lines) for c in chunks[:-1]]))
+    assert all(sum(map(len, c.lines[:-1])) < 4096 <= sum(map(len, c.lines)) for c in chunks[:-1])
+
+    megatron_reference(src, tmp_path / "ref", tokenizer_dir, append_eod=True)
+    assert preprocess("--input", src, "--output-prefix", tmp_path / "ours", "--tokenizer-name-or-path",
+                      tokenizer_dir, "--append-eod", "--workers", "2") == 0
+    assert same_files(tmp_path / "ours_text_document", tmp_path / "ref_text_document")
 
 
 def _texts(corpus_jsonl, limit=80):

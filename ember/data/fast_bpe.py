@@ -23,12 +23,22 @@ Llama-3 / Qwen2 split regexes (checked to match every character class alike in b
 by the tests), `add_prefix_space`, and the post-processor's special tokens (checked on probes).
 Text that HF and this encoder could read differently (lone surrogates; under NFC, code points this
 Python's Unicode tables do not know) is handed to `tok` itself.
+
+Checking the property runs HF's BPE over the whole vocabulary, the larger part of a build (about
+0.4 s for 32k tokens, seconds for Llama-3's 128k), which every `ember preprocess` run paid before
+its first token (issue 18). `from_hf(tok, cache_dir=...)` keeps the resulting rank table in
+`cache_dir`, under a hash of the whole tokenizer.json and of the `tokenizers`/`tiktoken` versions
+that made it; everything else (the reading of tokenizer.json, the probes against HF) runs on
+every build, and a cache file that cannot be read is rebuilt.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
+import tempfile
 import unicodedata
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +60,8 @@ COVERING_PATTERNS = (GPT2_PATTERN, LLAMA3_PATTERN, QWEN2_PATTERN)
 # tiktoken only honours special tokens it is told to allow, and we never allow any; one placeholder
 # makes its numpy path skip an empty special-token regex that would match at every position.
 _PLACEHOLDER_SPECIAL = "\x00ember-fast-bpe-unused\x00"
+# Part of the rank-table cache key: bumped whenever `_rank_table`'s result could change.
+RANK_TABLE_VERSION = "1"
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -125,10 +137,11 @@ class FastBPE:
     # ---- construction -------------------------------------------------------------------------
 
     @classmethod
-    def from_hf(cls, tok) -> FastBPE | None:
-        """An exact fast encoder for `tok` (a `tokenizers.Tokenizer`), or None (see `why_not`)."""
+    def from_hf(cls, tok, cache_dir: str | os.PathLike | None = None) -> FastBPE | None:
+        """An exact fast encoder for `tok` (a `tokenizers.Tokenizer`), or None (see `why_not`).
+        `cache_dir`: keep (and reuse) the vocabulary's rank table there (see the module docstring)."""
         try:
-            return cls._build(tok)
+            return cls._build(tok, cache_dir)
         except _Unsupported:
             return None
 
@@ -142,10 +155,11 @@ class FastBPE:
         return None
 
     @classmethod
-    def _build(cls, tok) -> FastBPE:
+    def _build(cls, tok, cache_dir: str | os.PathLike | None = None) -> FastBPE:
         import tiktoken
 
-        spec = orjson.loads(tok.to_str())
+        serialized = tok.to_str()
+        spec = orjson.loads(serialized)
         if spec.get("truncation") or spec.get("padding"):
             raise _Unsupported("truncation or padding is enabled on the tokenizer")
         model = spec.get("model") or {}
@@ -155,7 +169,7 @@ class FastBPE:
         added = _read_added_tokens(spec.get("added_tokens") or [], tok, nfc)
         prefix, suffix = _read_post_processor(spec.get("post_processor"))
 
-        ranks, rank_to_id = _rank_table(model)
+        ranks, rank_to_id = _cached_rank_table(model, serialized, cache_dir)
         placeholder_rank = max(ranks.values()) + 1
         core = tiktoken.Encoding("ember-fast-bpe", pat_str=pattern, mergeable_ranks=ranks,
                                  special_tokens={_PLACEHOLDER_SPECIAL: placeholder_rank})
@@ -462,3 +476,63 @@ def _rank_table(model: dict) -> tuple[dict[bytes, int], np.ndarray | None]:
     order = (*singles, *ordered, *whole_only)
     ranks = {as_bytes[t]: rank for rank, t in enumerate(order)}
     return ranks, np.asarray([vocab[t] for t in order], dtype=np.uint32)
+
+
+# ---- the rank table's cache ---------------------------------------------------------------------
+
+
+def _rank_table_key(serialized: str) -> str:
+    import tiktoken
+    import tokenizers
+
+    digest = hashlib.sha256(f"{RANK_TABLE_VERSION}|{tokenizers.__version__}|{tiktoken.__version__}|".encode())
+    digest.update(serialized.encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
+
+
+def _cached_rank_table(model: dict, serialized: str,
+                       cache_dir: str | os.PathLike | None) -> tuple[dict[bytes, int], np.ndarray | None]:
+    """`_rank_table(model)`, read from `cache_dir` when a build of the same tokenizer left it there."""
+    if cache_dir is None:
+        return _rank_table(model)
+    path = os.path.join(cache_dir, f"rank-table-{_rank_table_key(serialized)}.npz")
+    try:
+        return _load_rank_table(path)
+    except Exception:  # absent, or unreadable (truncated, another format): rebuild it
+        pass
+    ranks, rank_to_id = _rank_table(model)
+    try:
+        _save_rank_table(path, ranks, rank_to_id)
+    except OSError:  # a read-only or full cache folder only costs the next run this build again
+        pass
+    return ranks, rank_to_id
+
+
+def _save_rank_table(path: str, ranks: dict[bytes, int], rank_to_id: np.ndarray | None) -> None:
+    tokens = list(ranks)
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".rank-table-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, blob=np.frombuffer(b"".join(tokens), dtype=np.uint8),
+                     lengths=np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens)),
+                     ranks=np.fromiter(ranks.values(), dtype=np.int64, count=len(ranks)),
+                     rank_to_id=np.empty(0, np.uint32) if rank_to_id is None else rank_to_id,
+                     has_rank_to_id=np.asarray(rank_to_id is not None))
+        os.replace(tmp, path)  # readers see a whole file or none
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _load_rank_table(path: str) -> tuple[dict[bytes, int], np.ndarray | None]:
+    with np.load(path, allow_pickle=False) as saved:
+        blob = saved["blob"].tobytes()
+        ends = np.cumsum(saved["lengths"]).tolist()
+        values = saved["ranks"].tolist()
+        rank_to_id = saved["rank_to_id"] if bool(saved["has_rank_to_id"]) else None
+    if len(ends) != len(values) or (ends and ends[-1] != len(blob)):
+        raise ValueError(f"{path}: inconsistent rank table")
+    starts = [0, *ends[:-1]]
+    return {blob[a:b]: rank for a, b, rank in zip(starts, ends, values)}, rank_to_id

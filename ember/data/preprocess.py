@@ -78,19 +78,33 @@ class Totals:
 _handlers: dict = {}
 
 
+# Where FastBPE keeps the rank tables it builds (the larger part of its start-up; ember.data.fast_bpe).
+FAST_BPE_CACHE_ENV = "EMBER_FAST_BPE_CACHE"
+
+
+def fast_bpe_cache_dir() -> str | None:
+    """$EMBER_FAST_BPE_CACHE, default ~/.cache/ember/fast_bpe; set to an empty string for none."""
+    folder = os.environ.get(FAST_BPE_CACHE_ENV)
+    if folder is None:
+        folder = os.path.join(os.path.expanduser("~"), ".cache", "ember", "fast_bpe")
+    return folder or None
+
+
 def make_encoder(tokenizer, use_fast: bool):
     """The fast exact BPE encoder when it can reproduce this tokenizer, else the tokenizer itself."""
     if not use_fast or tokenizer.backend is None:
         return tokenizer
     from ember.data.fast_bpe import FastBPE
 
-    fast = FastBPE.from_hf(tokenizer.backend)
+    fast = FastBPE.from_hf(tokenizer.backend, cache_dir=fast_bpe_cache_dir())
     return tokenizer if fast is None else fast
 
 
-def handler_for(job: PreprocessJob):
+def handler_for(job: PreprocessJob, tokenizer: Tokenizer | None = None):
+    """The job's handler, built once per process (`tokenizer`: the job's, when already built)."""
     if job not in _handlers:
-        tokenizer = build_tokenizer(*job.tokenizer_spec, use_fast=job.use_fast_tokenizer)
+        if tokenizer is None:
+            tokenizer = build_tokenizer(*job.tokenizer_spec, use_fast=job.use_fast_tokenizer)
         encoder = make_encoder(tokenizer, job.fast_encoder and job.use_fast_tokenizer)
         splitter = None
         if job.split is not None:
@@ -153,8 +167,8 @@ def _ordered_results(job: PreprocessJob, chunks, workers: int):
         while pending:
             yield pending.popleft().result()
     except BrokenProcessPool:
-        raise EmberError(f"a preprocess worker process died (killed, or out of memory?); nothing was written. "
-                         f"Run again with fewer --workers or a smaller --chunk-size") from None
+        raise EmberError("a preprocess worker process died (killed, or out of memory?); nothing was written. "
+                         "Run again with fewer --workers or a smaller --chunk-size") from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -475,7 +489,7 @@ def preprocess(*, input: str | os.PathLike, output_prefix: str, tokenizer_type: 
               f"(e.g. {os.path.basename(removed[0])})", file=sys.stderr)
     token_dtype = optimal_dtype(tokenizer.vocab_size)
     dtypes = {key: handler.label_dtype(key) or token_dtype for key in handler.output_keys}
-    encoder = getattr(handler_for(job), "encoder", None)
+    encoder = getattr(handler_for(job, tokenizer), "encoder", None)
     if on_start is not None:
         on_start(Prepared(files, tokenizer, encoder is not None and encoder.__class__.__name__ == "FastBPE",
                           prefixes))
