@@ -301,7 +301,7 @@ def convert_megatron_to_training_checkpoint(
     from ember.checkpoint.convert import check_output_folder
     from ember.checkpoint.foreign import remove_training_checkpoints
     from ember.checkpoint.training import Checkpointer, find_checkpoint, write_checksums
-    from ember.models.transformer import Transformer
+    from ember.checkpoint.weights import model_from_state
 
     src, out = Path(src), Path(out)
     check_output_folder(src, out)
@@ -323,15 +323,7 @@ def convert_megatron_to_training_checkpoint(
     adam = read_megatron_adam(checkpoint, weights) if load_optim else None
     try:
         source = adam.readers[MASTER].get if adam is not None and adam.has_master_weights else weights.get
-        state = {name: tensor.float() for name, tensor in ember_tensors(args, source)}
-        if args.tie_embeddings:
-            state["output.weight"] = state["tok_embeddings.weight"]
-        with torch.device("meta"):
-            model = Transformer(args)
-        model.load_state_dict(state, assign=True, strict=True)
-        model.tie_weights()
-        model.init_buffers("cpu")
-        del state
+        model = model_from_state(args, {name: tensor.float() for name, tensor in ember_tensors(args, source)})
         if adam is not None:
             hyper = {"lr": adam.lr, "betas": adam.betas, "eps": adam.eps, "weight_decay": adam.weight_decay}
         else:  # informational: no optimizer is written

@@ -474,18 +474,23 @@ def load_ember_weights(folder: str | Path) -> tuple[ModelArgs, dict[str, torch.T
 def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
     """A Transformer with the folder's weights, built on the meta device first so only the
     loaded tensors take memory."""
-    from ember.models.transformer import Transformer
-
     args, state = load_ember_weights(folder)
     if dtype is not None:
         state = {name: t.to(dtype) if t.is_floating_point() else t for name, t in state.items()}
-    state = {name: t.to(device) for name, t in state.items()}
+    return model_from_state(args, {name: t.to(device) for name, t in state.items()}, device)
+
+
+def model_from_state(args: ModelArgs, state: dict[str, torch.Tensor], device: str | torch.device = "cpu") -> nn.Module:
+    """A Transformer whose parameters are `state`'s tensors themselves (a state_dict without the
+    tied output, on `device`): built on the meta device, so nothing is allocated twice."""
+    from ember.models.transformer import Transformer
+
     if args.tie_embeddings:
-        state["output.weight"] = state["tok_embeddings.weight"]
+        state = {**state, "output.weight": state["tok_embeddings.weight"]}
     with torch.device("meta"):
         model = Transformer(args)
-    # assign=True: the loaded tensors become the parameters, so nothing is allocated twice (hence
-    # no `materialize`); it gives each name its own Parameter, so the shared output is tied again.
+    # assign=True: the loaded tensors become the parameters (hence no `materialize`); it gives
+    # each name its own Parameter, so the shared output is tied again.
     model.load_state_dict(state, assign=True, strict=True)
     model.tie_weights()
     model.init_buffers(device)
