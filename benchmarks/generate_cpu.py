@@ -16,12 +16,15 @@ are compared: the script fails if ember's greedy tokens differ from transformers
 
     generate_cpu shape=56m batch=4 new_tokens=64 before=0 threads=2 clock=wall rounds=7 ember_tokens_per_s=...
                  hf_tokens_per_s=... ratio=... paired_ratio=... best_ratio=... floor_tokens_per_s=...
-                 tokens_identical=1 load1=...
+                 ember_first_call_s=... hf_first_call_s=... tokens_identical=1 load1=...
 
 `ratio` = HF median time / ember median time; `paired_ratio` the median over rounds of the same
 quotient (steadier while the load drifts); `best_ratio` the quotient of the fastest calls (closest
 to a quiet machine). `floor_tokens_per_s` is the pace of the decode steps' weight matmuls alone
-(`matmul_floor_runner`), timed in the same turns: neither side can beat it. Results and the
+(`matmul_floor_runner`, nn.Linear's [out, in] layout), timed in the same turns; ember's fused
+decode step, with its matrices copied once into the [in, out] layout, runs below it. The first
+(warm-up, untimed) call of each side is reported as `*_first_call_s`: ember's includes laying
+out those copies, which later calls reuse while the weights stay unchanged. Results and the
 machine they came from: RESULTS.md.
 """
 
@@ -121,8 +124,8 @@ def _generate_before(model: Transformer, prompt: list[int], new_tokens: int) -> 
 
 def matmul_floor_runner(model: Transformer, batch: int, new_tokens: int):
     """What the decode steps would cost if they were only their weight matmuls: every linear
-    layer once per step on a [batch, in] input. At 56M and batch 1 these read every weight per
-    token and set the pace of both sides; the rest of a step is each side's overhead."""
+    layer once per step on a [batch, in] input, in nn.Linear's layout. At 56M and batch 1 these
+    read every weight per token and set the pace of transformers; the rest of a step is overhead."""
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     inputs = {w.shape[1]: torch.randn(batch, w.shape[1]) for w in weights}
 
@@ -136,17 +139,16 @@ def matmul_floor_runner(model: Transformer, batch: int, new_tokens: int):
 
 
 def measure(runners: dict, rounds: int, clock) -> tuple[dict[str, list[float]], dict[str, list]]:
-    """Each side once per round, in turn; round 0 is a warm-up."""
+    """Each side once per round, in turn; round 0 is a warm-up (its time comes first in the
+    lists: ember's first call also lays out its decode weights)."""
     seconds = {name: [] for name in runners}
     outputs = {name: [] for name in runners}
-    for round_ in range(rounds + 1):
+    for _ in range(rounds + 1):
         for name, run in runners.items():
             start = clock()
             tokens = run()
-            elapsed = clock() - start
+            seconds[name].append(clock() - start)
             outputs[name].append(tokens)
-            if round_ > 0:
-                seconds[name].append(elapsed)
     return seconds, outputs
 
 
@@ -184,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                        "hf": hf_runner(hf, prompts, args.new_tokens),
                        "floor": matmul_floor_runner(ember, batch, args.new_tokens)}
             seconds, outputs = measure(runners, args.rounds, clock)
+            first = {name: times.pop(0) for name, times in seconds.items()}
             identical = all(e == h for e, h in zip(outputs["ember"], outputs["hf"]))
             failed |= not identical
             tokens = batch * args.new_tokens
@@ -195,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"ember_tokens_per_s={tokens / ember_s:.1f} hf_tokens_per_s={tokens / hf_s:.1f} "
                   f"ratio={hf_s / ember_s:.2f} paired_ratio={paired:.2f} "
                   f"best_ratio={min(seconds['hf']) / min(seconds['ember']):.2f} "
-                  f"floor_tokens_per_s={tokens / floor_s:.1f} tokens_identical={int(identical)} "
+                  f"floor_tokens_per_s={tokens / floor_s:.1f} ember_first_call_s={first['ember']:.2f} "
+                  f"hf_first_call_s={first['hf']:.2f} tokens_identical={int(identical)} "
                   f"load1={os.getloadavg()[0]:.2f}", flush=True)
             if not identical:
                 first = next(i for i, (e, h) in enumerate(zip(outputs["ember"], outputs["hf"])) if e != h)

@@ -23,6 +23,7 @@ _LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_h
 MODELS = {
     "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**_LLAMA_LIKE)),
     "qwen3": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**_LLAMA_LIKE, head_dim=32)),
+    "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**_LLAMA_LIKE)),  # q/k/v biases
     "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(**_LLAMA_LIKE, sliding_window=12)),
     "mixtral": lambda: transformers.MixtralForCausalLM(transformers.MixtralConfig(**_LLAMA_LIKE, num_local_experts=4)),
     "bloom": lambda: transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4)),
@@ -62,7 +63,7 @@ def test_greedy_equals_transformers_generate(family, tmp_path):
 
 
 # rope, sliding window (left padding shifts it), ALiBi and learned positions
-@pytest.mark.parametrize("family", ["llama", "mistral", "bloom", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "bloom", "gpt2"])
 def test_left_padded_batch_equals_transformers_generate(family, tmp_path):
     """Prompts of different lengths decode together (one forward per step) and give, row by
     row, what transformers' generate gives the same left-padded batch with its attention mask."""
@@ -86,6 +87,68 @@ def test_left_padded_batch_equals_transformers_generate(family, tmp_path):
     assert generate_batch(model, prompts, new_tokens, eos_id=stop) == [
         row[: row.index(stop) + 1] if stop in row else row for row in expected
     ]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_left_padded_batch_in_the_blocked_layout(family, tmp_path, monkeypatch):
+    """The same, with the fused decode step's matrices in oneDNN's blocked layout (which only
+    models past BLOCKED_LAYOUT_MIN_BYTES get by themselves)."""
+    from ember import generation
+
+    monkeypatch.setattr(generation, "BLOCKED_LAYOUT_MIN_BYTES", 0)
+    blocked = []
+    original = generation._Matrix.__call__
+    monkeypatch.setattr(generation._Matrix, "__call__", lambda self, *a, **k: blocked.append(self.blocked) or original(self, *a, **k))
+    test_left_padded_batch_equals_transformers_generate(family, tmp_path)
+    assert any(blocked) == torch.backends.mkldnn.is_available()  # batch 1 (`generate`) keeps the plain layout
+
+
+def _converted(hf_model, folder):
+    hf_model.save_pretrained(folder / "hf")
+    convert_hf_to_ember(folder / "hf", folder / "ember")
+    return load_model(folder / "ember")
+
+
+def _hf_greedy(hf_model, prompt: list[int], new_tokens: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    return hf_model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)[0, len(prompt) :].tolist()
+
+
+def test_fused_decode_step_is_taken_and_follows_weight_changes(tmp_path, monkeypatch):
+    """Llama-shaped models decode through the fused step (its weight copies kept between calls);
+    loading other weights in place makes the next call copy them again, so it still matches
+    transformers on the new weights."""
+    from ember import generation
+
+    steps = []
+    original = generation._FusedDecodeStep.__call__
+    monkeypatch.setattr(generation._FusedDecodeStep, "__call__", lambda self, t: steps.append(1) or original(self, t))
+    first, second = _hf_model("llama", seed=0), _hf_model("llama", seed=3)
+    model = _converted(first, tmp_path / "a")
+    assert generation.fused_decode_refusal(model) is None
+    prompt, new_tokens = [3, 17, 90, 4, 55], 16
+    assert list(generate(model, prompt, new_tokens)) == _hf_greedy(first, prompt, new_tokens)
+    assert len(steps) == new_tokens - 1
+    expected = _hf_greedy(second, prompt, new_tokens)
+    assert list(generate(model, prompt, new_tokens)) != expected
+    model.load_state_dict(_converted(second, tmp_path / "b").state_dict())  # copied in place
+    assert list(generate(model, prompt, new_tokens)) == expected
+
+
+def test_hooked_models_keep_their_own_forward(tmp_path):
+    """A forward hook (what LoRA and tensor parallelism use) is honoured: decoding goes through
+    the model's forward, which a full no-cache forward per token checks."""
+    from ember import generation
+
+    model = _converted(_hf_model("llama"), tmp_path)
+    model.layers["1"].feed_forward.w2.register_forward_hook(lambda module, args, out: out * 0.5)
+    assert "hooks" in generation.fused_decode_refusal(model)
+    ids = [3, 17, 90, 4, 55]
+    with torch.no_grad():
+        for _ in range(10):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert list(generate(model, ids[:5], 10)) == ids[5:]
 
 
 def test_sampling_filters():
