@@ -27,17 +27,16 @@ recomputation enters exactly the regions its forward did:
 - sequence or context parallelism: the whole forward of the model (or pipeline stage), keyed by
   the cp rank and, with sequence parallelism, the tp rank: every dropout in it acts on this rank's
   piece of the sequence or its heads. Attention regions nest inside (tp without sp, with cp).
-  `apply_tensor_parallel` installs them; a model with context parallelism alone needs
-  `apply_dropout_streams(model)` called for it.
+  `apply_tensor_parallel` installs them; for context parallelism alone the trainer's model setup
+  calls `apply_dropout_streams(model)` itself.
 
 Limits: an MoE router's input jitter is drawn on the whole (gathered) sequence under sequence
 parallelism, which must be the same on every tp rank: with dropout on, that is refused. LoRA's
 input dropout (`ember.models.lora`) draws in whatever region its layer sits in: rank-distinct masks
 on the replicated inputs of wq/wk/wv (and of w1/w3 under sp), which keeps the computation
 consistent (each rank's output columns see their own mask) but is not the single-process draw.
-Pipeline stages: the trainer seeds every stage alike (Megatron adds 100 * pp_rank), so layers on
-different stages may draw the same masks; each layer's masks are still decided the same way in
-its forward and its recomputation.
+Pipeline stages hold different layers: the trainer seeds each stage's stream apart (seed + 100 x
+pp rank, as Megatron does), so layers on different stages do not repeat each other's masks.
 """
 
 from __future__ import annotations
