@@ -153,6 +153,16 @@ def test_parameter_counts_per_model_and_per_pipeline_stage():
 
 
 # ------------------------------------------------------------------------- transformers' Qwen3-MoE
+def test_family_of_weights_without_a_model_name():
+    """Weights converted from a Megatron checkpoint carry no registry name: the Hugging Face family
+    comes from the architecture (Qwen3-MoE's q/k norms, Mixtral otherwise)."""
+    from ember.checkpoint.export import infer_family
+
+    assert infer_family(get_model_args(MIXED)) == "qwen3_moe"
+    assert infer_family(get_model_args("tiny-mixtral")) == "mixtral"
+    assert infer_family(get_model_args("tiny-mixtral", moe_layer_pattern=[0, 1])) == "mixtral"  # refused at export
+
+
 def test_qwen3_moe_matches_transformers_and_exports_bit_exact(tmp_path):
     transformers = pytest.importorskip("transformers")
     from safetensors.torch import load_file

@@ -28,7 +28,11 @@ def infer_family(args: ModelArgs, model_name: str | None = None) -> str:
         except (KeyError, EmberError):
             pass
     if args.num_experts:
-        return "grok1" if args.sandwich_norm else "mixtral"
+        if args.sandwich_norm:
+            return "grok1"
+        # Qwen3-MoE: q/k norms (and layers that may mix dense and MoE; a mixed model without
+        # q/k norms has no Hugging Face family, and its export says so)
+        return "qwen3_moe" if args.qk_norm else "mixtral"
     if args.position_type == "alibi":
         return "bloom"
     if args.position_type == "learned":
