@@ -32,8 +32,28 @@ one MORE step on another fixed batch, and OUT/reference_optim.pt: {'train_tokens
 --bf16 makes the model bf16 (`model.bfloat16()`, as Megatron-LM's Float16Module) and the optimizer
 megatron-core's Float16OptimizerWithFloat16Params (fp32 master weights, saved as `fp32_param` /
 'fp32_from_fp16_params'); it sorts parameters by CUDA type names, which CPU tensors are shown as
-while it is built. --with-bf16 adds that bf16 model to the same run, under OUT/bf16. Megatron's
-distributed optimizer needs DDP's CUDA buffers: it cannot be written here.
+while it is built. --with-bf16 adds that bf16 model to the same run, under OUT/bf16.
+
+--distributed-optimizer --dp N (world tp * pp * N; with --optim-steps) trains with Megatron-LM's
+--use-distributed-optimizer instead: megatron-core's DistributedDataParallel (DistributedDataParallelConfig
+(use_distributed_optimizer=True, overlap_grad_reduce=False), so one gradient bucket, as Megatron-LM
+without --overlap-grad-reduce) and get_megatron_optimizer itself, which builds its DistributedOptimizer
+over DDP's buffers: each data-parallel rank takes its share of the batch, DDP reduce-scatters (averages)
+the gradients, each rank's Adam updates its shard of the buffer and the parameters are all-gathered.
+It saves as Megatron-LM 0.16's save_checkpoint: torch_dist with `optimizer.sharded_state_dict(state,
+metadata={'distrib_optim_sharding_type': X, ...})` for X in DISTRIBUTED_SHARDINGS, one folder each
+(OUT/torch_dist-X), and legacy with per-rank model_optim_rng.pt (written by data-parallel rank 0) plus
+distrib_optim.pt from `optimizer.save_parameter_state(path)`. --with-distributed-optimizer adds such a
+run (TP as given, DP = world / TP, no pipeline) to the same processes, under OUT/distributed.
+What is patched, in this process only, so that it runs on a CPU-only torch over gloo:
+torch.cuda.current_device() answers "cpu" (below, in main), so DDP's param and grad buffers
+(`device=torch.cuda.current_device()` in param_and_grad_buffer.py) and the gather in
+save_parameter_state are CPU tensors; and while the optimizer is built and steps, torch.tensor /
+torch.zeros calls asking for device="cuda" get the CPU (its loss scale of 1, found_inf, the grad norm's
+accumulator and overflow flag: `cuda_scalars_on_cpu`). No CUDA stream or event is reached (no overlap,
+one optimizer instance). Every value saved is still megatron-core's own: its buffer layout, shard
+ranges, reduce-scatter, Adam step, gather and sharded_state_dict run unchanged; the patches only say
+which device a tensor is allocated on.
 
 With --format both the one model is saved both ways, into OUT/torch_dist and OUT/legacy. Each save
 folder gets latest_checkpointed_iteration.txt, and reference.pt: {'tokens': [B, S], 'logits':
@@ -45,6 +65,7 @@ is not part of megatron-core, so its args Namespace is rebuilt here with the fie
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import sys
 import zlib
@@ -53,6 +74,10 @@ from pathlib import Path
 ITERATION = 7
 BATCH, SEQ = 2, 12
 # the optimizer of --optim-steps: large enough a learning rate that the moments show in the logits
+# the torch_dist forms of the distributed optimizer's state Megatron-LM 0.16 writes: 'dp_reshardable'
+# (its default) and 'fully_reshardable' (--dist-ckpt-optim-fully-reshardable); the older default,
+# 'fully_sharded_model_space', megatron-core 0.16.1 no longer writes ("flattened_range is not supported")
+DISTRIBUTED_SHARDINGS = ("dp_reshardable", "fully_reshardable")
 OPTIM = dict(lr=0.01, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8)
 
 # name -> (TransformerConfig fields, GPTModel fields, Megatron-LM args beyond those)
@@ -116,7 +141,7 @@ FAMILIES = {
 
 
 def megatron_args(family: str, tp: int, pp: int, ckpt_format: str, ep: int = 1,
-                  iteration: int = ITERATION) -> argparse.Namespace:
+                  iteration: int = ITERATION, dp: int = 1) -> argparse.Namespace:
     """The args Namespace Megatron-LM's training loop saves, with the fields a converter reads and
     a few of the others it holds (enums, dtypes, lists) so the loader's allow-list is exercised."""
     import torch
@@ -150,7 +175,7 @@ def megatron_args(family: str, tp: int, pp: int, ckpt_format: str, ep: int = 1,
         expert_tensor_parallel_size=tp,
         virtual_pipeline_model_parallel_size=None, num_layers_per_virtual_pipeline_stage=None,
         decoder_first_pipeline_num_layers=None, decoder_last_pipeline_num_layers=None,
-        world_size=tp * pp * ep, data_parallel_size=ep, params_dtype=torch.float32, fp16=False, bf16=False,
+        world_size=tp * pp * ep * dp, data_parallel_size=ep * dp, params_dtype=torch.float32, fp16=False, bf16=False,
         ckpt_format=ckpt_format, transformer_impl="local", attention_backend=AttnBackend.auto,
         model_type=ModelType.encoder_or_decoder, init_method_std=0.02, attention_dropout=0.0, hidden_dropout=0.0,
         iteration=iteration, consumed_train_samples=iteration * BATCH, train_iters=100, lr=OPTIM["lr"],
@@ -277,6 +302,55 @@ def build_optimizer(model):
     return optimizer, scheduler
 
 
+@contextlib.contextmanager
+def cuda_scalars_on_cpu(type_names: bool = False):
+    """The optimizers' small bookkeeping tensors megatron-core makes on "cuda" (the loss scale of 1,
+    found_inf, the grad-norm accumulator and overflow flag) made on the CPU instead; with
+    `type_names`, CPU parameters shown by their CUDA type names, by which megatron-core's optimizers
+    sort them into fp32 and 16-bit groups. No tensor of the model or of Adam's state is touched."""
+    import torch
+
+    tensor, zeros, type_of = torch.tensor, torch.zeros, torch.Tensor.type
+    cuda_names = {"torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor", "torch.FloatTensor": "torch.cuda.FloatTensor"}
+    torch.tensor = lambda *a, **k: tensor(*a, **{**k, "device": "cpu"} if k.get("device") == "cuda" else k)
+    torch.zeros = lambda *a, **k: zeros(*a, **{**k, "device": "cpu"} if k.get("device") == "cuda" else k)
+    if type_names:
+        torch.Tensor.type = lambda self, *a, **k: type_of(self, *a, **k) if a or k else cuda_names.get(type_of(self), type_of(self))
+    try:
+        yield
+    finally:
+        torch.tensor, torch.zeros, torch.Tensor.type = tensor, zeros, type_of
+
+
+def build_distributed_optimizer(model):
+    """Megatron-LM's --use-distributed-optimizer for `model`: megatron-core's DistributedDataParallel
+    (its param/grad buffers, reduce-scatter of the gradients, all-gather of the parameters) and
+    get_megatron_optimizer itself, which builds the DistributedOptimizer over DDP's buffers (each
+    data-parallel rank owns a contiguous shard of every bucket and keeps Adam's state for it only);
+    with Megatron-LM's OptimizerParamScheduler. Returns (the DDP-wrapped model, optimizer, scheduler)."""
+    import torch
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    # Megatron-LM's defaults for --use-distributed-optimizer without --overlap-grad-reduce: one bucket
+    ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=True, overlap_grad_reduce=False,
+                                               overlap_param_gather=False, grad_reduce_in_fp32=False,
+                                               check_for_nan_in_grad=False)
+    ddp = DistributedDataParallel(model.config, ddp_config, model)
+    config = OptimizerConfig(optimizer="adam", lr=OPTIM["lr"], min_lr=OPTIM["lr"], weight_decay=OPTIM["weight_decay"],
+                             adam_beta1=OPTIM["adam_beta1"], adam_beta2=OPTIM["adam_beta2"], adam_eps=OPTIM["adam_eps"],
+                             clip_grad=0.0, params_dtype=model.config.params_dtype, bf16=model.config.bf16,
+                             use_distributed_optimizer=True)
+    with cuda_scalars_on_cpu(type_names=True):
+        optimizer = get_megatron_optimizer(config, [ddp])
+    scheduler = OptimizerParamScheduler(optimizer, init_lr=0.0, max_lr=OPTIM["lr"], min_lr=OPTIM["lr"], lr_warmup_steps=0,
+                                        lr_decay_steps=100 * BATCH, lr_decay_style="constant",
+                                        start_wd=OPTIM["weight_decay"], end_wd=OPTIM["weight_decay"],
+                                        wd_incr_steps=100 * BATCH, wd_incr_style="constant")
+    return ddp, optimizer, scheduler
+
+
 def train_step(model, optimizer, scheduler, tokens) -> None:
     """Megatron-LM's train_step on one batch, one micro-batch (what its schedule does then): the
     mean next-token cross-entropy, backward (pipeline stages hand activations forward and their
@@ -287,9 +361,19 @@ def train_step(model, optimizer, scheduler, tokens) -> None:
     from megatron.core import parallel_state
 
     from megatron.core.distributed import DistributedDataParallelConfig
-    from megatron.core.distributed.finalize_model_grads import _allreduce_non_tensor_model_parallel_grads
+    from megatron.core.distributed.finalize_model_grads import (
+        _allreduce_non_tensor_model_parallel_grads,
+        finalize_model_grads,
+    )
 
-    assert not (model.share_embeddings_and_output_weights and parallel_state.get_pipeline_model_parallel_world_size() > 1)
+    ddp = hasattr(model, "finish_grad_sync")  # megatron-core's DDP (the distributed optimizer)
+    samples = tokens.shape[0]
+    if ddp:  # each data-parallel rank takes its share of the batch; DDP averages the gradients
+        share = tokens.shape[0] // parallel_state.get_data_parallel_world_size()
+        tokens = tokens[parallel_state.get_data_parallel_rank() * share:][:share]
+        model.zero_grad_buffer()
+    else:
+        assert not (model.share_embeddings_and_output_weights and parallel_state.get_pipeline_model_parallel_world_size() > 1)
     model.train()
     optimizer.zero_grad()
     positions = torch.arange(tokens.shape[1])[None].expand_as(tokens)
@@ -312,13 +396,17 @@ def train_step(model, optimizer, scheduler, tokens) -> None:
         torch.autograd.backward(out, grad)
     if received is not None:
         dist.send(received.grad.contiguous(), dst=parallel_state.get_pipeline_model_parallel_prev_rank())
-    # finalize_model_grads' sum over tensor-parallel ranks of the qk-layernorm (and sequence-parallel
-    # norm) gradients, megatron-core's own function; it reads the DDP wrapper's config
-    model.ddp_config = DistributedDataParallelConfig()
-    _allreduce_non_tensor_model_parallel_grads([model], model.config)
-    success, _, _ = optimizer.step()
+    if ddp:  # what Megatron-LM's schedule calls after the backward: the reduce-scatter, and the rest
+        finalize_model_grads([model])
+    else:
+        # finalize_model_grads' sum over tensor-parallel ranks of the qk-layernorm (and sequence-parallel
+        # norm) gradients, megatron-core's own function; it reads the DDP wrapper's config
+        model.ddp_config = DistributedDataParallelConfig()
+        _allreduce_non_tensor_model_parallel_grads([model], model.config)
+    with cuda_scalars_on_cpu():
+        success, _, _ = optimizer.step()
     assert success
-    scheduler.step(increment=tokens.shape[0])
+    scheduler.step(increment=samples)
     model.eval()
 
 
@@ -329,7 +417,7 @@ def train_tokens(family: str, step: int):
                          generator=torch.Generator().manual_seed(1000 + step))
 
 
-def save_torch_dist(model, args, folder: Path, optimizer=None, scheduler=None) -> None:
+def save_torch_dist(model, args, folder: Path, optimizer=None, scheduler=None, sharding: str | None = None) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
@@ -338,13 +426,24 @@ def save_torch_dist(model, args, folder: Path, optimizer=None, scheduler=None) -
     if not filesystem_async.HAVE_PSUTIL:
         filesystem_async._process_memory = lambda: 0
 
-    model_state = model.sharded_state_dict()
+    metadata = None
+    if sharding is not None:  # Megatron-LM's _build_sharded_state_dict_metadata with the distributed optimizer
+        from megatron.core import parallel_state
+
+        metadata = {"distrib_optim_sharding_type": sharding, "singleton_local_shards": False,
+                    "chained_optim_avoid_prefix": True,
+                    "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
+        if sharding == "fully_reshardable":
+            metadata["distrib_optim_fully_reshardable_mem_efficient"] = False
+    model_state = model.sharded_state_dict(metadata=metadata) if metadata else model.sharded_state_dict()
     state = {"model": model_state, "args": args, "iteration": args.iteration, "checkpoint_version": 3.0}
     if optimizer is not None:  # Megatron-LM's generate_state_dict
-        state["optimizer"] = optimizer.sharded_state_dict(model_state)
+        state["optimizer"] = (optimizer.sharded_state_dict(state, metadata=metadata) if metadata
+                              else optimizer.sharded_state_dict(model_state))
         state["opt_param_scheduler"] = scheduler.state_dict()
     folder.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(state, str(folder))
+    content = {k: v for k, v in metadata.items() if k != "dp_cp_group"} if metadata else None
+    dist_checkpointing.save(state, str(folder), content_metadata=content)
 
 
 def save_legacy(model, args, folder: Path, optimizer=None, scheduler=None) -> None:
@@ -361,10 +460,14 @@ def save_legacy(model, args, folder: Path, optimizer=None, scheduler=None) -> No
                   "torch_rng_state": torch.get_rng_state(), "cuda_rng_state": None, "rng_tracker_states": {}}]
     state = {"args": args, "checkpoint_version": 3.0, "iteration": args.iteration,
              "model": model.state_dict_for_save_checkpoint(), "rng_state": rng_state}
-    if optimizer is not None:  # Megatron-LM's save_checkpoint without the distributed optimizer
+    if optimizer is not None:  # Megatron-LM's save_checkpoint (the distributed optimizer: no tensors here)
         state["optimizer"] = optimizer.state_dict()
         state["opt_param_scheduler"] = scheduler.state_dict()
     (folder / name).mkdir(parents=True, exist_ok=True)
+    if args.use_distributed_optimizer:  # every rank gathers, data-parallel rank 0 writes distrib_optim.pt
+        optimizer.save_parameter_state(str(folder / name / "distrib_optim.pt"))
+    if args.expert_model_parallel_size == 1 and parallel_state.get_data_parallel_rank() != 0:
+        return  # Megatron-LM: data-parallel rank 0 writes the model's file
     torch.save(state, folder / name / "model_optim_rng.pt")
 
 
@@ -406,25 +509,34 @@ def make_saves(opts, root: Path, bf16: bool) -> None:
     randomize(model, opts.family)
     optimizer = scheduler = None
     iteration = ITERATION
+    trained = model  # what trains and runs the forward: the model, or DDP around it
     if opts.optim_steps:
         assert opts.ep == 1, "--optim-steps: no expert parallelism"
-        optimizer, scheduler = build_optimizer(model)
+        if opts.distributed_optimizer:
+            trained, optimizer, scheduler = build_distributed_optimizer(model)
+        else:
+            optimizer, scheduler = build_optimizer(model)
         for step in range(opts.optim_steps):
-            train_step(model, optimizer, scheduler, train_tokens(opts.family, step))
+            train_step(trained, optimizer, scheduler, train_tokens(opts.family, step))
         iteration = opts.optim_steps
-    model.eval()
+    trained.eval()
     tokens = torch.randint(0, FAMILIES[opts.family]["model"]["vocab_size"], (BATCH, SEQ),
                            generator=torch.Generator().manual_seed(99))
-    logits = reference_forward(model, tokens)
+    logits = reference_forward(trained, tokens)
     formats = ["torch_dist", "legacy"] if opts.format == "both" else [opts.format]
-    for ckpt_format in formats:
-        out = root / ckpt_format if opts.format == "both" else root
-        args = megatron_args(opts.family, opts.tp, opts.pp, ckpt_format, opts.ep, iteration)
+    # the distributed optimizer: one torch_dist save per sharding type, in OUT/torch_dist-<type>
+    shardings = DISTRIBUTED_SHARDINGS if opts.distributed_optimizer else (None,)
+    saves = [(f, sharding) for f in formats for sharding in (shardings if f == "torch_dist" else (None,))]
+    for ckpt_format, sharding in saves:
+        out = root / (ckpt_format if sharding is None else f"{ckpt_format}-{sharding}") if opts.format == "both" else root
+        args = megatron_args(opts.family, opts.tp, opts.pp, ckpt_format, opts.ep, iteration, opts.dp)
         if bf16:
             args.bf16, args.params_dtype = True, torch.bfloat16
+        args.use_distributed_optimizer = bool(opts.distributed_optimizer)
+        args.dist_ckpt_optim_fully_reshardable = sharding == "fully_reshardable"
         folder = out / f"iter_{iteration:07d}"
         if ckpt_format == "torch_dist":
-            save_torch_dist(model, args, folder, optimizer, scheduler)
+            save_torch_dist(model, args, folder, optimizer, scheduler, sharding)
         else:
             save_legacy(model, args, folder, optimizer, scheduler)
         dist.barrier()
@@ -435,9 +547,10 @@ def make_saves(opts, root: Path, bf16: bool) -> None:
         dist.barrier()
     if optimizer is not None:  # the reference continuation: one more step, then the logits
         extra = train_tokens(opts.family, opts.optim_steps)
-        train_step(model, optimizer, scheduler, extra)
-        after = reference_forward(model, tokens)
-        if after is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
+        train_step(trained, optimizer, scheduler, extra)
+        after = reference_forward(trained, tokens)
+        if after is not None and parallel_state.get_tensor_model_parallel_rank() == 0 and \
+                parallel_state.get_data_parallel_rank() == 0:
             torch.save({"train_tokens": extra, "tokens": tokens, "logits": after.float(), "optim": dict(OPTIM),
                         "iteration": iteration}, root / "reference_optim.pt")
         dist.barrier()
@@ -450,6 +563,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--ep", type=int, default=1, help="expert-parallel size (world: tp * pp * ep, data-parallel ep)")
+    parser.add_argument("--dp", type=int, default=1, help="data-parallel size (world: tp * pp * dp; not with --ep)")
+    parser.add_argument("--distributed-optimizer", action="store_true",
+                        help="with --optim-steps: megatron-core's DDP and DistributedOptimizer (state sharded over dp)")
+    parser.add_argument("--with-distributed-optimizer", action="store_true",
+                        help="with --optim-steps: also, on the same ranks as TP x DP, a --distributed-optimizer run "
+                             "saved under OUT/distributed")
     parser.add_argument("--format", choices=["torch_dist", "legacy", "both"], required=True,
                         help="both: the same model saved in OUT/torch_dist and OUT/legacy")
     parser.add_argument("--bf16", action="store_true", help="a bf16 model (with --optim-steps: fp32 master weights)")
@@ -488,6 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         moe_utils.te_general_gemm = None
 
     try:
+        assert opts.dp == 1 or opts.ep == 1, "--dp with --ep: the expert ranks are the data-parallel ranks"
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=opts.tp, pipeline_model_parallel_size=opts.pp,
                                                  expert_model_parallel_size=opts.ep)
         megatron_random.initialize_rng_tracker(inference_rng_tracker=True)  # no CUDA RNG to fork; dropout is 0
@@ -506,6 +626,13 @@ def main(argv: list[str] | None = None) -> int:
         if opts.with_bf16:  # the same again as a bf16 model, in these processes (no second start-up)
             torch.manual_seed(1234)
             make_saves(opts, opts.out / "bf16", bf16=True)
+        if opts.with_distributed_optimizer:  # these ranks again as TP x DP (no pipeline), under OUT/distributed
+            parallel_state.destroy_model_parallel()
+            parallel_state.initialize_model_parallel(tensor_model_parallel_size=opts.tp)
+            torch.manual_seed(1234)
+            again = argparse.Namespace(**{**vars(opts), "pp": 1, "dp": dist.get_world_size() // opts.tp,
+                                          "distributed_optimizer": True, "format": "both"})
+            make_saves(again, opts.out / "distributed", bf16=False)
     finally:
         dist.destroy_process_group()
     return 0
@@ -517,14 +644,17 @@ if __name__ == "__main__":
 
 # ----------------------------------------------------------------------------- for the tests
 def build(out: Path, family: str, tp: int, pp: int, ckpt_format: str = "both", timeout: float = 300.0, ep: int = 1,
-          optim_steps: int = 0, bf16: bool = False, with_bf16: bool = False) -> Path:
-    """Run this script as tp * pp * ep gloo ranks (free port, hard timeout, no process left behind)."""
+          optim_steps: int = 0, bf16: bool = False, with_bf16: bool = False, dp: int = 1,
+          distributed_optimizer: bool = False, with_distributed_optimizer: bool = False) -> Path:
+    """Run this script as tp * pp * ep * dp gloo ranks (free port, hard timeout, no process left behind)."""
     from dist_utils import run_ranks
 
     result = run_ranks([__file__, str(out), "--family", family, "--tp", str(tp), "--pp", str(pp), "--ep", str(ep),
-                        "--format", ckpt_format, "--optim-steps", str(optim_steps), *(["--bf16"] if bf16 else []),
-                        *(["--with-bf16"] if with_bf16 else [])],
-                       nprocs=tp * pp * ep,
+                        "--dp", str(dp), "--format", ckpt_format, "--optim-steps", str(optim_steps),
+                        *(["--bf16"] if bf16 else []), *(["--with-bf16"] if with_bf16 else []),
+                        *(["--distributed-optimizer"] if distributed_optimizer else []),
+                        *(["--with-distributed-optimizer"] if with_distributed_optimizer else [])],
+                       nprocs=tp * pp * ep * dp,
                        timeout=timeout)
     if result.returncode != 0:
         raise RuntimeError(f"building the megatron-core {family} checkpoint failed "

@@ -5,7 +5,9 @@ scheduler), saves it with the optimizer the way Megatron-LM does (torch_dist and
 one more step on a fixed batch and records the logits. ember imports weights + Adam moments + step +
 iteration, its trainer takes the same step, and the logits must match megatron-core's; the same step
 with a fresh optimizer must not. Also: --no-load-optim continues at iteration N with a fresh
-optimizer, and checkpoints without (mappable) optimizer state are refused in one line.
+optimizer, and checkpoints without (mappable) optimizer state are refused in one line. The same four
+processes then train TP 2 x DP 2 with megatron-core's DDP and DistributedOptimizer (Adam's state
+sharded over data-parallel ranks) and save it as Megatron-LM 0.16 does; ember continues that run too.
 """
 
 from __future__ import annotations
@@ -32,9 +34,12 @@ STEPS = 3  # megatron-core's Adam steps before the save: the checkpoint is itera
 @pytest.fixture(scope="module")
 def saves(tmp_path_factory):
     """torch_dist/ and legacy/ saves of one megatron-core model with its optimizer, and reference_optim.pt;
-    the same under bf16/ for a bf16 model (Float16Optimizer: fp32 master weights)."""
+    the same under bf16/ for a bf16 model (Float16Optimizer: fp32 master weights); and under
+    distributed/, the same four processes as TP 2 x DP 2 with the distributed optimizer (see
+    `distributed_saves`)."""
     root = tmp_path_factory.mktemp("megatron-optim") / "llama"
-    return megatron_checkpoints.build(root, "llama", 2, 2, optim_steps=STEPS, with_bf16=True)
+    return megatron_checkpoints.build(root, "llama", 2, 2, optim_steps=STEPS, with_bf16=True,
+                                      with_distributed_optimizer=True)
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +214,50 @@ def test_convert_command_load_optim(saves, tmp_path, capsys):
     no_optim = _without_optimizer(saves / "legacy", tmp_path / "no-optim")
     assert main(["convert", "--from", "megatron", "--to", "ember", str(no_optim), str(tmp_path / "x"), "--load-optim"]) == 2
     assert "holds no optimizer state" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------ Megatron's distributed optimizer
+@pytest.fixture(scope="module")
+def distributed_saves(saves):
+    """A TP 2 x DP 2 run with megatron-core's DDP and DistributedOptimizer (Adam's state sharded over
+    the two data-parallel ranks), saved as Megatron-LM 0.16 does: torch_dist-dp_reshardable/ (its
+    default), torch_dist-fully_reshardable/ (--dist-ckpt-optim-fully-reshardable) and legacy/
+    (model_optim_rng.pt + distrib_optim.pt per rank); reference_optim.pt after one more step."""
+    return saves / "distributed"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["torch_dist-fully_reshardable", "legacy"])
+def test_ember_continues_a_distributed_optimizer_run_as_megatron_core_does(distributed_saves, data, tmp_path, form):
+    reference = torch.load(distributed_saves / "reference_optim.pt")
+    trainer, said = _trainer(distributed_saves / form, tmp_path / "run", data)
+    try:
+        assert "Adam moments (step 3" in said and trainer.state.iteration == STEPS
+        assert {float(s["step"]) for s in trainer.optimizer.state.values()} == {float(STEPS)}
+        logits = _step_and_logits(trainer, reference)
+    finally:
+        trainer.close()
+    # each data-parallel rank took half the batch and DDP averaged the gradients: the mean over the
+    # whole batch, ember's step on it; the same tolerance as without the distributed optimizer
+    torch.testing.assert_close(logits, reference["logits"], rtol=0, atol=_tolerance(reference["logits"]))
+
+
+@pytest.mark.slow
+def test_distributed_optimizer_forms_ember_cannot_map_are_refused(distributed_saves, tmp_path):
+    """dp_reshardable names no parameter: refused in one line. A distrib_optim.pt whose flat buffers
+    are not laid out as ember rebuilds them (here shifted by one alignment step) fails the check of
+    its master weights against the model weights, and is refused rather than misread."""
+    from ember.checkpoint.megatron import locate_megatron_checkpoint
+    from ember.checkpoint.megatron_optim import optimizer_state_summary
+
+    said = optimizer_state_summary(locate_megatron_checkpoint(distributed_saves / "torch_dist-dp_reshardable", None))
+    assert "'dp_reshardable' form" in said and "--dist-ckpt-optim-fully-reshardable" in said and "\n" not in said
+    shifted = shutil.copytree(distributed_saves / "legacy", tmp_path / "shifted")
+    path = next(shifted.glob("iter_*/mp_rank_01/distrib_optim.pt"))
+    saved = torch.load(path, weights_only=False)
+    for flat in saved[0].values():
+        for kind in ("param", "exp_avg", "exp_avg_sq"):
+            flat[kind] = torch.roll(flat[kind], 64)
+    torch.save(saved, path)
+    said = optimizer_state_summary(locate_megatron_checkpoint(shifted, None))
+    assert said is not None and "is not laid out as ember rebuilds" in said and "\n" not in said
