@@ -15,7 +15,7 @@ What Megatron itself would do with that `--load`, and what ember does:
   (`ember.checkpoint.megatron_optim`, under `megatron_import/iter_N-optim`) and resumes it, with a
   notice; with `--no-load-optim` (Megatron's flag) it resumes iteration N with a fresh optimizer
   and says the moments were dropped (`iter_N-no-optim`); a checkpoint without optimizer state, or
-  with one ember cannot map (Megatron's distributed optimizer), is refused in one line naming
+  with one ember cannot map (see `ember.checkpoint.megatron_optim` for the forms it reads), is refused in one line naming
   `--finetune` and `--no-load-optim` rather than started over silently.
 """
 
