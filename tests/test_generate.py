@@ -93,12 +93,12 @@ def test_left_padded_batch_equals_transformers_generate(family, tmp_path):
 def test_left_padded_batch_in_the_blocked_layout(family, tmp_path, monkeypatch):
     """The same, with the fused decode step's matrices in oneDNN's blocked layout (which only
     models past BLOCKED_LAYOUT_MIN_BYTES get by themselves)."""
-    from ember import generation
+    from ember.generation import fused_decode
 
-    monkeypatch.setattr(generation, "BLOCKED_LAYOUT_MIN_BYTES", 0)
+    monkeypatch.setattr(fused_decode, "BLOCKED_LAYOUT_MIN_BYTES", 0)
     blocked = []
-    original = generation._Matrix.__call__
-    monkeypatch.setattr(generation._Matrix, "__call__", lambda self, *a, **k: blocked.append(self.blocked) or original(self, *a, **k))
+    original = fused_decode._Matrix.__call__
+    monkeypatch.setattr(fused_decode._Matrix, "__call__", lambda self, *a, **k: blocked.append(self.blocked) or original(self, *a, **k))
     test_left_padded_batch_equals_transformers_generate(family, tmp_path)
     assert any(blocked) == torch.backends.mkldnn.is_available()  # batch 1 (`generate`) keeps the plain layout
 
@@ -119,14 +119,14 @@ def test_fused_decode_step_is_taken_and_follows_weight_changes(tmp_path, monkeyp
     """Llama-shaped models decode through the fused step (its weight copies kept between calls);
     loading other weights in place makes the next call copy them again, so it still matches
     transformers on the new weights."""
-    from ember import generation
+    from ember.generation import fused_decode
 
     steps = []
-    original = generation._FusedDecodeStep.__call__
-    monkeypatch.setattr(generation._FusedDecodeStep, "__call__", lambda self, t: steps.append(1) or original(self, t))
+    original = fused_decode.FusedDecodeStep.__call__
+    monkeypatch.setattr(fused_decode.FusedDecodeStep, "__call__", lambda self, t: steps.append(1) or original(self, t))
     first, second = _hf_model("llama", seed=0), _hf_model("llama", seed=3)
     model = _converted(first, tmp_path / "a")
-    assert generation.fused_decode_refusal(model) is None
+    assert fused_decode.fused_decode_refusal(model) is None
     prompt, new_tokens = [3, 17, 90, 4, 55], 16
     assert list(generate(model, prompt, new_tokens)) == _hf_greedy(first, prompt, new_tokens)
     assert len(steps) == new_tokens - 1
@@ -139,11 +139,11 @@ def test_fused_decode_step_is_taken_and_follows_weight_changes(tmp_path, monkeyp
 def test_hooked_models_keep_their_own_forward(tmp_path):
     """A forward hook (what LoRA and tensor parallelism use) is honoured: decoding goes through
     the model's forward, which a full no-cache forward per token checks."""
-    from ember import generation
+    from ember.generation import fused_decode
 
     model = _converted(_hf_model("llama"), tmp_path)
     model.layers["1"].feed_forward.w2.register_forward_hook(lambda module, args, out: out * 0.5)
-    assert "hooks" in generation.fused_decode_refusal(model)
+    assert "hooks" in fused_decode.fused_decode_refusal(model)
     ids = [3, 17, 90, 4, 55]
     with torch.no_grad():
         for _ in range(10):
