@@ -227,7 +227,7 @@ def distributed_saves(saves):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("form", ["torch_dist-fully_reshardable", "legacy"])
+@pytest.mark.parametrize("form", ["torch_dist-dp_reshardable", "torch_dist-fully_reshardable", "legacy"])
 def test_ember_continues_a_distributed_optimizer_run_as_megatron_core_does(distributed_saves, data, tmp_path, form):
     reference = torch.load(distributed_saves / "reference_optim.pt")
     trainer, said = _trainer(distributed_saves / form, tmp_path / "run", data)
@@ -242,16 +242,57 @@ def test_ember_continues_a_distributed_optimizer_run_as_megatron_core_does(distr
     torch.testing.assert_close(logits, reference["logits"], rtol=0, atol=_tolerance(reference["logits"]))
 
 
+def _with_swapped_buffers(save: Path, out: Path) -> Path:
+    """A copy of a dp_reshardable save in which model-parallel ranks 0 and 1 (tensor-parallel ranks
+    0 and 1) trade their optimizer buffers: each rank's 'param' slices then hold the other rank's
+    share of the split weights, as a wrong rank -> buffer mapping would read them."""
+    import dataclasses
+    import pickle
+
+    shutil.copytree(save, out)
+    path = next(out.glob("iter_*/.metadata"))
+    metadata = pickle.loads(path.read_bytes())
+
+    def swap(fqn: str) -> str:
+        for a, b in (("dp_group_idx_0.", "dp_group_idx_X."), ("dp_group_idx_1.", "dp_group_idx_0."),
+                     ("dp_group_idx_X.", "dp_group_idx_1.")):
+            fqn = fqn.replace(a, b)
+        return fqn
+
+    metadata.state_dict_metadata = {swap(k): v for k, v in metadata.state_dict_metadata.items()}
+    metadata.storage_data = {dataclasses.replace(k, fqn=swap(k.fqn)): v for k, v in metadata.storage_data.items()}
+    path.write_bytes(pickle.dumps(metadata))
+    return out
+
+
 @pytest.mark.slow
-def test_distributed_optimizer_forms_ember_cannot_map_are_refused(distributed_saves, tmp_path):
-    """dp_reshardable names no parameter: refused in one line. A distrib_optim.pt whose flat buffers
-    are not laid out as ember rebuilds them (here shifted by one alignment step) fails the check of
-    its master weights against the model weights, and is refused rather than misread."""
+def test_distributed_optimizer_buffers_that_fail_the_check_are_refused(distributed_saves, tmp_path, monkeypatch):
+    """ember maps the distributed optimizer's flat buffers only when every parameter's master slice
+    is that weight, and refuses in one line what fails: dp_reshardable buffers of the wrong ranks,
+    a layer order other than the run's (only the Transformer Engine spec's for this local-spec run),
+    and a distrib_optim.pt shifted by one alignment step."""
+    from ember.checkpoint import megatron_distributed_optim
     from ember.checkpoint.megatron import locate_megatron_checkpoint
     from ember.checkpoint.megatron_optim import optimizer_state_summary
 
-    said = optimizer_state_summary(locate_megatron_checkpoint(distributed_saves / "torch_dist-dp_reshardable", None))
-    assert "'dp_reshardable' form" in said and "--dist-ckpt-optim-fully-reshardable" in said and "\n" not in said
+    def summary(folder: Path) -> str:
+        said = optimizer_state_summary(locate_megatron_checkpoint(folder, None))
+        assert said is not None and "\n" not in said
+        return said
+
+    dp_reshardable = distributed_saves / "torch_dist-dp_reshardable"
+    assert optimizer_state_summary(locate_megatron_checkpoint(dp_reshardable, None)) is None
+    said = summary(_with_swapped_buffers(dp_reshardable, tmp_path / "swapped"))
+    assert "'dp_reshardable' state, whose buffers are not laid out as ember rebuilds" in said
+    assert "local spec: tensor-parallel rank 0's 'param' slice for output_layer.weight" in said
+    assert "--dist-ckpt-optim-fully-reshardable" in said and "--ckpt-format torch" in said
+    te_only = {"transformer_engine": megatron_distributed_optim._LAYER_ORDERS["transformer_engine"]}
+    monkeypatch.setattr(megatron_distributed_optim, "_LAYER_ORDERS", te_only)
+    said = summary(dp_reshardable)
+    # in buffer order (reversed), the TE order first differs at layer 3's input norm, put where linear_proj is
+    assert "transformer_engine spec: tensor-parallel rank 0's 'param' slice for input_layernorm.weight of layer 3 " \
+           "is not that weight" in said
+    monkeypatch.undo()
     shifted = shutil.copytree(distributed_saves / "legacy", tmp_path / "shifted")
     path = next(shifted.glob("iter_*/mp_rank_01/distrib_optim.pt"))
     saved = torch.load(path, weights_only=False)
@@ -259,5 +300,4 @@ def test_distributed_optimizer_forms_ember_cannot_map_are_refused(distributed_sa
         for kind in ("param", "exp_avg", "exp_avg_sq"):
             flat[kind] = torch.roll(flat[kind], 64)
     torch.save(saved, path)
-    said = optimizer_state_summary(locate_megatron_checkpoint(shifted, None))
-    assert said is not None and "is not laid out as ember rebuilds" in said and "\n" not in said
+    assert "is not laid out as ember rebuilds" in summary(shifted)

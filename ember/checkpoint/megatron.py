@@ -618,7 +618,7 @@ class TorchDistReader(_Reader):
             offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
             if not all(o <= i < o + z for i, o, z in zip(lead, offsets, sizes)):
                 continue
-            data = self._read_chunk(fqn, offsets, chunk_index)
+            data = self.read_chunk(fqn, offsets, chunk_index)
             if n:
                 data = data[tuple(i - o for i, o in zip(lead, offsets))]
                 offsets = offsets[n:]
@@ -630,7 +630,7 @@ class TorchDistReader(_Reader):
                              "(an incomplete checkpoint?)")
         return out
 
-    def _read_chunk(self, fqn: str, offsets: tuple[int, ...], chunk_index: int) -> torch.Tensor:
+    def read_chunk(self, fqn: str, offsets: tuple[int, ...], chunk_index: int) -> torch.Tensor:
         from torch.distributed.checkpoint.metadata import MetadataIndex
 
         key = MetadataIndex(fqn, torch.Size(offsets))
@@ -717,7 +717,7 @@ class LegacyReader(_Reader):
         self.saved_args = None
         self.iteration = None
         self.extras = []
-        self._ranks = ranks
+        self.rank_files = ranks  # (tp, pp, ep) rank -> its model_optim_rng.pt
         self._naming: set[str] = set()
         layer_counts: dict[int, int] = {}
         local: dict[tuple[int, int], dict[tuple[int | None, str], torch.Tensor]] = {}
@@ -766,7 +766,7 @@ class LegacyReader(_Reader):
         the other expert ranks' files with global expert numbers."""
         tensors: dict[tuple[int | None, str], torch.Tensor] = {}
         for ep in range(self.ep_size):
-            local = self._load_rank_file(self._ranks[(tp, pp, ep)])
+            local = self._load_rank_file(self.rank_files[(tp, pp, ep)])
             experts = {key: found for _, key in local if (found := _EXPERT_KEY.match(key)) and found.group(1).startswith("local")}
             per_rank = len({found.group(1) for found in experts.values()})
             for (layer, key), tensor in local.items():
@@ -795,7 +795,7 @@ class LegacyReader(_Reader):
                              "resave it with a Megatron-LM from 2021 or later")
         if self.saved_args is None:
             self.saved_args, self.iteration = state.get("args"), state.get("iteration")
-        if path == self._ranks[(0, 0, 0)]:
+        if path == self.rank_files[(0, 0, 0)]:
             self.extras = [k for k in ("optimizer", "opt_param_scheduler", "rng_state") if state.get(k) is not None]
         tensors: dict[tuple[int | None, str], torch.Tensor] = {}
         for name, value in self._tensors_of(state, path):
