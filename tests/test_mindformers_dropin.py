@@ -384,6 +384,46 @@ def test_llama3_70b_seed_command_resolves_tiny(tmp_path, monkeypatch, capsys, ti
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("EMBER_TEST_64_RANKS") != "1",
+                    reason="64 CPU processes (TP 8 x PP 8): ~16 GB and ~6 min on 2 cores; EMBER_TEST_64_RANKS=1 runs it")
+def test_llama3_70b_seed_command_runs_tiny_on_64_processes(tmp_path, tiny_cache):
+    """The seed's 8-node command line as written (9 arguments, JOIN False: msrun starts in the
+    background and returns), tiny: all 64 ranks of its TP 8 x PP 8 layout on this machine train 3
+    iterations and save. Measured 2026-12-05 on a 2-core, 24 GB machine: 4-5.5 min, ~16 GB in use."""
+    import json
+    import re
+    import subprocess
+    import sys
+    import time
+
+    from dist_utils import free_port
+
+    config = _write(tmp_path, LLAMA3_70B, "pretrain_llama3_70b.yaml")
+    env = dict(os.environ, EMBER_TINY="1", EMBER_TINY_ITERS="3", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               EMBER_TINY_CACHE=str(tiny_cache), MASTER_PORT=str(free_port()),
+               PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    command = (f"run_mindformer.py --register_path research/llama3 --config {config} --train_dataset dataset_dir "
+               f"--use_parallel True --run_mode train")
+    result = subprocess.run(["ember", "launch", "--msrun", command, "64", "8", "127.0.0.1", str(free_port()), "0",
+                             "output/msrun_log", "False", "300"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "64 CPU process(es) (tp 8, pp 8" in result.stderr
+    pid = int(re.search(r"started in the background \(pid (\d+)\)", result.stderr).group(1))
+    deadline = time.monotonic() + 900
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(2)
+    if Path(f"/proc/{pid}").exists():
+        os.kill(pid, 9)
+        pytest.fail("the 64-rank run did not finish in 15 minutes")
+    save = tmp_path / "output" / "checkpoint"
+    state = json.loads((save / (save / "latest").read_text().strip() / "train_state.json").read_text())
+    parallel = state["config"]["parallel"]
+    assert state["state"]["iteration"] == 3
+    assert (parallel["tensor_model_parallel_size"], parallel["pipeline_model_parallel_size"]) == (8, 8)
+
+
+@pytest.mark.slow
 def test_llama2_7b_seed_command_runs_tiny(tmp_path, tiny_cache):
     """The seed's single-node command line, as written (the .mindrecord dataset included), with only
     `bash scripts/msrun_launcher.sh` changed to `ember launch --msrun`: it trains, tiny."""
