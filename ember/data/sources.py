@@ -1,10 +1,11 @@
 """Input files as a stream of record chunks: jsonl/json (also .gz/.zst), txt, csv, parquet, arrow.
 
 A *chunk* is up to a few thousand raw records (and, for line formats, about `CHUNK_BYTES` of
-them) from one file, tagged with that file and the line (or row) number of its first record. Chunks are what worker processes receive: raw bytes for line
-formats (parsed by the worker with orjson), Arrow tables for columnar formats — never one pickled
-Python object per document. Files are streamed; only a `.json` holding one JSON array is read
-whole (the format gives no way to stream it without another parser).
+them) from one file, tagged with that file and the line (or row) number of its first record.
+Chunks are what worker processes receive: raw bytes for line formats (parsed by the worker with
+orjson), Arrow tables for columnar formats — never one pickled Python object per document.
+Files are streamed; only a `.json` holding one JSON array is read whole (the format gives no way
+to stream it without another parser).
 """
 
 from __future__ import annotations
