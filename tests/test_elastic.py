@@ -133,7 +133,8 @@ def test_lost_node_rejoins_and_the_run_ends_with_the_uninterrupted_losses(tmp_pa
         lost = _tree(agents[1].pid)
         _kill_tree(agents[1].pid)
         agents[1].wait(10)
-        assert not [pid for pid in lost if _alive(pid)], "node 1 left processes behind"
+        # SIGKILLed processes still take a moment to exit (freeing their memory) on a busy machine
+        _wait_for(lambda: not [pid for pid in lost if _alive(pid)], 30, "node 1's killed processes to exit", [])
         agents[1] = _agent(tmp_path, port, 1, args, "node1.rejoined.log")  # the node comes back
         for agent in agents:
             agent.wait(max(TIMEOUT - (time.monotonic() - started), 1))
