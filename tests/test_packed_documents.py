@@ -281,6 +281,71 @@ def test_flex_attention_on_cuda_equals_documents_alone():
                 torch.testing.assert_close(logits[row:row + 1, start:end], alone, rtol=1e-4, atol=1e-4)
 
 
+def _cpp_compiler() -> bool:
+    import shutil
+
+    return any(shutil.which(name) for name in ("g++", "c++", "clang++"))
+
+
+@pytest.fixture
+def flex_on_cpu(monkeypatch):
+    """ember's CUDA path on the CPU: the compiled BlockMask and the compiled flex_attention kernel
+    (inductor's CPU template), counting the calls that reach the kernel."""
+    import ember.models.attention as attention
+    import ember.models.documents as documents
+
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    if not _cpp_compiler():
+        pytest.skip("torch.compile on the CPU needs a C++ compiler")
+    calls = []
+    original = attention.flex_document_attention
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(documents, "flex_attention_applies", lambda device: True)
+    monkeypatch.setattr(attention, "flex_document_attention", counted)
+    return calls
+
+
+def test_compiled_flex_path_on_cpu_equals_documents_alone(flex_on_cpu):
+    """The code CUDA runs (compiled block mask, compiled flex kernel, GQA, sliding window), run by
+    inductor on the CPU: forward only, since flex_attention's backward is CUDA-only in torch."""
+    model = seeded_stages("tiny-mistral", {"sliding_window": 8}, False, SEED)[0]
+    batch = packed_batch(model.args.vocab_size)
+    with torch.no_grad():
+        logits = model(batch["input_ids"], batch["position_ids"], documents=batch["document_ids"])
+        assert len(flex_on_cpu) == model.args.n_layers  # every layer took the kernel
+        for row in range(2):
+            for start, end in document_spans(row):
+                alone = model(batch["input_ids"][row:row + 1, start:end])
+                assert_fp32_close(logits[row:row + 1, start:end], alone, terms=forward_terms(model.args, SEQ))
+
+
+def test_attention_dropout_on_the_flex_path_takes_the_dense_mask(flex_on_cpu):
+    """flex_attention has no dropout: with attention dropout in training, packed documents go through
+    SDPA with the dense block-diagonal mask, drawing the masks the CPU path draws."""
+    overrides = {"sliding_window": 8, "attention_dropout": 0.5}
+    model = seeded_stages("tiny-mistral", overrides, False, SEED)[0].train()
+    batch = packed_batch(model.args.vocab_size)
+
+    def run():
+        torch.manual_seed(SEED)
+        return model(batch["input_ids"], batch["position_ids"], documents=batch["document_ids"])
+
+    on_flex_path = run()
+    on_flex_path.sum().backward()
+    assert not flex_on_cpu
+    import ember.models.documents as documents
+
+    documents.flex_attention_applies = lambda device: False  # the monkeypatch restores it
+    torch.testing.assert_close(on_flex_path, run(), rtol=0, atol=0)
+    with torch.no_grad():
+        assert (on_flex_path - model.eval()(batch["input_ids"], batch["position_ids"],
+                                            documents=batch["document_ids"])).abs().max() > 1e-3
+
+
 # ------------------------------------------------------------------------ (c) parallel layouts
 
 # id -> (model, overrides, layout); every layout runs on 4 ranks

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ember.errors import EmberError
 from ember.models.args import ModelArgs, default_attn_scale
 from ember.models.documents import flex_document_attention
 from ember.models.norms import build_norm
@@ -103,17 +102,16 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_id, k, v)
         dropout = self.dropout if self.training else 0.0
-        if mask.block_mask is not None and kv_cache is None:  # packed documents on CUDA
-            if dropout > 0:
-                raise EmberError("attention dropout with packed documents on GPU (flex attention) is not supported; "
-                                 "pass --attention-dropout 0")
+        if mask.block_mask is not None and kv_cache is None and dropout == 0:  # packed documents on CUDA
             out = flex_document_attention(q, k, v, mask.block_mask, self.scale, self.n_kv_heads != self.n_heads)
         elif self.softcap is None:
             out = F.scaled_dot_product_attention(
                 q,
                 k,
                 v,
-                attn_mask=mask.mask,
+                # flex_attention has no dropout: packed documents with attention dropout take the
+                # dense block-diagonal mask (built once per forward, shared by the layers)
+                attn_mask=mask.dense_mask() if mask.block_mask is not None else mask.mask,
                 is_causal=mask.is_causal,
                 dropout_p=dropout,
                 scale=self.scale,

@@ -8,7 +8,10 @@ it): a block-diagonal causal mask.
 The mask is built per forward from the document ids, never stored with the data:
 - on CUDA with `torch.nn.attention.flex_attention`, as a `BlockMask` (O(T^2 / 128^2) memory,
   fully masked blocks skipped by the kernel), unless ALiBi or soft-capping need the scores;
-- elsewhere as a dense boolean mask [B, 1, T, T] for scaled_dot_product_attention.
+- elsewhere as a dense boolean mask [B, 1, T, T] for scaled_dot_product_attention, and on CUDA
+  too when attention dropout is on in training (flex_attention has no dropout).
+The flex path is tested on the CPU, where inductor compiles the same kernel template (forward
+only: its backward is CUDA-only), tests/test_packed_documents.py.
 """
 
 from __future__ import annotations

@@ -118,6 +118,16 @@ class AttentionMask:
     # flex_attention's BlockMask, which replaces `mask` on CUDA
     documents: torch.Tensor | None = None
     block_mask: object | None = None
+    sliding_window: int | None = None  # the window `block_mask` was built with
+
+    def dense_mask(self) -> torch.Tensor | None:
+        """`mask`, or with a BlockMask the dense block-diagonal mask it stands for (built on first
+        use: what attention dropout needs, which flex_attention does not have)."""
+        if self.mask is None and self.block_mask is not None:
+            from ember.models.documents import dense_document_mask
+
+            self.mask = dense_document_mask(self.documents, self.sliding_window)
+        return self.mask
 
 
 def build_attention_mask(
@@ -168,7 +178,7 @@ def _document_attention_mask(args: ModelArgs, documents: torch.Tensor, start: in
     window = args.sliding_window
     if slopes is None and args.attn_logit_softcap is None and flex_attention_applies(device):
         return AttentionMask(None, is_causal=False, documents=documents,
-                             block_mask=document_block_mask(documents, window))
+                             block_mask=document_block_mask(documents, window), sliding_window=window)
     allowed = dense_document_mask(documents, window)
     if slopes is None:
         return AttentionMask(allowed, is_causal=False, documents=documents)
