@@ -272,7 +272,8 @@ def test_args_mapping():
     assert (gpt.activation, gpt.mlp_bias, gpt.tie_embeddings, gpt.position_type) == ("gelu_tanh", True, True, "learned")
     for changes, message in ((dict(num_experts=8, moe_shared_expert_intermediate_size=256), "shared experts"),
                              (dict(rotary_percent=0.5), "partial RoPE"),
-                             (dict(position_embedding_type="alibi"), "alibi is not supported"),
+                             (dict(position_embedding_type="xpos"), "xpos is not supported"),
+                             (dict(embed_layernorm=True), "embedding layernorm .* RMSNorm"),
                              (dict(padded_vocab_size=None), "padded_vocab_size")):
         with pytest.raises(EmberError, match=message):
             model_args_from_megatron(_namespace(**changes))

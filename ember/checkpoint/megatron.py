@@ -17,6 +17,16 @@ lay their tensors out alike: q/k/v rows interleaved per query group ([q heads of
 v of g] for each g, the groups split over tensor-parallel ranks), and SwiGLU's fc1 as [gate; up]
 per tensor-parallel rank in the per-rank files (the distributed format stores [all gate; all up]).
 
+Bloom as PAI-Megatron-Patch saves it (its legacy-model `megatron_patch/model/bloom/`, and its HF ->
+Megatron converter `toolkits/model_checkpoints_convertor/bloom/checkpoint_reshaping_and_interoperability.py`):
+the legacy names, plus the embedding LayerNorm `language_model.embedding.word_embeddings.norm.weight/bias`
+(replicated on every tensor-parallel rank of the first stage) and ALiBi, which has no tensor. Its
+q/k/v rows are [per head: q, k, v] (checkpoint_version >= 2, the per-group layout with one head a
+group); the output head is tied (`word_embeddings_for_head` on the last stage). PAI's training saves
+`--position-embedding-type alibi --embed-layernorm` in its args; the converter's release checkpoint
+has a `types.SimpleNamespace` with only sizes and `tokenizer_type='BloomTokenizer'`, which is read as
+Bloom (ALiBi, embedding LayerNorm, as PAI's Bloom scripts always pass).
+
 Mixture of experts (Mixtral style: `--num-experts`, top-k softmax or sigmoid router, SwiGLU
 experts): `mlp.router.weight` and per expert `linear_fc1` / `linear_fc2`, split
 over tensor-parallel ranks like the dense MLP; per-rank files name experts locally
@@ -51,6 +61,7 @@ import contextlib
 import io
 import pickle
 import re
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,7 +255,7 @@ def read_dcp_metadata(folder: Path) -> Any:
 # =============================================================================================
 def saved_args_dict(args: Any, where: str) -> dict[str, Any]:
     """The fields of a checkpoint's saved `args` (a Namespace, or a dict in some converters' files)."""
-    if isinstance(args, argparse.Namespace):
+    if isinstance(args, (argparse.Namespace, types.SimpleNamespace)):  # SimpleNamespace: PAI's Bloom converter
         return vars(args)
     if isinstance(args, dict):
         return args
@@ -284,16 +295,24 @@ def model_args_from_megatron(saved: Any, where: str = "the checkpoint") -> tuple
         (get("apply_layernorm_1p", False) or get("layernorm_zero_centered_gamma", False), "zero-centred norms (--apply-layernorm-1p)"),
         (get("mtp_num_layers"), "multi-token prediction layers"),
         (get("attention_output_gate", False), "gated attention output"),
+        (get("apply_residual_connection_post_layernorm", False),
+         "residual connections taken after the layernorm (--apply-residual-connection-post-layernorm)"),
     ]
     for present, what in unsupported:
         if present:
             raise EmberError(f"{where}: {what} are not supported by ember's Megatron import yet")
-    position = str(get("position_embedding_type", "learned_absolute"))
-    if position not in ("rope", "learned_absolute", "none"):
-        raise EmberError(f"{where}: --position-embedding-type {position} is not supported (rope, learned_absolute, none)")
+    pai_bloom_release = get("tokenizer_type") == "BloomTokenizer" and get("position_embedding_type") is None
+    position = "alibi" if pai_bloom_release else str(get("position_embedding_type", "learned_absolute"))
+    if position not in ("rope", "learned_absolute", "alibi", "none"):
+        raise EmberError(f"{where}: --position-embedding-type {position} is not supported "
+                         "(rope, learned_absolute, alibi, none)")
+    embedding_norm = pai_bloom_release or bool(get("embed_layernorm", False))
     normalization = str(get("normalization", "LayerNorm"))
     if normalization not in ("LayerNorm", "RMSNorm"):
         raise EmberError(f"{where}: --normalization {normalization} is not supported (LayerNorm, RMSNorm)")
+    if embedding_norm and normalization != "LayerNorm":
+        raise EmberError(f"{where}: an embedding layernorm (--embed-layernorm) with --normalization {normalization} "
+                         "is not PAI's Bloom (its embedding norm is a LayerNorm); ember cannot map it")
     vocab = get("padded_vocab_size")
     if vocab is None:
         raise EmberError(f"{where}: the saved args have no padded_vocab_size (the embedding's row count)")
@@ -308,6 +327,7 @@ def model_args_from_megatron(saved: Any, where: str = "the checkpoint") -> tuple
         m.num_query_groups = int(get("num_query_groups", 1))
     m.kv_channels = get("kv_channels")
     m.position_embedding_type = position
+    m.embed_layernorm = embedding_norm
     m.normalization = normalization
     m.norm_epsilon = float(get("norm_epsilon", get("layernorm_epsilon", 1e-5)))
     m.swiglu = bool(get("swiglu", False))
@@ -347,6 +367,10 @@ def model_args_from_megatron(saved: Any, where: str = "the checkpoint") -> tuple
             fields["moe_input_jitter"] = float(get("moe_input_jitter_eps"))
     if not m.swiglu and get("openai_gelu", False):
         fields["activation"] = "gelu_tanh"
+    elif position == "alibi" or embedding_norm:
+        # PAI's Bloom MLP: Megatron's fused bias-GELU (the tanh approximation, as HF Bloom's) unless
+        # --no-bias-gelu-fusion, then torch's exact GELU
+        fields["activation"] = "gelu_tanh" if get("bias_gelu_fusion", True) else "gelu"
     if position == "rope" and get("use_rope_scaling", False):
         # Megatron's Llama-3.1 scaling: only the factor is a flag; the rest are fixed in its code
         fields["rope_scaling"] = {"type": "llama3", "factor": float(get("rope_scaling_factor", 8.0)),
@@ -379,6 +403,8 @@ def _family_of(args: ModelArgs) -> str:
     """The Hugging Face family an `ember convert --to hf` of the result would write."""
     if args.qk_norm:
         return "qwen3"
+    if args.position_type == "alibi" or args.embedding_norm:
+        return "bloom"
     if args.norm_type == "layernorm" and args.position_type == "learned":
         return "gpt2"
     if args.qkv_bias and not args.attn_out_bias:
@@ -429,6 +455,7 @@ _DIST_EXPERT = re.compile(r"mlp\.experts\.experts\.(?:(\d+)\.)?(linear_fc[12])\.
 _EXPERT_KEY = re.compile(r"mlp\.experts\.(\*|\d+|local\d+)\.(linear_fc[12])\.(weight|bias)$")
 TOP_TENSORS = (
     "embedding.word_embeddings.weight", "embedding.position_embeddings.weight",
+    "embedding.word_embeddings.norm.weight", "embedding.word_embeddings.norm.bias",  # PAI Bloom
     "decoder.final_layernorm.weight", "decoder.final_layernorm.bias", "output_layer.weight",
 )
 # Tensor-parallel split dimension of each tensor in the per-rank files (None: replicated).
@@ -505,7 +532,7 @@ def canonical_name(name: str) -> tuple[int | None, str] | None:
     elif key in TOP_TENSORS:
         return None, key
     raise EmberError(f"Megatron tensor {original} is not part of a GPT model ember can import "
-                     "(supported: GPT/Llama/Qwen-style models, Mixtral-style mixture of experts)")
+                     "(supported: GPT/Llama/Qwen-style models, PAI's Bloom, Mixtral-style mixture of experts)")
 
 
 def _naming_of(name: str) -> str:
@@ -864,6 +891,9 @@ def ember_tensors(args: ModelArgs, get: Callable[[int | None, str], torch.Tensor
     layernorm = args.norm_type == "layernorm"
     norm_parts = ("weight", "bias") if layernorm else ("weight",)
     yield "tok_embeddings.weight", get(None, "embedding.word_embeddings.weight")
+    if args.embedding_norm:
+        for part in ("weight", "bias"):
+            yield f"embedding_norm.{part}", get(None, f"embedding.word_embeddings.norm.{part}")
     if args.position_type == "learned":
         yield "pos_embeddings.weight", get(None, "embedding.position_embeddings.weight")
     for i in range(args.n_layers):
@@ -993,8 +1023,16 @@ def convert_megatron_to_ember(
         "pipeline_parallel": saved.get("pipeline_model_parallel_size"),
         "expert_parallel": saved.get("expert_model_parallel_size") or 1,
         "tensors": len(entries), "bytes": sum(e.nbytes for e in entries), "shards": len(writer.shards),
-        "dropped": reader.extras, "model_args": args.to_dict(),
+        "dropped": reader.extras, "model_args": args.to_dict(), "notes": _notes(args, saved),
     }
+
+
+def _notes(args: ModelArgs, saved: dict[str, Any]) -> list[str]:
+    """What the caller should tell the user about how the source ran that ember does not copy."""
+    if args.position_type == "alibi" and saved.get("use_flash_attn"):
+        return ["saved with --use-flash-attn, where PAI's Bloom attention leaves ALiBi out; ember applies ALiBi, "
+                "as Hugging Face's Bloom and PAI's attention without flash do"]
+    return []
 
 
 def describe_megatron_source(report: dict[str, Any]) -> str:
@@ -1003,6 +1041,7 @@ def describe_megatron_source(report: dict[str, Any]) -> str:
     dropped = f"; not imported: {', '.join(kinds)}" if kinds else ""
     if "optimizer" in kinds:
         dropped += " (--load-optim imports Adam's state as an ember training checkpoint)"
+    dropped += "".join(f"; note: {note}" for note in report.get("notes") or [])
     return (f"megatron {report['format']} ({report['naming']} names, iteration {report['iteration']}, "
             f"TP {report['tensor_parallel']} x PP {report['pipeline_parallel']}"
             f"{' x EP ' + str(report['expert_parallel']) if (report.get('expert_parallel') or 1) > 1 else ''}"

@@ -22,6 +22,13 @@ per-rank files, one file per (tensor, pipeline, expert) rank with `expert_parall
 (`mp_rank_TT[_PPP]_EEE`, holding that expert rank's experts), and
 `decoder.layers.mlp.experts.experts.linear_fc1.weight` [layers, experts, ...] in torch_dist.
 
+Bloom (ALiBi, embedding LayerNorm) has no Megatron-Core model; it is written as PAI-Megatron-Patch's
+legacy Bloom model saves it (`megatron_patch/model/bloom/`, the layout `ember.checkpoint.megatron`
+reads): per-rank files only, nested legacy names ({'language_model': {'embedding': {'word_embeddings':
+{'weight', 'norm.weight', 'norm.bias'}}, 'encoder': {'layers.N.self_attention.query_key_value.weight',
+..., 'final_layernorm.weight'}}}, `word_embeddings_for_head` on the last stage with pipeline
+parallelism), and the args its training saves (`--position-embedding-type alibi --embed-layernorm`).
+
 Streamed: legacy files are made one pipeline stage at a time, distributed chunks one tensor at a
 time (one chunk per layer), each read from the ember folder when needed.
 """
@@ -64,7 +71,10 @@ _DIST_NAMES = {
 def megatron_args_from_ember(args: ModelArgs, tensor_parallel: int, pipeline_parallel: int, ckpt_format: str,
                              params_dtype: torch.dtype = torch.float32, expert_parallel: int = 1) -> argparse.Namespace:
     """The Namespace Megatron-LM saves for this model (the inverse of `model_args_from_megatron`);
-    what Megatron-Core cannot express is refused in one line."""
+    what Megatron-Core cannot express is refused in one line. Bloom-style models (ALiBi, an
+    embedding LayerNorm) get the args of PAI-Megatron-Patch's Bloom training instead."""
+    if is_pai_bloom(args):
+        return pai_bloom_args(args, tensor_parallel, pipeline_parallel, ckpt_format, params_dtype, expert_parallel)
     moe = bool(args.num_experts)
     unsupported = [
         (moe and args.num_shared_experts, "shared experts (ember's have no Megatron --moe-shared-expert-intermediate-size "
@@ -72,8 +82,6 @@ def megatron_args_from_ember(args: ModelArgs, tensor_parallel: int, pipeline_par
         (moe and args.mlp_bias, "mixture-of-experts models with MLP biases"),
         (moe and args.moe_gating == "sigmoid" and args.moe_renormalize != (args.moe_top_k > 1),
          "sigmoid routers whose top-k weights are renormalized other than Megatron's (only when top-k > 1)"),
-        (args.position_type == "alibi", "ALiBi positions"),
-        (args.embedding_norm, "an embedding layernorm (Bloom)"),
         (args.sandwich_norm, "sandwich norms (Grok-1)"),
         (args.sliding_window, "sliding-window attention"),
         (args.attn_logit_softcap, "attention logit soft-capping"),
@@ -150,6 +158,62 @@ def megatron_args_from_ember(args: ModelArgs, tensor_parallel: int, pipeline_par
     return namespace
 
 
+def is_pai_bloom(args: ModelArgs) -> bool:
+    """Whether the model needs PAI-Megatron-Patch's Bloom (no Megatron-Core model has ALiBi or an embedding norm)."""
+    return args.position_type == "alibi" or args.embedding_norm
+
+
+def pai_bloom_args(args: ModelArgs, tp: int, pp: int, ckpt_format: str, params_dtype: torch.dtype,
+                   ep: int = 1) -> argparse.Namespace:
+    """The Namespace PAI-Megatron-Patch's Bloom training (Megatron-LM's legacy args plus its patch
+    args) saves for this model; what its Bloom model cannot hold is refused in one line."""
+    if ckpt_format != "legacy":
+        raise EmberError(f"--format {ckpt_format}: Bloom (ALiBi, embedding LayerNorm) has no Megatron-Core model, so "
+                         "no distributed checkpoint; pass --format legacy (PAI-Megatron-Patch's per-rank Bloom files)")
+    unsupported = [
+        (args.position_type != "alibi", f"{args.position_type} positions with an embedding layernorm (PAI's Bloom has ALiBi)"),
+        (args.norm_type != "layernorm", f"{args.norm_type} norms (PAI's Bloom has LayerNorm)"),
+        (args.mlp_type != "plain" or args.activation not in ("gelu", "gelu_tanh"),
+         f"a {args.mlp_type} {args.activation} MLP (PAI's Bloom has a plain GELU MLP)"),
+        (not (args.qkv_bias and args.attn_out_bias and args.mlp_bias), "linears without biases"),
+        (not args.tie_embeddings, "an untied output layer"),
+        (args.n_kv_heads != args.n_heads, "grouped-query attention"),
+        (bool(args.num_experts), "mixture of experts"),
+        (args.qk_norm or args.sandwich_norm, "q/k or sandwich norms"),
+        (bool(args.sliding_window) or bool(args.attn_logit_softcap) or args.attn_scale is not None,
+         "sliding windows, soft-capping or a custom attention scale"),
+        (args.embedding_multiplier != 1.0 or args.output_multiplier != 1.0, "embedding/output multipliers"),
+    ]
+    for present, what in unsupported:
+        if present:
+            raise EmberError(f"{what}: not expressible in PAI-Megatron-Patch's Bloom model, the only Megatron "
+                             "model with ALiBi; ember cannot export this model to Megatron")
+    for count, what in ((args.n_heads, "attention heads"), (args.ffn_dim, "ffn_hidden_size"), (args.vocab_size, "vocabulary rows")):
+        if count % tp:
+            raise EmberError(f"--target-tensor-parallel-size {tp} does not divide the {count} {what}")
+    if args.n_layers % pp:
+        raise EmberError(f"--target-pipeline-parallel-size {pp} does not divide the {args.n_layers} layers")
+    if ep != 1:
+        raise EmberError(f"--target-expert-parallel-size {ep}: needs a mixture-of-experts model; this one has no experts")
+    return argparse.Namespace(
+        num_layers=args.n_layers, hidden_size=args.dim, ffn_hidden_size=args.ffn_dim,
+        num_attention_heads=args.n_heads, kv_channels=args.head_dim,
+        max_position_embeddings=args.max_seq_len, seq_length=args.max_seq_len,
+        position_embedding_type="alibi", embed_layernorm=args.embedding_norm, layernorm_epsilon=args.norm_eps,
+        apply_residual_connection_post_layernorm=False, apply_query_key_layer_scaling=True,
+        # the fused bias-GELU is the tanh approximation; without it PAI's MLP runs torch's exact GELU
+        bias_gelu_fusion=args.activation == "gelu_tanh", openai_gelu=False, onnx_safe=None, swiglu=False,
+        padded_vocab_size=args.vocab_size, make_vocab_size_divisible_by=128, extra_vocab_size=0,
+        patch_tokenizer_type="BloomTokenizerFromHF",
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=None,
+        data_parallel_size=1, world_size=tp * pp,
+        params_dtype=params_dtype, fp16=params_dtype == torch.float16, bf16=params_dtype == torch.bfloat16,
+        use_flash_attn=False, ckpt_format="torch", init_method_std=args.init_std,
+        attention_dropout=args.attention_dropout, hidden_dropout=args.hidden_dropout,
+        iteration=ITERATION, consumed_train_samples=0, consumed_valid_samples=0,
+    )
+
+
 # =============================================================================================
 # ember tensors -> Megatron global tensors
 # =============================================================================================
@@ -161,6 +225,9 @@ def megatron_tensors(args: ModelArgs, get: Callable[[str], torch.Tensor], layers
     norm_parts = ("weight", "bias") if args.norm_type == "layernorm" else ("weight",)
     if first:
         yield None, "embedding.word_embeddings.weight", get("tok_embeddings.weight")
+        if args.embedding_norm:
+            for part in ("weight", "bias"):
+                yield None, f"embedding.word_embeddings.norm.{part}", get(f"embedding_norm.{part}")
         if args.position_type == "learned":
             yield None, "embedding.position_embeddings.weight", get("pos_embeddings.weight")
     for i in layers if layers is not None else range(args.n_layers):
@@ -294,6 +361,47 @@ def _write_legacy(args: ModelArgs, source: _EmberSource, folder: Path, namespace
     return files
 
 
+# Megatron-Core layer names -> the legacy model's (PAI's Bloom layers)
+_LEGACY_MODULES = {"self_attention.linear_qkv": "self_attention.query_key_value",
+                   "self_attention.linear_proj": "self_attention.dense", "pre_mlp_layernorm": "post_attention_layernorm",
+                   "mlp.linear_fc1": "mlp.dense_h_to_4h", "mlp.linear_fc2": "mlp.dense_4h_to_h"}
+
+
+def _write_pai_bloom(args: ModelArgs, source: _EmberSource, folder: Path, namespace: argparse.Namespace,
+                     tp: int, pp: int) -> int:
+    """PAI-Megatron-Patch's Bloom per-rank files: its legacy model's nested state dict per
+    (tensor, pipeline) rank, layer numbers local to the stage."""
+    per_stage = args.n_layers // pp
+    for stage in range(pp):
+        first, last = stage == 0, stage == pp - 1
+        layers = range(stage * per_stage, (stage + 1) * per_stage)
+        models: list[dict[str, Any]] = [{"language_model": {}} for _ in range(tp)]
+        for layer, key, tensor in megatron_tensors(args, source.get, layers, first, last):
+            for rank, model in enumerate(models):
+                part = tp_slice(args, key, tensor, rank, tp).clone()
+                language_model = model["language_model"]
+                if key.startswith("embedding.word_embeddings."):
+                    words = language_model.setdefault("embedding", {}).setdefault("word_embeddings", {})
+                    words[key[len("embedding.word_embeddings."):]] = part
+                elif layer is None:  # decoder.final_layernorm.*
+                    language_model.setdefault("encoder", {})[key[len("decoder."):]] = part
+                else:
+                    module, kind = key.rsplit(".", 1)
+                    name = f"layers.{layer - layers.start}.{_LEGACY_MODULES.get(module, module)}.{kind}"
+                    language_model.setdefault("encoder", {})[name] = part
+        if last and not first:  # the tied head's copy, as Megatron's legacy GPTModel keeps it on the last stage
+            embedding = source.get("tok_embeddings.weight")
+            for rank, model in enumerate(models):
+                model["word_embeddings_for_head"] = {"weight": tp_slice(args, "output_layer.weight", embedding, rank, tp).clone()}
+        for rank, model in enumerate(models):
+            name = f"mp_rank_{rank:02d}" + (f"_{stage:03d}" if pp > 1 else "")
+            (folder / name).mkdir(parents=True)
+            torch.save({"args": namespace, "checkpoint_version": 3.0, "iteration": ITERATION, "model": model},
+                       folder / name / RANK_FILE)
+        del models
+    return tp * pp
+
+
 def _ordered(model: dict[str, Any]) -> dict[str, Any]:
     """The order of Megatron-Core's state_dict: embedding, layers, final norm, output layer."""
     def rank(name: str) -> int:
@@ -421,7 +529,9 @@ def convert_ember_to_megatron(
     # --force replaces an earlier Megatron export (or ember/HF output), never anything else
     with io_weights.atomic_folder(out, overwrite, replaceable=is_megatron_checkpoint) as tmp:
         folder = tmp / f"iter_{ITERATION:07d}"
-        if format == "legacy":
+        if is_pai_bloom(args):
+            files = _write_pai_bloom(args, source, folder, namespace, tensor_parallel, pipeline_parallel)
+        elif format == "legacy":
             files = _write_legacy(args, source, folder, namespace, tensor_parallel, pipeline_parallel, expert_parallel)
         else:
             files = _write_torch_dist(args, source, folder, namespace)
@@ -431,4 +541,5 @@ def convert_ember_to_megatron(
             "bytes": sum(e.nbytes for _, e in source.entries.values())}
 
 
-__all__ = ["convert_ember_to_megatron", "megatron_args_from_ember", "megatron_tensors", "tp_slice"]
+__all__ = ["convert_ember_to_megatron", "is_pai_bloom", "megatron_args_from_ember", "megatron_tensors", "pai_bloom_args",
+           "tp_slice"]

@@ -166,7 +166,12 @@ def model_args_from_config(config: Config, checkpoint_args: ModelArgs | None = N
         args = args.replace(**overrides) if overrides else args
     elif checkpoint_args is not None:
         # Routing settings (capacity, drop policy, z-loss) may change between runs, like Megatron's.
-        routing = {k: overrides.pop(k) for k in ROUTING_SETTINGS + TRAINING_SETTINGS if k in overrides}
+        run_settings = ROUTING_SETTINGS + TRAINING_SETTINGS
+        if checkpoint_args.position_type == "alibi":
+            # ALiBi sizes no table by the maximum length: --max-position-embeddings is the run's (PAI's Bloom
+            # scripts pass their --seq-length; its converter saved 1024)
+            run_settings += ("max_seq_len",)
+        routing = {k: overrides.pop(k) for k in run_settings if k in overrides}
         args = checkpoint_args.replace(**routing) if routing else checkpoint_args
         if overrides:
             changed = {k: v for k, v in overrides.items() if getattr(args, k) != v}
