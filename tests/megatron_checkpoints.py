@@ -45,14 +45,16 @@ metadata={'distrib_optim_sharding_type': X, ...})` for X in DISTRIBUTED_SHARDING
 (OUT/torch_dist-X), and legacy with per-rank model_optim_rng.pt (written by data-parallel rank 0) plus
 distrib_optim.pt from `optimizer.save_parameter_state(path)`. --with-distributed-optimizer adds such a
 run of the GPT-2 family (TP as given, DP = world / TP, no pipeline) to the same processes, under
-OUT/distributed.
+OUT/distributed, and the same run with --overlap-grad-reduce and a small --ddp-bucket-size (the buffer
+in eleven buckets; DDP reduce-scatters each one as its gradients are ready) under OUT/distributed-buckets.
 What is patched, in this process only, so that it runs on a CPU-only torch over gloo:
 torch.cuda.current_device() answers "cpu" (below, in main), so DDP's param and grad buffers
 (`device=torch.cuda.current_device()` in param_and_grad_buffer.py) and the gather in
 save_parameter_state are CPU tensors; and while the optimizer is built and steps, torch.tensor /
 torch.zeros calls asking for device="cuda" get the CPU (its loss scale of 1, found_inf, the grad norm's
-accumulator and overflow flag: `cuda_scalars_on_cpu`). No CUDA stream or event is reached (no overlap,
-one optimizer instance). Every value saved is still megatron-core's own: its buffer layout, shard
+accumulator and overflow flag: `cuda_scalars_on_cpu`). No CUDA stream or event is reached (no
+overlapped parameter gather; the overlapped reduce-scatters are gloo's asynchronous work, waited for in
+finalize_model_grads; one optimizer instance). Every value saved is still megatron-core's own: its buffer layout, shard
 ranges, reduce-scatter, Adam step, gather and sharded_state_dict run unchanged; the patches only say
 which device a tensor is allocated on.
 
@@ -79,6 +81,8 @@ BATCH, SEQ = 2, 12
 # (its default) and 'fully_reshardable' (--dist-ckpt-optim-fully-reshardable); the older default,
 # 'fully_sharded_model_space', megatron-core 0.16.1 no longer writes ("flattened_range is not supported")
 DISTRIBUTED_SHARDINGS = ("dp_reshardable", "fully_reshardable")
+# --ddp-bucket-size of the bucketed distributed-optimizer run (see main)
+BUCKETED = 8401
 OPTIM = dict(lr=0.01, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8)
 
 # name -> (TransformerConfig fields, GPTModel fields, Megatron-LM args beyond those)
@@ -323,19 +327,21 @@ def cuda_scalars_on_cpu(type_names: bool = False):
         torch.tensor, torch.zeros, torch.Tensor.type = tensor, zeros, type_of
 
 
-def build_distributed_optimizer(model):
+def build_distributed_optimizer(model, bucket_size: int | None = None):
     """Megatron-LM's --use-distributed-optimizer for `model`: megatron-core's DistributedDataParallel
     (its param/grad buffers, reduce-scatter of the gradients, all-gather of the parameters) and
     get_megatron_optimizer itself, which builds the DistributedOptimizer over DDP's buffers (each
     data-parallel rank owns a contiguous shard of every bucket and keeps Adam's state for it only);
-    with Megatron-LM's OptimizerParamScheduler. Returns (the DDP-wrapped model, optimizer, scheduler)."""
-    import torch
+    with Megatron-LM's OptimizerParamScheduler. `bucket_size`: Megatron-LM's --overlap-grad-reduce
+    --ddp-bucket-size N (the buffer cut into buckets of about N elements, each reduce-scattered as soon
+    as its gradients are ready). Returns (the DDP-wrapped model, optimizer, scheduler)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    # Megatron-LM's defaults for --use-distributed-optimizer without --overlap-grad-reduce: one bucket
-    ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=True, overlap_grad_reduce=False,
+    # Megatron-LM's defaults for --use-distributed-optimizer: without --overlap-grad-reduce one bucket
+    ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=True,
+                                               overlap_grad_reduce=bucket_size is not None, bucket_size=bucket_size,
                                                overlap_param_gather=False, grad_reduce_in_fp32=False,
                                                check_for_nan_in_grad=False)
     ddp = DistributedDataParallel(model.config, ddp_config, model)
@@ -514,7 +520,7 @@ def make_saves(opts, root: Path, bf16: bool) -> None:
     if opts.optim_steps:
         assert opts.ep == 1, "--optim-steps: no expert parallelism"
         if opts.distributed_optimizer:
-            trained, optimizer, scheduler = build_distributed_optimizer(model)
+            trained, optimizer, scheduler = build_distributed_optimizer(model, opts.bucket_size)
         else:
             optimizer, scheduler = build_optimizer(model)
         for step in range(opts.optim_steps):
@@ -534,6 +540,8 @@ def make_saves(opts, root: Path, bf16: bool) -> None:
         if bf16:
             args.bf16, args.params_dtype = True, torch.bfloat16
         args.use_distributed_optimizer = bool(opts.distributed_optimizer)
+        if opts.bucket_size:
+            args.overlap_grad_reduce, args.ddp_bucket_size = True, opts.bucket_size
         args.dist_ckpt_optim_fully_reshardable = sharding == "fully_reshardable"
         folder = out / f"iter_{iteration:07d}"
         if ckpt_format == "torch_dist":
@@ -570,6 +578,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--with-distributed-optimizer", action="store_true",
                         help="with --optim-steps: also, on the same ranks as TP x DP, a --distributed-optimizer run "
                              "saved under OUT/distributed")
+    parser.add_argument("--bucket-size", type=int, default=None,
+                        help="with --distributed-optimizer: --overlap-grad-reduce --ddp-bucket-size N")
     parser.add_argument("--format", choices=["torch_dist", "legacy", "both"], required=True,
                         help="both: the same model saved in OUT/torch_dist and OUT/legacy")
     parser.add_argument("--bf16", action="store_true", help="a bf16 model (with --optim-steps: fp32 master weights)")
@@ -636,6 +646,11 @@ def main(argv: list[str] | None = None) -> int:
             again = argparse.Namespace(**{**vars(opts), "family": "gpt2", "pp": 1, "dp": dist.get_world_size() // opts.tp,
                                           "distributed_optimizer": True, "format": "both"})
             make_saves(again, opts.out / "distributed", bf16=False)
+            # again with --overlap-grad-reduce --ddp-bucket-size 8401: eleven buckets, two of them ending
+            # after a 96-element q/k/v bias (off the buffer's 64-element alignment), under OUT/distributed-buckets
+            torch.manual_seed(1234)
+            make_saves(argparse.Namespace(**{**vars(again), "bucket_size": BUCKETED}), opts.out / "distributed-buckets",
+                       bf16=False)
     finally:
         dist.destroy_process_group()
     return 0

@@ -1,18 +1,21 @@
 """Megatron's distributed optimizer (`--use-distributed-optimizer`): its Adam state lives in flat
 gradient buffers, one per tensor- x pipeline-parallel rank, sharded over the data-parallel ranks,
 naming no parameter. ember rebuilds megatron-core's buffer layout (`grad_buffer_layout`: the
-parameters in reverse registration order, each starting at a multiple of 64 elements, one bucket,
-plus one of its own for an embedding tied across pipeline stages) and uses it only once every
-parameter's fp32 'param' (master) slice equals, or rounds to, the saved weight:
+parameters in reverse registration order, each starting at a multiple of 64 elements, cut into
+buckets with --overlap-grad-reduce, plus one of its own for an embedding tied across pipeline
+stages) and uses it only once every parameter's fp32 'param' (master) slice equals, or rounds to,
+the saved weight:
 
 - legacy: each rank folder's distrib_optim.pt (`save_parameter_state`: the buffer gathered over the
-  data-parallel ranks) next to its model_optim_rng.pt, whose 'model' entries give the order;
+  data-parallel ranks, its buckets one after the other) next to its model_optim_rng.pt, whose 'model'
+  entries give the order; the bucket size comes from the saved args (`megatron_bucket_size`);
 - torch_dist 'dp_reshardable' (Megatron-LM 0.16's default): the buffers per model-parallel rank
-  and bucket; torch_dist keeps no registration order, so each layer spec's order (`_LAYER_ORDERS`:
-  local, Transformer Engine) is tried and the one whose masters match is taken.
+  and bucket, whose sizes say where the buckets end; torch_dist keeps no registration order, so each
+  layer spec's order (`_LAYER_ORDERS`: local, Transformer Engine) is tried and the one whose masters
+  match is taken.
 
-Anything else (several buckets from --overlap-grad-reduce, several buffers, MoE, uneven or virtual
-pipelines) is refused in one line saying how to re-save it.
+Anything else (several buffers, MoE, uneven or virtual pipelines) is refused in one line saying how
+to re-save it.
 """
 
 from __future__ import annotations
@@ -180,7 +183,10 @@ def _place_stage(layout: _BufferLayout, weights: TorchDistReader, order: tuple[s
     sources = dict(pairs)
     numels = [(name, torch.Size(layout.local_shape(source, weights.shapes[source][0])).numel())
               for name, source in pairs]
-    places, sizes = grad_buffer_layout(numels, own_bucket)
+    # the stored sizes say where megatron-core cut the buffer into buckets (--overlap-grad-reduce); the
+    # tensor-parallel ranks of a stage hold equal shares, so one set of sizes serves them all
+    ends = next(iter(stored)) if len(stored) == 1 else None
+    places, sizes = grad_buffer_layout(numels, own_bucket, bucket_ends=ends)
     if stored != {tuple(sizes)}:
         return f"stage {stage}'s buckets hold {sorted(stored, key=str)} elements where its parameters take {sizes}"
     for name, (bucket, start) in places.items():
@@ -296,14 +302,17 @@ def dp_reshardable_adam(checkpoint: MegatronCheckpoint, weights: TorchDistReader
 
 
 # ------------------------------------------------------------------------------------ legacy
-def grad_buffer_layout(params: list[tuple[Any, int]], own_bucket: Callable[[Any], bool] = lambda name: False
+def grad_buffer_layout(params: list[tuple[Any, int]], own_bucket: Callable[[Any], bool] = lambda name: False,
+                       bucket_size: int | None = None, bucket_ends: tuple[int, ...] | None = None,
                        ) -> tuple[dict[Any, tuple[int, int]], list[int]]:
     """megatron-core's gradient buffer (`_ParamAndGradBuffer`) for one rank's parameters, given as
-    (name, number of elements) in the model's registration order, with the distributed optimizer and
-    no bucket size (no --overlap-grad-reduce): the parameters in reverse order, each starting at a
-    multiple of 64 elements; one that `own_bucket` names (the embedding the first and last pipeline
-    stages share) alone in a bucket. Returns (name -> (bucket, start in it), each bucket's size
-    without its end padding, as the checkpoints store them)."""
+    (name, number of elements) in the model's registration order, with the distributed optimizer:
+    the parameters in reverse order, each starting at a multiple of 64 elements; one that
+    `own_bucket` names (the embedding the first and last pipeline stages share) alone in a bucket.
+    With --overlap-grad-reduce the buffer is cut into buckets: one closes after the parameter that
+    takes it to `bucket_size` elements or more, or, where a checkpoint lists its buckets' sizes,
+    at exactly `bucket_ends` (the same cut, without knowing the size asked for). Returns (name ->
+    (bucket, start in it), each bucket's size without its end padding, as the checkpoints store them)."""
     places: dict[Any, tuple[int, int]] = {}
     sizes: list[int] = []
     start, used = 0, False
@@ -314,12 +323,25 @@ def grad_buffer_layout(params: list[tuple[Any, int]], own_bucket: Callable[[Any]
             start = 0
         places[name] = (len(sizes), start)
         start, used = start + numel, True
-        if own_bucket(name):
+        full = (bucket_size is not None and start >= bucket_size) or (
+            bucket_ends is not None and len(sizes) < len(bucket_ends) and start == bucket_ends[len(sizes)])
+        if own_bucket(name) or full:
             sizes.append(start)
             start, used = 0, False
     if used:
         sizes.append(start)
     return places, sizes
+
+
+def megatron_bucket_size(args: dict[str, Any]) -> int | None:
+    """The gradient bucket size a Megatron-LM run used (None: one bucket): --ddp-bucket-size, or
+    megatron-core DDP's default with --overlap-grad-reduce, max(40M, 1M x data-parallel ranks)."""
+    if not args.get("overlap_grad_reduce"):
+        return None
+    if args.get("ddp_bucket_size"):
+        return int(args["ddp_bucket_size"])
+    data_parallel = int(args.get("data_parallel_size") or 1) * int(args.get("context_parallel_size") or 1)
+    return max(40_000_000, 1_000_000 * data_parallel)
 
 
 def _shared_embedding(args: dict[str, Any]) -> Callable[[Any], bool]:
@@ -352,7 +374,8 @@ def distributed_parameter_slices(state: dict[str, Any], path: Path) -> tuple[dic
         raise refuse(where, "holds no flat 'param', 'exp_avg' and 'exp_avg_sq' tensors: not Adam's state")
     params = model_parameters(state, path)
     args = saved_args_dict(state["args"], where) if state.get("args") is not None else {}
-    places, sizes = grad_buffer_layout([(name, t.numel()) for name, t in params], _shared_embedding(args))
+    places, sizes = grad_buffer_layout([(name, t.numel()) for name, t in params], _shared_embedding(args),
+                                       bucket_size=megatron_bucket_size(args))
     slices = {}
     for name, tensor in params:
         bucket, start = places[name]
@@ -366,8 +389,8 @@ def distributed_parameter_slices(state: dict[str, Any], path: Path) -> tuple[dic
             problem = f"its 'param' slice for {name} is not that weight"
             break
     if problem is not None:
-        raise refuse(where, f"is not laid out as ember rebuilds megatron-core's gradient buffer ({problem}; several "
-                             "buckets, from --overlap-grad-reduce?); ember cannot map it to parameters")
+        raise refuse(where, f"is not laid out as ember rebuilds megatron-core's gradient buffer ({problem}); "
+                             "ember cannot map it to parameters")
     return flat, slices
 
 

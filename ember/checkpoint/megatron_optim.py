@@ -32,11 +32,18 @@ virtual pipelines and MoE models; checkpoints without optimizer state; the legac
 Megatron's RNG states are not imported (every rank of the resumed run derives its random stream from
 the seed and the iteration, as on a layout change); its LR schedule continues because ember's
 learning rate is a function of the iteration.
+
+Streamed: the training checkpoint is written as the Megatron one is read, tensor group by tensor
+group (`Checkpointer.save_streamed`), with the keys and hyper-parameters of ember's own model and
+optimizer built over zero-byte stand-ins; so memory holds a group of weights and of each moment (and
+what the readers keep: a DCP chunk each, a pipeline stage's mapped rank files) rather than the model
+with its optimizer. A Llama of 1.1B's widths imports in ~1.8 GB peak RSS at 0.22B as at 0.57B
+parameters (weights only: 1.05 GB), where the whole-model import took ~17 bytes per parameter
+(benchmarks/megatron_optim_import.py).
 """
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -110,7 +117,31 @@ def _torch_dist_adam(checkpoint: MegatronCheckpoint, weights: TorchDistReader) -
     readers = {_TORCH_DIST_KINDS[name]: TorchDistReader(checkpoint.folder, prefix=f"{_PREFIX}{name}.") for name in present}
     if set(MOMENTS) - set(readers):
         raise refuse(where, f"optimizer state without {' and '.join(sorted(set(MOMENTS) - set(readers)))}: not Adam")
+    if MASTER in readers:
+        _check_masters_are_the_weights(where, readers[MASTER], weights, sharding)
     return adam_state(where, inner["param_groups"], step, readers, common.get("opt_param_scheduler"))
+
+
+def _check_masters_are_the_weights(where: str, masters: TorchDistReader, weights: TorchDistReader,
+                                   sharding: str | None) -> None:
+    """Each parameter's saved master copy must equal, or round to, its saved weight: state stored under
+    a parameter's name that is not that parameter's is refused, not imported.
+
+    megatron-core 0.16.1 writes such state itself: its 'fully_reshardable' save of a gradient buffer cut
+    into buckets (--overlap-grad-reduce) slices each parameter's state at its padded buffer offset out
+    of the buckets laid end to end without their padding, so every parameter after the first bucket
+    gets another's values (it warns "param range exceeds unpadded buffer" while saving)."""
+    for layer, key in weights.shapes:
+        if (layer, key) not in masters.shapes:
+            continue  # a tensor without optimizer state (none in a trained GPT model); the weights cover it
+        weight = weights.get(layer, key)
+        if not torch.equal(masters.get(layer, key).to(weight.dtype), weight):
+            what = key if layer is None else f"{key} of layer {layer}"
+            cause = (" (megatron-core misplaces the 'fully_reshardable' state of a buffer in several buckets, "
+                     "from --overlap-grad-reduce)" if sharding == "fully_reshardable" else "")
+            raise refuse(where, f"holds a master copy of {what} that is not that weight{cause}; its optimizer state "
+                                 "cannot be trusted: convert the same run's legacy (--ckpt-format torch) or default "
+                                 "'dp_reshardable' save, or take the weights only")
 
 
 # ------------------------------------------------------------------------------------ legacy
@@ -255,8 +286,7 @@ def convert_megatron_to_training_checkpoint(
     report: iteration, step, family, format, and what was imported or dropped."""
     from ember.checkpoint.convert import check_output_folder
     from ember.checkpoint.foreign import remove_training_checkpoints
-    from ember.checkpoint.training import Checkpointer, find_checkpoint, write_checksums
-    from ember.checkpoint.weights import model_from_state
+    from ember.checkpoint.training import Checkpointer, find_checkpoint
 
     src, out = Path(src), Path(out)
     check_output_folder(src, out)
@@ -277,44 +307,37 @@ def convert_megatron_to_training_checkpoint(
     saved = saved_args_dict(weights.saved_args, where)
     adam = read_megatron_adam(checkpoint, weights) if load_optim else None
     try:
-        source = adam.readers[MASTER].get if adam is not None and adam.has_master_weights else weights.get
-        model = model_from_state(args, {name: tensor.float() for name, tensor in ember_tensors(args, source)})
         if adam is not None:
             hyper = {"lr": adam.lr, "betas": adam.betas, "eps": adam.eps, "weight_decay": adam.weight_decay}
         else:  # informational: no optimizer is written
             hyper = {"lr": float(saved.get("lr") or 0.0), "eps": float(saved.get("adam_eps", 1e-8)),
                      "betas": (float(saved.get("adam_beta1", 0.9)), float(saved.get("adam_beta2", 0.999))),
                      "weight_decay": float(saved.get("weight_decay", 0.01))}
-        optimizer = None
-        if adam is not None:
-            optimizer = optimizer_factory(model, hyper)
-            _set_adam_state(model, optimizer, args, adam)
+        number = int(checkpoint.iteration)
+        consumed = int(saved.get("consumed_train_samples") or number * int(saved.get("global_batch_size") or 0))
+        seq = int(saved.get("seq_length") or 0)
+        train_state = {
+            "state": {"iteration": number, "consumed_samples": consumed, "consumed_tokens": consumed * seq,
+                      "skipped_iterations": 0},
+            "has_optimizer": adam is not None,
+            "model_args": args.to_dict(),
+            "config": {},
+            "world_size": 1, "dp_size": 1,
+            "source": {"kind": "megatron", "path": str(src.resolve()), "iteration": number, "format": weights.format,
+                       "optimizer": adam is not None, "adam_step": adam.step if adam else None,
+                       "opt_param_scheduler": _plain(adam.scheduler) if adam else None},
+        }
+        state, produce, order, release = _streamed_state(args, weights, adam, optimizer_factory, hyper, where)
+        if out.exists() and overwrite:
+            remove_training_checkpoints(out)
+        try:
+            Checkpointer(out).save_streamed(number, state, produce, order, train_state)
+        finally:
+            release()
     finally:
         weights.close()
         if adam is not None:
             adam.close()
-    number = int(checkpoint.iteration)
-    consumed = int(saved.get("consumed_train_samples") or number * int(saved.get("global_batch_size") or 0))
-    seq = int(saved.get("seq_length") or 0)
-    train_state = {
-        "state": {"iteration": number, "consumed_samples": consumed, "consumed_tokens": consumed * seq,
-                  "skipped_iterations": 0},
-        "has_optimizer": adam is not None,
-        "model_args": args.to_dict(),
-        "config": {},
-        "world_size": 1, "dp_size": 1,
-        "source": {"kind": "megatron", "path": str(src.resolve()), "iteration": number, "format": weights.format,
-                   "optimizer": adam is not None, "adam_step": adam.step if adam else None,
-                   "opt_param_scheduler": _plain(adam.scheduler) if adam else None},
-    }
-    if out.exists() and overwrite:
-        remove_training_checkpoints(out)
-    final = Checkpointer(out).save(number, model, optimizer, train_state)
-    # Megatron's RNG states are not imported, and this process's would put rank 0 of the resumed run
-    # on another random stream than its peers: without one, every rank derives its stream from the
-    # seed and the iteration, as ember does when a run resumes at another layout
-    shutil.rmtree(final / "rng", ignore_errors=True)
-    write_checksums(final)
     return {"family": family, "format": weights.format, "iteration": number, "optimizer": adam is not None,
             "adam_step": adam.step if adam else None, "master_weights": bool(adam and adam.has_master_weights),
             "hyper": hyper, "tensor_parallel": saved.get("tensor_model_parallel_size"),
@@ -327,16 +350,86 @@ def _plain(value: Any) -> Any:
     return value if isinstance(value, (bool, int, float, str)) or value is None else str(value)
 
 
-def _set_adam_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, args: Any, adam: MegatronAdam) -> None:
-    """Adam's state of every ember parameter, from the Megatron moments through the weights' transforms."""
-    params = dict(model.named_parameters())
-    moments = {kind: dict(ember_tensors(args, adam.readers[kind].get)) for kind in MOMENTS}
-    for name, param in params.items():
-        optimizer.state[param] = {
-            "step": torch.tensor(float(adam.step), dtype=torch.float32),
-            "exp_avg": moments["exp_avg"][name].to(param.dtype).contiguous(),
-            "exp_avg_sq": moments["exp_avg_sq"][name].to(param.dtype).contiguous(),
-        }
+def _streamed_state(args: Any, weights: Any, adam: MegatronAdam | None, optimizer_factory: OptimizerFactory,
+                    hyper: dict[str, Any], where: str
+                    ) -> tuple[dict[str, Any], Callable[[str], torch.Tensor], list[str], Callable[[], None]]:
+    """(the training checkpoint's state dict with stand-ins, `produce`, `order`) for
+    `Checkpointer.save_streamed`, and `release()` to call after it: the keys and hyper-parameters
+    are those of ember's own model and optimizer (built over zero-byte stand-ins of the fp32
+    parameters), the tensors are made when written, one Megatron tensor group (fused q/k/v,
+    SwiGLU's fc1) at a time for the weights (the master copies, when there) and for each moment, so
+    memory holds about a group of each rather than the model and its optimizer."""
+    from ember.checkpoint.training import training_state_dict
+    from ember.checkpoint.weights import model_from_state
+    from ember.models.hf import ember_state_shapes
+
+    # the fp32 master weights, when the run kept them, are the weights (the bf16 copies their rounding)
+    sources = {"model": adam.readers[MASTER] if adam is not None and adam.has_master_weights else weights}
+    if adam is not None:
+        sources.update({kind: adam.readers[kind] for kind in MOMENTS})
+    model_source = sources["model"]
+
+    def planned(layer: int | None, key: str) -> torch.Tensor:  # the moments' tensors: read_megatron_adam checked
+        if (layer, key) not in model_source.shapes:
+            what = key if layer is None else f"decoder.layers.{layer}.{key}"
+            raise EmberError(f"{where}: tensor {what} is missing, but the saved args describe a model with it")
+        shape, dtype = model_source.shapes[(layer, key)]
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    shapes = {name: tuple(tensor.shape) for name, tensor in ember_tensors(args, planned)}
+    names = list(shapes)
+    expected = ember_state_shapes(args)
+    for name in sorted(set(shapes) | set(expected)):
+        wanted = tuple(expected[name][0]) if name in expected else None
+        if shapes.get(name) != wanted:
+            raise EmberError(f"{where}: ember's {name} would be {shapes.get(name)} where the saved args give {wanted}; "
+                             "the args and the tensors disagree")
+    stand_ins = {name: torch.zeros((), dtype=torch.float32).expand(expected[name][0]) for name in names}
+    model = model_from_state(args, stand_ins)
+    optimizer = None
+    if adam is not None:
+        optimizer = optimizer_factory(model, hyper)
+        for param in model.parameters():
+            stand_in = torch.zeros((), dtype=param.dtype).expand(param.shape)
+            optimizer.state[param] = {"step": torch.tensor(float(adam.step), dtype=torch.float32),
+                                      "exp_avg": stand_in, "exp_avg_sq": stand_in}
+    state = training_state_dict(model, optimizer)
+    del model, optimizer  # the stand-ins stay in `state`; nothing else of them is needed
+    tied_copy = args.tie_embeddings and "output.weight" in state["model"]
+    tied = {"tok_embeddings.weight": "output.weight"} if tied_copy else {}
+
+    def fqns(kind: str, name: str) -> list[str]:
+        if kind == "model":
+            return [f"model.{name}"] + ([f"model.{tied[name]}"] if name in tied else [])
+        return [f"optimizer.state.{name}.{kind}"]
+
+    # written name by name: the weight, then each moment; each kind's stream reads its next Megatron
+    # tensor group only when the group's first tensor is written
+    kind_of = {fqn: kind for name in names for kind in sources for fqn in fqns(kind, name)}
+    order = list(kind_of)
+    streams = {kind: ember_tensors(args, reader.get) for kind, reader in sources.items()}
+    made: dict[str, torch.Tensor] = {}  # made, not yet written: the tied output's copy of the embedding
+
+    def produce(fqn: str) -> torch.Tensor:
+        kind = kind_of[fqn]
+        while fqn not in made:
+            name, tensor = next(streams[kind])
+            tensor = tensor.to(torch.float32)
+            if kind == "model" and not bool(torch.isfinite(tensor).all()):
+                raise EmberError(f"{where}: the weight {name} holds NaN or Inf; nothing imported (convert an "
+                                 "earlier iteration)")
+            for key in fqns(kind, name):
+                made[key] = tensor
+        return made.pop(fqn)
+
+    def release() -> None:
+        # DCP leaves its planner, which holds `produce`, in reference cycles until the garbage
+        # collector runs; the streams hold the readers, each with the last chunk it read (~1 GB
+        # for a 1B model's output layer and moments), which `ember train --load` would carry into training
+        streams.clear()
+        made.clear()
+
+    return state, produce, order, release
 
 
 def describe_training_import(report: dict[str, Any]) -> str:

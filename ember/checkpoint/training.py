@@ -668,6 +668,41 @@ class Checkpointer:
         self.last_saved_iteration = iteration
         return final
 
+    def save_streamed(self, iteration: int, state: dict[str, Any], produce: Callable[[str], torch.Tensor],
+                      order: list[str], train_state: dict[str, Any]) -> Path:
+        """Write a checkpoint whose tensors are made one at a time as they are written, so no more
+        than one of them need be in memory (an import of a foreign checkpoint, in one process).
+
+        `state` is what `training_state_dict` gives for the model and optimizer, its tensors
+        stand-ins of the right shapes and dtypes (a broadcast scalar costs no memory); `produce(fqn)`
+        makes the real tensor of each stand-in named in `order` ("model.<name>", "optimizer.state.
+        <name>.exp_avg"), called in that order; the other entries are written as they are. The files
+        are those of `save`, without RNG states (a resumed run derives its streams from the seed and
+        the iteration). `produce` guards what it makes (NaN weights): its EmberError stops the save."""
+        import torch.distributed.checkpoint as dcp
+
+        if _distributed():
+            raise EmberError("a streamed checkpoint is written by one process, not inside a distributed run")
+        final = self.save_dir / iteration_dir_name(iteration)
+        tmp = self.save_dir / f".{final.name}.tmp"
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            _write_text_atomic(tmp / TRAIN_STATE, json.dumps(train_state, indent=1, sort_keys=True))
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.save(state, storage_writer=_in_order_writer(tmp, order), planner=_producing_planner(produce, order),
+                         no_dist=True)
+            self._publish(tmp, final, iteration)
+        except (Exception, _checkpoint_exception()) as err:  # DCP wraps what the writer raised
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(_first_failure(err), EmberError):
+                raise _first_failure(err) from None
+            raise EmberError(self._cannot_write(_first_failure(err))) from None
+        self.last_saved_iteration = iteration
+        return final
+
     def _finish_async(self, future, tmp: Path, final: Path, iteration: int) -> None:
         try:
             future.result()
@@ -718,6 +753,64 @@ class Checkpointer:
         if failed is not None and error is None:
             error = self._cannot_write(_first_failure(failed))
         _raise_together(error)
+
+
+def _producing_planner(produce: Callable[[str], torch.Tensor], order: list[str]):
+    """DCP's save planner, taking the tensors named in `order` from `produce` when they are written."""
+    from torch.distributed.checkpoint import DefaultSavePlanner
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    made = set(order)
+
+    class ProducingPlanner(DefaultSavePlanner):
+        def resolve_data(self, write_item):
+            if write_item.type != WriteItemType.BYTE_IO and write_item.index.fqn in made:
+                return produce(write_item.index.fqn)
+            return super().resolve_data(write_item)
+
+    return ProducingPlanner()
+
+
+def _in_order_writer(folder: Path, order: list[str]):
+    """DCP's file writer, one file, whose tensors are written in `order` (the rest after) and let go
+    once written. DCP's own keeps every tensor of a file referenced until the file is closed (and,
+    with several threads or a GPU, orders them by size), which would hold the whole checkpoint in
+    memory; the bytes on disk are the same: each tensor torch.save'd at its offset."""
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _StorageInfo
+    from torch.distributed.checkpoint.planner import WriteItemType
+    from torch.distributed.checkpoint.storage import WriteResult
+
+    position = {fqn: number for number, fqn in enumerate(order)}
+
+    class InOrderWriter(FileSystemWriter):
+        def write_data(self, plan, planner):
+            name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"
+            items = sorted(plan.items, key=lambda item: (item.type != WriteItemType.BYTE_IO,
+                                                         position.get(item.index.fqn, len(position))))
+            results = []
+            with open(folder / name, "wb") as stream:
+                for item in items:
+                    data = planner.resolve_data(item)
+                    offset = stream.tell()
+                    if item.type == WriteItemType.BYTE_IO:
+                        stream.write(data.getbuffer())
+                    else:
+                        data = data.detach().cpu()
+                        if data.untyped_storage().nbytes() != data.nbytes:  # a view saves its whole storage
+                            data = data.clone()
+                        torch.save(data, stream)
+                    del data
+                    length = stream.tell() - offset
+                    results.append(WriteResult(index=item.index, size_in_bytes=length,
+                                               storage_data=_StorageInfo(name, offset, length)))
+                stream.flush()
+                os.fsync(stream.fileno())
+            future: torch.futures.Future = torch.futures.Future()
+            future.set_result(results)
+            return future
+
+    return InOrderWriter(folder, thread_count=1)
 
 
 # --------------------------------------------------------------------------- signals
