@@ -645,7 +645,8 @@ class TorchDistReader(_Reader):
             offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
             if not all(o <= i < o + z for i, o, z in zip(lead, offsets, sizes)):
                 continue
-            data = self.read_chunk(fqn, offsets, chunk_index)
+            # a chunk of stacked layers (or experts) is read again for the next ones; a tensor's own chunk is not
+            data = self.read_chunk(fqn, offsets, chunk_index, keep=bool(n))
             if n:
                 data = data[tuple(i - o for i, o in zip(lead, offsets))]
                 offsets = offsets[n:]
@@ -657,7 +658,9 @@ class TorchDistReader(_Reader):
                              "(an incomplete checkpoint?)")
         return out
 
-    def read_chunk(self, fqn: str, offsets: tuple[int, ...], chunk_index: int) -> torch.Tensor:
+    def read_chunk(self, fqn: str, offsets: tuple[int, ...], chunk_index: int, keep: bool = True) -> torch.Tensor:
+        """One stored chunk of `fqn`; `keep`: hold it for the next call (a chunk read piece by piece), the
+        only one held, so an import keeps at most one chunk per reader beside what it is writing."""
         from torch.distributed.checkpoint.metadata import MetadataIndex
 
         key = MetadataIndex(fqn, torch.Size(offsets))
@@ -684,8 +687,11 @@ class TorchDistReader(_Reader):
             raise EmberError(f"{path}: chunk of {fqn} is not a readable tensor ({type(err).__name__})") from None
         if not isinstance(data, torch.Tensor):
             raise EmberError(f"{path}: chunk of {fqn} is a {type(data).__name__}, not a tensor")
-        self._chunk_cache = (key, data)
+        self._chunk_cache = (key, data) if keep else None
         return data
+
+    def close(self) -> None:
+        self._chunk_cache = None
 
 
 class LegacyReader(_Reader):
