@@ -358,8 +358,8 @@ def distributed_parameter_slices(state: dict[str, Any], path: Path) -> tuple[dic
     slice of them). save_parameter_state gathers every data-parallel shard of the rank's gradient
     buffer (`grad_buffer_layout`) into flat 'param' (fp32 master weights), 'exp_avg' and
     'exp_avg_sq' tensors, its buckets one after the other without their end padding. The layout is
-    rebuilt so and then verified: each parameter's 'param' slice must be (round to) the model weight
-    of the rank file, otherwise (several buckets, another buffer layout) it is refused."""
+    rebuilt so (the bucket size from the saved args) and then verified: each parameter's 'param' slice
+    must be (round to) the model weight of the rank file, otherwise it is refused."""
     where = str(path.parent / DISTRIBUTED_FILE)
     saved = load_megatron_pickle(path.parent / DISTRIBUTED_FILE)
     if not isinstance(saved, dict) or not saved.get("buckets_coalesced"):

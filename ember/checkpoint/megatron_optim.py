@@ -26,9 +26,11 @@ What every form gives is a `ember.checkpoint.megatron_adam.MegatronAdam`.
 Moments are elementwise per parameter, so they go through exactly the weights' conversion
 (`ember.checkpoint.megatron.ember_tensors`: q/k/v de-interleaving, SwiGLU halves, tensor- and
 pipeline-parallel merging). The fp32 master weights, when there, are the weights (the bf16 model
-copies are their rounding). Refused in one line: any buffer layout of the distributed optimizer that
-fails the check (several buckets, from --overlap-grad-reduce) and, in dp_reshardable, of uneven or
-virtual pipelines and MoE models; checkpoints without optimizer state; the legacy model's names.
+copies are their rounding), and are checked against the saved weights wherever the state names its
+parameters (torch_dist model-space forms: megatron-core 0.16.1 misplaces the 'fully_reshardable'
+state of a bucketed buffer). Refused in one line: any buffer layout of the distributed optimizer
+that fails the check and, in dp_reshardable, of uneven or virtual pipelines and MoE models;
+checkpoints without optimizer state; the legacy model's names.
 Megatron's RNG states are not imported (every rank of the resumed run derives its random stream from
 the seed and the iteration, as on a layout change); its LR schedule continues because ember's
 learning rate is a function of the iteration.
