@@ -8,7 +8,10 @@
     learned positions, ALiBi (dense bias), soft-capped attention.
 (c) The same equality under TP2 x CP2 with sequence parallelism over a two-stage cut, TP2 x CP2
     with a sliding window, and a real 1F1B pipeline schedule PP2 x TP2 with sequence parallelism:
-    one launch of 4 gloo processes, compared in this process to the documents run alone.
+    one launch of 4 gloo processes, compared in this process to the documents run alone. The same
+    processes run ember's CUDA path (compiled BlockMask, compiled flex_attention) through inductor on
+    the CPU under TP2 + SP over a two-stage cut, forward only (flex_attention's backward is
+    CUDA-only), as the single-process flex tests next to the BlockMask check do.
 (d) `ember train` with the three flags, and a packed fine-tuning run, train end to end.
 
 A mask that lets one document see another, a position not reset, or a CP chunk masked by local
@@ -408,6 +411,42 @@ def _pp_tp_case(model_name: str, overrides: dict, pp_mesh, tp_mesh) -> dict:
     return {"loss": float(loss), "grads": {n: _full(p.grad).detach() for n, p in parts.named_parameters()}}
 
 
+# the CUDA path under tensor and sequence parallelism over a two-stage cut, forward only
+FLEX_CASE = ("tiny-mistral", {"sliding_window": 8})
+
+
+def _flex_tp_sp_case(tp_mesh) -> dict:
+    """ember's CUDA path (compiled BlockMask built per stage over the whole sequence, compiled
+    flex_attention on this rank's heads) run by inductor on the CPU under TP2 + SP, each stage of a
+    two-stage cut in turn; forward only: flex_attention's backward is CUDA-only."""
+    import ember.models.attention as attention
+    import ember.models.documents as documents
+    from ember.parallel.tensor import apply_tensor_parallel
+
+    if not _cpp_compiler():
+        return {"skipped": "torch.compile on the CPU needs a C++ compiler"}
+    heads = []
+    applies, kernel = documents.flex_attention_applies, attention.flex_document_attention
+
+    def counted(*args, **kwargs):
+        heads.append(args[0].shape[1])
+        return kernel(*args, **kwargs)
+
+    documents.flex_attention_applies, attention.flex_document_attention = (lambda device: True), counted
+    try:
+        stages = seeded_stages(*FLEX_CASE, True, SEED)
+        for stage in stages:
+            apply_tensor_parallel(stage, tp_mesh, sequence_parallel=True, loss_parallel=True)
+        batch = packed_batch(stages[0].args.vocab_size)
+        hidden = batch["input_ids"]
+        with torch.no_grad():
+            for stage in stages:
+                hidden = stage(hidden, batch["position_ids"], documents=batch["document_ids"])
+    finally:
+        documents.flex_attention_applies, attention.flex_document_attention = applies, kernel
+    return {"logits": _full(hidden).detach(), "heads": heads}
+
+
 def rank_main(out_dir: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -425,6 +464,7 @@ def rank_main(out_dir: str) -> None:
             result = _tp_cp_case(model_name, overrides, cp_tp["tp"], cp_tp["cp"], load_balance=stages_cut,
                                  cut=stages_cut, sequence_parallel=stages_cut)
         torch.save(result, os.path.join(out_dir, f"{case}-rank{rank}.pt"))
+    torch.save(_flex_tp_sp_case(cp_tp["tp"]), os.path.join(out_dir, f"flex-rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -437,7 +477,7 @@ def parallel_results(tmp_path_factory):
     result = run_ranks([__file__, str(out_dir)], nprocs=4, timeout=240)
     assert result.returncode == 0, result.output[-6000:]
     return {case: [torch.load(out_dir / f"{case}-rank{r}.pt", weights_only=True) for r in range(4)]
-            for case in PARALLEL_CASES}
+            for case in (*PARALLEL_CASES, "flex")}
 
 
 def _cp_positions(rank: int, load_balance: bool) -> torch.Tensor:
@@ -465,6 +505,19 @@ def test_parallel_layouts_equal_documents_alone(parallel_results, case):
         return
     for result in ranks:
         assert_matches_alone(result, reference, args, _cp_positions(result["cp_rank"], result["load_balance"]))
+
+
+@pytest.mark.slow  # starts processes: see tests/conftest.py
+def test_compiled_flex_path_under_tensor_and_sequence_parallelism(parallel_results):
+    ranks = parallel_results["flex"]
+    if "skipped" in ranks[0]:
+        pytest.skip(ranks[0]["skipped"])
+    args = get_model_args(FLEX_CASE[0], **FLEX_CASE[1])
+    reference = documents_alone(seeded_stages(*FLEX_CASE, True, SEED), packed_batch(args.vocab_size))
+    for result in ranks:
+        # every layer of both stages took the kernel, on this rank's half of the heads
+        assert result["heads"] == [args.n_heads // 2] * args.n_layers
+        assert_fp32_close(result["logits"], reference["logits"], terms=forward_terms(args, SEQ))
 
 
 # ------------------------------------------------------------------------ (d) end to end
