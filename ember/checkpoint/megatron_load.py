@@ -29,10 +29,10 @@ from typing import Callable
 
 from ember.checkpoint.megatron import convert_megatron_to_ember, describe_megatron_source, locate_megatron_checkpoint
 from ember.checkpoint.megatron_optim import (
+    NoUsableOptimizerState,
     OptimizerFactory,
     convert_megatron_to_training_checkpoint,
     describe_training_import,
-    optimizer_state_summary,
 )
 from ember.checkpoint.weights import is_weight_folder, read_manifest
 from ember.errors import EmberError
@@ -91,11 +91,6 @@ def _resume_import(load: str, checkpoint, output_dir: str | None, notice: Callab
                f"--no-load-optim to continue from iteration {n} with a fresh optimizer")
     if optimizer_factory is None:
         raise EmberError(f"--load {load} is a Megatron checkpoint at iteration {n}; {choices}")
-    if load_optim:
-        reason = optimizer_state_summary(checkpoint)
-        if reason is not None:
-            raise EmberError(f"--load {load} is a Megatron checkpoint at iteration {n} without optimizer state ember "
-                             f"can import ({reason}); {choices}")
     target = import_folder(load, output_dir) / f"{checkpoint.folder.name}-{'optim' if load_optim else 'no-optim'}"
     dropped = "" if load_optim else "; --no-load-optim: its Adam moments are dropped, the optimizer starts fresh"
     with exclusive(target.parent / ".lock", "the Megatron import folder",
@@ -104,7 +99,12 @@ def _resume_import(load: str, checkpoint, output_dir: str | None, notice: Callab
             notice(f"--load {load}: continuing Megatron's iteration {n} from its import into {target}{dropped}")
             return target
         shutil.rmtree(target, ignore_errors=True)  # an import cut short
-        report = convert_megatron_to_training_checkpoint(load, target, optimizer_factory, load_optim=load_optim)
+        try:
+            # the import reads (and checks) the optimizer state before it writes anything
+            report = convert_megatron_to_training_checkpoint(load, target, optimizer_factory, load_optim=load_optim)
+        except NoUsableOptimizerState as err:
+            raise EmberError(f"--load {load} is a Megatron checkpoint at iteration {n} without optimizer state ember "
+                             f"can import ({err}); {choices}") from None
         notice(f"--load {load}: continuing Megatron's run at iteration {n}: imported into {target}: "
                f"{describe_training_import(report)}{dropped}")
     return target

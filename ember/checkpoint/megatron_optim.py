@@ -39,9 +39,9 @@ Streamed: the training checkpoint is written as the Megatron one is read, tensor
 group (`Checkpointer.save_streamed`), with the keys and hyper-parameters of ember's own model and
 optimizer built over zero-byte stand-ins; so memory holds a group of weights and of each moment (and
 what the readers keep: a DCP chunk each, a pipeline stage's mapped rank files) rather than the model
-with its optimizer. A Llama of 1.1B's widths imports in ~1.8 GB peak RSS at 0.22B as at 0.57B
-parameters (weights only: 1.05 GB), where the whole-model import took ~17 bytes per parameter
-(benchmarks/megatron_optim_import.py).
+with its optimizer. TinyLlama-1.1B's shape imports in 1.4 GB peak RSS, as do 0.22B and 0.57B of
+its widths (weights only: 1.1 GB), where the whole-model import took ~17 bytes per parameter
+(benchmarks/megatron_optim_import.py, benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -307,8 +307,9 @@ def convert_megatron_to_training_checkpoint(
         raise EmberError(f"{where}: the checkpoint holds no saved 'args', so its architecture is unknown")
     family, args = model_args_from_megatron(weights.saved_args, where=f"{where} (saved args)")
     saved = saved_args_dict(weights.saved_args, where)
-    adam = read_megatron_adam(checkpoint, weights) if load_optim else None
+    adam = None
     try:
+        adam = read_megatron_adam(checkpoint, weights) if load_optim else None
         if adam is not None:
             hyper = {"lr": adam.lr, "betas": adam.betas, "eps": adam.eps, "weight_decay": adam.weight_decay}
         else:  # informational: no optimizer is written
