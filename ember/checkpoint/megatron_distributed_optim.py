@@ -353,13 +353,16 @@ def _shared_embedding(args: dict[str, Any]) -> Callable[[Any], bool]:
     return lambda name: shared and (name[1] if isinstance(name, tuple) else name) in names
 
 
-def distributed_parameter_slices(state: dict[str, Any], path: Path) -> tuple[dict[str, torch.Tensor], dict[str, slice]]:
+def distributed_parameter_slices(state: dict[str, Any], path: Path, verified: dict[Path, dict[str, slice]] | None = None
+                                 ) -> tuple[dict[str, torch.Tensor], dict[str, slice]]:
     """(the flat tensors of the distrib_optim.pt next to rank file `path`, model tensor name -> its
     slice of them). save_parameter_state gathers every data-parallel shard of the rank's gradient
     buffer (`grad_buffer_layout`) into flat 'param' (fp32 master weights), 'exp_avg' and
     'exp_avg_sq' tensors, its buckets one after the other without their end padding. The layout is
     rebuilt so (the bucket size from the saved args) and then verified: each parameter's 'param' slice
-    must be (round to) the model weight of the rank file, otherwise it is refused."""
+    must be (round to) the model weight of the rank file, otherwise it is refused. `verified` (rank
+    file -> slices) keeps what one import has verified, so each rank file is compared once, not once
+    per Adam state kind read from it."""
     where = str(path.parent / DISTRIBUTED_FILE)
     saved = load_megatron_pickle(path.parent / DISTRIBUTED_FILE)
     if not isinstance(saved, dict) or not saved.get("buckets_coalesced"):
@@ -372,6 +375,8 @@ def distributed_parameter_slices(state: dict[str, Any], path: Path) -> tuple[dic
     flat = next(iter(dtypes.values()))
     if not isinstance(flat, dict) or any(not isinstance(flat.get(k), torch.Tensor) for k in FLAT_KINDS.values()):
         raise refuse(where, "holds no flat 'param', 'exp_avg' and 'exp_avg_sq' tensors: not Adam's state")
+    if verified is not None and path in verified:
+        return flat, verified[path]
     params = model_parameters(state, path)
     args = saved_args_dict(state["args"], where) if state.get("args") is not None else {}
     places, sizes = grad_buffer_layout([(name, t.numel()) for name, t in params], _shared_embedding(args),
@@ -391,14 +396,17 @@ def distributed_parameter_slices(state: dict[str, Any], path: Path) -> tuple[dic
     if problem is not None:
         raise refuse(where, f"is not laid out as ember rebuilds megatron-core's gradient buffer ({problem}); "
                              "ember cannot map it to parameters")
+    if verified is not None:
+        verified[path] = slices
     return flat, slices
 
 
-def _distributed_tensors(kind: str) -> Callable[[dict[str, Any], Path], Iterator[tuple[str, torch.Tensor]]]:
+def _distributed_tensors(kind: str, verified: dict[Path, dict[str, slice]]
+                         ) -> Callable[[dict[str, Any], Path], Iterator[tuple[str, torch.Tensor]]]:
     """A LegacyReader `tensors_of`: the `kind` state of the rank's distrib_optim.pt under its parameters' names."""
 
     def tensors_of(state: dict[str, Any], path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-        flat, slices = distributed_parameter_slices(state, path)
+        flat, slices = distributed_parameter_slices(state, path, verified)
         for name, tensor in model_parameters(state, path):
             yield name, flat[FLAT_KINDS[kind]][slices[name]].view(tensor.shape)
 
@@ -418,7 +426,9 @@ def legacy_distributed_adam(checkpoint: MegatronCheckpoint, weights: LegacyReade
         raise refuse(str(first), "holds no parameter groups of the distributed optimizer next to its distrib_optim.pt")
     for number, group in enumerate(inner["param_groups"]):
         check_standard_group(str(first), number, group)
-    distributed_parameter_slices(state, first)  # refuses an unmappable layout before any reading
-    readers = {kind: LegacyReader(checkpoint.folder, tensors_of=_distributed_tensors(kind)) for kind in (*MOMENTS, MASTER)}
+    verified: dict[Path, dict[str, slice]] = {}  # shared by the readers: each rank file is checked once
+    distributed_parameter_slices(state, first, verified)  # refuses an unmappable layout before any reading
+    readers = {kind: LegacyReader(checkpoint.folder, tensors_of=_distributed_tensors(kind, verified))
+               for kind in (*MOMENTS, MASTER)}
     return adam_state(where, inner["param_groups"], group_step(where, inner["param_groups"]), readers,
                  state.get("opt_param_scheduler"))
