@@ -30,7 +30,8 @@ byte-identical as well.
 `--stages` takes ember's pipeline apart on one thread over the corpus: start-up (a fresh
 interpreter importing ember's preprocessing, the tokenizer, FastBPE's build), reading line chunks,
 JSON parsing, encoding, assembling documents (EOD, lengths), the pickling a worker pool adds per
-chunk (both ways), and writing .bin/.idx; CPU seconds (steady on a shared machine) and share of each.
+chunk (both ways: the line ranges sent, the results in the datasets' dtype returned), and writing
+.bin/.idx; CPU seconds (steady on a shared machine) and share of each.
 
 Megatron-LM >= core_v0.16 imports triton kernels at start-up, so on a machine without triton use
 the core_v0.15.2 tree (its preprocess_data.py differs from core_v0.16.1 only in the legacy
@@ -341,7 +342,8 @@ def profile_stages(args, workdir: Path, corpus: Path, tokenizer: Path) -> None:
         startup_seconds(tokenizer)
     tok = build_tokenizer("PretrainedFromHF", str(tokenizer))
     encoder = make_encoder(tok, True)
-    handler = build_handler("GeneralPretrainHandler", tok, encoder, ("text",), True, None)
+    dtype = optimal_dtype(tok.vocab_size)
+    handler = build_handler("GeneralPretrainHandler", tok, encoder, ("text",), True, None, token_dtype=dtype)
 
     def timed(name, function):  # CPU time: the machine's other work does not count
         start = time.process_time()
@@ -356,13 +358,16 @@ def profile_stages(args, workdir: Path, corpus: Path, tokenizer: Path) -> None:
     handled = timed("handle = encode + assemble", lambda: [handler.handle(d) for d in decoded])
     seconds["assemble (handle - encode)"] = seconds.pop("handle = encode + assemble") - seconds[
         "encode (FastBPE alone)"]
-    timed("IPC: pickle chunks + results", lambda: [pickle.loads(pickle.dumps(x, pickle.HIGHEST_PROTOCOL))
-                                                   for x in (*chunks, *handled)])
+    # what crosses the pipes with several workers: each chunk's line range (the workers read the
+    # lines themselves) and its result, token ids in the dataset's dtype
+    ranges = list(iter_chunks([corpus], 1024, columns=["text"], line_ranges=True))
+    timed("IPC: pickle ranges + results", lambda: [pickle.loads(pickle.dumps(x, pickle.HIGHEST_PROTOCOL))
+                                                   for x in (*ranges, *handled)])
     out = workdir / "out"
     out.mkdir(exist_ok=True)
 
     def write():
-        writer = IndexedDatasetWriter(out / "stages_text_document", optimal_dtype(tok.vocab_size))
+        writer = IndexedDatasetWriter(out / "stages_text_document", dtype)
         for h in handled:
             docs = h.datasets["text"]
             writer.add_documents(docs.tokens, docs.sequence_lengths, docs.sequences_per_document)

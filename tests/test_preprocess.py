@@ -110,6 +110,159 @@ def test_long_documents_are_chunked_by_bytes(tmp_path, corpus_jsonl, tokenizer_d
     assert same_files(tmp_path / "ours_text_document", tmp_path / "ref_text_document")
 
 
+def _awkward_jsonl(corpus_jsonl, chunk_bytes):
+    """Lines of every length around `chunk_bytes` (several longer than it), CRLF endings, blank lines,
+    three bad records on known lines, and a last line without a newline; (bytes, bad line numbers)."""
+    texts = _texts(corpus_jsonl)
+    lines, bad = [], {}
+    for i in range(60):
+        if i == 9:
+            lines.append(b"\n")
+            bad[len(lines)] = "blank line"
+        elif i == 23:
+            lines.append(b'{"text": broken\r\n')
+            bad[len(lines)] = "malformed JSON"
+        elif i == 41:
+            lines.append(b'{"other": "no text key"}\n')
+            bad[len(lines)] = "missing key 'text'"
+        text = " ".join(texts[i % 70 : i % 70 + 1 + i % 9])[: chunk_bytes * (1 + i % 4) // 2]
+        lines.append(json.dumps({"text": text}).encode() + (b"\r\n" if i % 5 == 2 else b"\n"))
+    return b"".join(lines).rstrip(b"\n"), bad
+
+
+def test_workers_read_their_own_line_ranges(tmp_path, corpus_jsonl, tokenizer_dir, monkeypatch):
+    """With several workers the main process sends (file, offset, length) ranges of whole lines,
+    never the lines (issue 18): the ranges close where line chunks close (the line holding the
+    CHUNK_BYTES-th byte), cover the file once, and read back as the same lines."""
+    import ember.data.sources as sources
+    from ember.data.records import decode_chunk
+
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 2000)
+    data, _ = _awkward_jsonl(corpus_jsonl, 2000)
+    src = tmp_path / "awkward.jsonl"
+    src.write_bytes(data)
+    ranges = list(sources.iter_chunks([src], 1024, line_ranges=True))
+    chunks = list(sources.iter_chunks([src], 1024))
+    assert all(isinstance(r, sources.LineRange) for r in ranges) and len(ranges) >= 10
+    sizes = [sum(map(len, c.lines)) for c in chunks]
+    assert [(r.offset, r.length) for r in ranges] == list(zip([0, *np.cumsum(sizes)[:-1]], sizes))
+    assert [r.first_line for r in ranges] == [1] + [None] * (len(ranges) - 1)
+    read = [sources.read_line_range(r) for r in ranges]
+    assert [c.lines for c in read] == [c.lines for c in chunks]
+    assert [c.first_line for c in read] == [1] * len(read)  # numbered from 1; the main process shifts them
+    assert read[-1].lines[-1].endswith(b"}")  # the last line has no newline
+    assert any(c.lines[-1].endswith(b"\r\n") for c in read[:-1])
+    # A BOM opens only the file's first line: a range that starts inside the file keeps it (malformed JSON).
+    bom = tmp_path / "bom.jsonl"
+    line = b'\xef\xbb\xbf{"text": "a"}\n'
+    bom.write_bytes(line * 2)
+    head = sources.LineRange(str(bom), ".jsonl", 0, len(line), 1)
+    tail = sources.LineRange(str(bom), ".jsonl", len(line), len(line), None)
+    assert len(decode_chunk(sources.read_line_range(head)).records) == 1
+    assert [s.line for s in decode_chunk(sources.read_line_range(tail)).skips] == [1]
+    # n-subs parts: ranges within each part, the part's first line known
+    parts = sources.split_input([src], 3)
+    in_parts = [list(sources.iter_chunks([src], 1024, part=part, line_ranges=True)) for part in parts]
+    assert [r.first_line for rs in in_parts for r in rs if r.first_line is not None] == [
+        part.files[str(src)][1] for part in parts]
+    assert b"".join(line for rs in in_parts for r in rs for line in sources.read_line_range(r).lines) == data
+
+
+@pytest.mark.parametrize("flags", [["--workers", "2"], ["--n-subs", "2", "--workers", "4"]])
+def test_line_ranges_give_the_same_bytes_and_line_numbers(tmp_path, corpus_jsonl, tokenizer_dir, monkeypatch,
+                                                          capsys, flags):
+    """Range boundaries in the middle of long lines, at CRLF, blank lines, bad records and a last line
+    without a newline: 2 workers write the single worker's bytes and name the same lines."""
+    import ember.data.sources as sources
+
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 2000)
+    data, bad = _awkward_jsonl(corpus_jsonl, 2000)
+    src = tmp_path / "awkward.jsonl"
+    src.write_bytes(data)
+    common = ["--input", src, "--tokenizer-name-or-path", tokenizer_dir, "--append-eod"]
+    assert preprocess(*common, "--output-prefix", tmp_path / "one") == 0
+    one = capsys.readouterr().err
+    assert preprocess(*common, "--output-prefix", tmp_path / "par", *flags) == 0
+    par = capsys.readouterr().err
+    assert same_files(tmp_path / "one_text_document", tmp_path / "par_text_document")
+    skipped = [line for line in one.splitlines() if line.startswith("skipped")]
+    assert skipped == [line for line in par.splitlines() if line.startswith("skipped")]
+    assert [f"awkward.jsonl:{n}: {reason}" in "\n".join(skipped) for n, reason in bad.items()] == [True] * 3
+    assert f"skipped {len(bad)} record(s)" in one
+    # --strict names the first bad record's line, which lies in a later range than the first
+    assert preprocess(*common, "--output-prefix", tmp_path / "strict", "--strict", *flags) == 2
+    first = min(bad)
+    assert f"awkward.jsonl:{first}: {bad[first]}" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not [p for p in os.listdir(tmp_path) if "tmp" in p or p.startswith("strict")]
+
+
+def test_line_ranges_of_several_files_and_txt(tmp_path, corpus_jsonl, tokenizer_dir, monkeypatch, capsys):
+    """Line numbers start again in each file of a folder (.json lines and .jsonl), and .txt lines
+    (invalid UTF-8 skipped) go by ranges too: 2 workers, the single worker's bytes and lines."""
+    import ember.data.sources as sources
+
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 1500)
+    data, bad = _awkward_jsonl(corpus_jsonl, 1500)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.json").write_bytes(data + b"\n")
+    (folder / "b.jsonl").write_bytes(data)
+    texts = [line.decode() for line in data.split(b"\n") if line.strip()][:40]
+    txt = b"\n".join(t.encode() for t in texts[:31]) + b"\n\xff\xfe not utf-8\n" + "\n".join(texts[31:]).encode()
+    (tmp_path / "c.txt").write_bytes(txt)
+    for name, source, lines in (("dir", folder, [f"{f}:{n}:" for f in ("a.json", "b.jsonl") for n in sorted(bad)][:5]),
+                                ("txt", tmp_path / "c.txt", ["c.txt:32: not valid UTF-8"])):
+        common = ["--input", source, "--tokenizer-name-or-path", tokenizer_dir, "--append-eod"]
+        assert preprocess(*common, "--output-prefix", tmp_path / f"{name}1") == 0
+        one = capsys.readouterr().err
+        assert preprocess(*common, "--output-prefix", tmp_path / f"{name}2", "--workers", "2") == 0
+        two = capsys.readouterr().err
+        assert same_files(tmp_path / f"{name}1_text_document", tmp_path / f"{name}2_text_document"), name
+        skipped = [line for line in one.splitlines() if line.startswith("skipped")]
+        assert skipped == [line for line in two.splitlines() if line.startswith("skipped")], name
+        assert [any(where in line for line in skipped) for where in lines] == [True] * len(lines), (name, skipped)
+
+
+def test_workers_return_tokens_in_the_datasets_dtype(tmp_path, tokenizer_dir):
+    """A worker sends back uint16 ids when the vocabulary fits (half of int32's bytes), one array
+    per dataset, with the number of lines its range held."""
+    from ember.data.preprocess import PreprocessJob, _handle_chunk
+    from ember.data.sources import LineRange
+
+    src = tmp_path / "a.jsonl"
+    src.write_bytes(b'{"text": "one two"}\n\n{"text": "three"}\n')
+    job = PreprocessJob(("PretrainedFromHF", str(tokenizer_dir), None, None, None), "GeneralPretrainHandler",
+                        ("text",), True, None, True, token_dtype="uint16")
+    handled = _handle_chunk(job, LineRange(str(src), ".jsonl", 0, src.stat().st_size, 1))
+    docs = handled.datasets["text"]
+    assert docs.tokens.dtype == np.uint16 and handled.num_lines == 3 and handled.num_documents == 2
+    assert docs.sequence_lengths.sum() == docs.tokens.size and [s.line for s in handled.skips] == [2]
+
+
+def _dies_on_a_later_range(piece):
+    """A worker's read that kills its process at about the 40th range (earlier ones are written by then)."""
+    import ember.data.sources as sources
+
+    if piece.offset >= 40 * sources.CHUNK_BYTES:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return sources.read_line_range(piece)
+
+
+def test_worker_killed_mid_run_leaves_nothing(tmp_path, corpus_jsonl, tokenizer_dir, monkeypatch, capsys):
+    import ember.data.preprocess as pre
+    import ember.data.sources as sources
+
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(pre, "read_line_range", _dies_on_a_later_range)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert preprocess("--input", corpus_jsonl, "--output-prefix", out / "k", "--tokenizer-name-or-path",
+                      tokenizer_dir, "--workers", "2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "worker process died" in err[-1] and "Traceback" not in "\n".join(err)
+    assert os.listdir(out) == []
+
+
 def _texts(corpus_jsonl, limit=80):
     with open(corpus_jsonl) as f:
         return [json.loads(line)["text"] for line, _ in zip(f, range(limit))]

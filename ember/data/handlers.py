@@ -12,6 +12,10 @@ The instruction handlers write `PREFIX_packed_input_ids_document` and
 `PREFIX_packed_labels_document` (ModelLink's names): the labels equal the ids where the model is
 trained (the responses) and IGNORE_INDEX (-100) where it is not (system, prompt, user turns), so
 they are stored as int32.
+
+Token ids come out in `token_dtype`, the dtype of the datasets they are written to (uint16 for a
+vocabulary below 65,500, as Megatron picks; `ember.data.indexed.optimal_dtype`), so that worker
+processes send the main process half the bytes of int32 and the writer does not convert them.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ PROMPT_TYPES = ("alpaca", "chatml", "plain", "chat_template")  # chat_template: 
 class EncodedDocuments:
     """Documents of one dataset, back to back: what `IndexedDatasetWriter.add_documents` takes."""
 
-    tokens: np.ndarray  # flat token ids
+    tokens: np.ndarray  # flat token ids, in the dataset's dtype
     sequence_lengths: np.ndarray  # one entry per sequence (sentence)
     sequences_per_document: np.ndarray  # how many sequences each document has
 
@@ -51,7 +55,8 @@ class EncodedDocuments:
         """`documents[d][s]` = token ids of sentence s of document d."""
         sentences = [s for doc in documents for s in doc]
         lengths = np.fromiter((len(s) for s in sentences), dtype=np.int64, count=len(sentences))
-        tokens = np.fromiter(itertools.chain.from_iterable(sentences), dtype=dtype, count=int(lengths.sum()))
+        tokens = np.fromiter(itertools.chain.from_iterable(sentences), dtype=np.int32, count=int(lengths.sum()))
+        tokens = tokens.astype(dtype, copy=False)  # as the writer casts
         counts = np.fromiter((len(d) for d in documents), dtype=np.int64, count=len(documents))
         return cls(tokens, lengths, counts)
 
@@ -62,6 +67,7 @@ class HandledChunk:
     skips: list[Skip] = field(default_factory=list)
     num_documents: int = 0
     num_bytes: int = 0
+    num_lines: int = 0  # records (lines, rows) the chunk held, set by the worker (ember.data.preprocess)
 
     @property
     def num_tokens(self) -> int:
@@ -71,8 +77,10 @@ class HandledChunk:
 class GeneralPretrainHandler:
     """Plain text, one dataset per `--json-keys` key; a list value is a list of sentences."""
 
-    def __init__(self, tokenizer, encoder, json_keys=("text",), append_eod=False, splitter=None):
+    def __init__(self, tokenizer, encoder, json_keys=("text",), append_eod=False, splitter=None,
+                 token_dtype=np.int32):
         self.tokenizer = tokenizer
+        self.token_dtype = np.dtype(token_dtype)
         self.encoder = encoder  # fast exact encoder, or the tokenizer itself
         self.json_keys = list(json_keys)
         self.append_eod = append_eod
@@ -121,7 +129,7 @@ class GeneralPretrainHandler:
             encoded = self.encoder.encode_batch(flat_sentences)
             lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
             tokens = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64, count=int(lengths.sum()))
-        return self._assemble(tokens.astype(np.int32, copy=False), lengths, per_record)
+        return self._assemble(tokens.astype(self.token_dtype, copy=False), lengths, per_record)
 
     def _assemble(self, tokens: np.ndarray, lengths: np.ndarray, per_record: np.ndarray) -> EncodedDocuments:
         """Megatron's rules, vectorised: empty sentences are dropped, and with append_eod the EOD
@@ -133,7 +141,8 @@ class GeneralPretrainHandler:
         if self.append_eod and lengths.size:
             last_of_doc = np.cumsum(counts)[counts > 0] - 1  # index (among kept) of each doc's last sentence
             ends = np.cumsum(lengths)[last_of_doc]
-            tokens = np.insert(tokens, ends, self.tokenizer.eod)
+            # the EOD id cast as the writer casts every id (np.insert would refuse one out of range)
+            tokens = np.insert(tokens, ends, np.asarray(self.tokenizer.eod, dtype=np.int64).astype(tokens.dtype))
             lengths = lengths.copy()
             lengths[last_of_doc] += 1
         return EncodedDocuments(tokens, lengths, counts)
@@ -144,8 +153,9 @@ class _InstructionHandler:
 
     output_keys = ["packed_input_ids", "packed_labels"]
 
-    def __init__(self, tokenizer, prompt_type: str, seq_length: int | None = None):
+    def __init__(self, tokenizer, prompt_type: str, seq_length: int | None = None, token_dtype=np.int32):
         self.tokenizer = tokenizer
+        self.token_dtype = np.dtype(token_dtype)
         self.prompt_type = prompt_type
         self.seq_length = seq_length
         probe = tokenizer.encode("a")
@@ -180,7 +190,7 @@ class _InstructionHandler:
                 continue
             ids_docs.append([ids])
             label_docs.append([labels])
-        datasets = {"packed_input_ids": EncodedDocuments.from_lists(ids_docs),
+        datasets = {"packed_input_ids": EncodedDocuments.from_lists(ids_docs, self.token_dtype),
                     "packed_labels": EncodedDocuments.from_lists(label_docs)}
         return HandledChunk(datasets, skips, len(ids_docs), chunk.num_bytes)
 
@@ -295,9 +305,10 @@ class ChatTemplateHandler:
 
     output_keys = ["packed_input_ids", "packed_labels"]
 
-    def __init__(self, tokenizer, record_format: str):
+    def __init__(self, tokenizer, record_format: str, token_dtype=np.int32):
         from ember.errors import EmberError
 
+        self.token_dtype = np.dtype(token_dtype)
         folder = getattr(tokenizer, "folder", None)
         if tokenizer.backend is None or folder is None:
             raise EmberError(f"--prompt-type chat_template needs a Hugging Face tokenizer folder with tokenizer.json "
@@ -332,23 +343,25 @@ class ChatTemplateHandler:
             ids = np.asarray(encoding.ids, dtype=np.int64)
             ids_docs.append([ids.tolist()])
             label_docs.append([np.where(mask, ids, IGNORE_INDEX).tolist()])
-        datasets = {"packed_input_ids": EncodedDocuments.from_lists(ids_docs),
+        datasets = {"packed_input_ids": EncodedDocuments.from_lists(ids_docs, self.token_dtype),
                     "packed_labels": EncodedDocuments.from_lists(label_docs)}
         return HandledChunk(datasets, skips, len(ids_docs), chunk.num_bytes)
 
 
 def build_handler(name: str, tokenizer, encoder, json_keys, append_eod: bool, prompt_type: str | None,
-                  splitter=None):
+                  splitter=None, token_dtype=np.int32):
+    """`token_dtype`: the dtype token ids come out in (the datasets'; labels stay int32)."""
     if prompt_type == "chat_template" and name in ("AlpacaStyleInstructionHandler", "SharegptStyleInstructionHandler"):
-        return ChatTemplateHandler(tokenizer, "alpaca" if name == "AlpacaStyleInstructionHandler" else "sharegpt")
+        return ChatTemplateHandler(tokenizer, "alpaca" if name == "AlpacaStyleInstructionHandler" else "sharegpt",
+                                   token_dtype)
     if name == "GeneralPretrainHandler":
-        return GeneralPretrainHandler(tokenizer, encoder, json_keys, append_eod, splitter)
+        return GeneralPretrainHandler(tokenizer, encoder, json_keys, append_eod, splitter, token_dtype)
     if name == "AlpacaStyleInstructionHandler":
-        return AlpacaStyleInstructionHandler(tokenizer, prompt_type or "alpaca")
+        return AlpacaStyleInstructionHandler(tokenizer, prompt_type or "alpaca", token_dtype=token_dtype)
     if name == "SharegptStyleInstructionHandler":
-        return SharegptStyleInstructionHandler(tokenizer, prompt_type or "chatml")
+        return SharegptStyleInstructionHandler(tokenizer, prompt_type or "chatml", token_dtype=token_dtype)
     if name == "PaiFinetuneHandler":
-        return PaiFinetuneHandler(tokenizer, prompt_type or "alpaca")
+        return PaiFinetuneHandler(tokenizer, prompt_type or "alpaca", token_dtype=token_dtype)
     from ember.errors import EmberError
 
     raise EmberError(f"unknown --handler-name {name!r}; choose one of {', '.join(HANDLERS)}")

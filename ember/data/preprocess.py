@@ -6,6 +6,14 @@ them to `--workers` processes, which parse, tokenize and return flat numpy array
 written in input order, so any worker count gives identical output. `--n-subs N` cuts the input
 into N contiguous parts processed side by side and merged in order: again identical output.
 
+With several workers, an uncompressed line file (.jsonl, .txt, .json lines) is not read by the
+main process at all: it sends each worker only where its ~1 MiB of whole lines lie
+(`ember.data.sources.LineRange`) and the worker reads them; line numbers (skipped records, --strict)
+are completed in the main process, in input order, from the line counts the workers return.
+Workers return token ids already in the datasets' dtype (uint16 for a vocabulary below 65,500),
+one array per dataset: the pipe carries half of int32's bytes, and the writer converts nothing
+(issue 18).
+
 Everything is written under temporary names and renamed only when complete. A worker or part
 process that dies (the OOM killer, SIGKILL) stops the run with a one-line error and its temporary
 files removed; temporary files left by a run that was itself killed are removed by the next run
@@ -33,7 +41,8 @@ import numpy as np
 from ember.data.handlers import build_handler
 from ember.data.indexed import IndexedDataset, IndexedDatasetWriter, bin_path, idx_path, optimal_dtype
 from ember.data.records import Skip, decode_chunk
-from ember.data.sources import InputPart, file_format, iter_chunks, resolve_input_files, split_input
+from ember.data.sources import (InputPart, LineRange, file_format, iter_chunks, read_line_range, resolve_input_files,
+                                split_input)
 from ember.data.tokenizers import Tokenizer, build_tokenizer
 from ember.errors import EmberError
 
@@ -53,6 +62,7 @@ class PreprocessJob:
     chunk_size: int = 1024
     split: tuple | None = None  # --split-sentences: (lang, keep_newlines) of ember.data.sentences.SentenceSplitter
     use_fast_tokenizer: bool = True  # False: --tokenizer-not-use-fast (transformers' slow tokenizer)
+    token_dtype: str = "int32"  # the datasets' dtype for token ids (optimal_dtype): what handlers return
 
 
 @dataclass
@@ -112,12 +122,19 @@ def handler_for(job: PreprocessJob, tokenizer: Tokenizer | None = None):
 
             splitter = SentenceSplitter(*job.split)
         _handlers[job] = build_handler(job.handler_name, tokenizer, encoder, job.json_keys, job.append_eod,
-                                       job.prompt_type, splitter)
+                                       job.prompt_type, splitter, np.dtype(job.token_dtype))
     return _handlers[job]
 
 
 def _handle_chunk(job: PreprocessJob, chunk):
-    return handler_for(job).handle(decode_chunk(chunk))
+    """A worker's task: a Chunk, or a LineRange that it reads itself. For a LineRange whose first
+    line number the main process does not know, skipped records are numbered from 1 within the
+    range (`_LineNumbers` shifts them); `num_lines` says how many lines the range held."""
+    if isinstance(chunk, LineRange):
+        chunk = read_line_range(chunk)
+    handled = handler_for(job).handle(decode_chunk(chunk))
+    handled.num_lines = len(chunk)
+    return handled
 
 
 # ---- main side ---------------------------------------------------------------------------------
@@ -147,6 +164,24 @@ class Progress:
         print(line, file=sys.stderr, flush=True)
 
 
+class _LineNumbers:
+    """Completes the line numbers of LineRange results, taken in input order: a range with a known
+    first line sets the count, one without continues it (its skips were numbered from 1)."""
+
+    def __init__(self):
+        self.next_line = 1
+
+    def place(self, chunk, handled):
+        if isinstance(chunk, LineRange):
+            if chunk.first_line is not None:
+                self.next_line = chunk.first_line
+            elif self.next_line != 1:
+                for skip in handled.skips:
+                    skip.line += self.next_line - 1
+            self.next_line += handled.num_lines
+        return handled
+
+
 def _ordered_results(job: PreprocessJob, chunks, workers: int):
     """Handled chunks in input order; at most a few chunks in flight per worker (bounded memory)."""
     handler = handler_for(job)  # built here, inherited by the forked workers
@@ -158,14 +193,17 @@ def _ordered_results(job: PreprocessJob, chunks, workers: int):
     # waits forever for the lost task; this executor fails every pending task instead.
     context = multiprocessing.get_context("fork")
     pool = ProcessPoolExecutor(workers, mp_context=context)
+    lines = _LineNumbers()
     try:
         pending: deque = deque()
         for chunk in chunks:
-            pending.append(pool.submit(_handle_chunk, job, chunk))
+            pending.append((chunk, pool.submit(_handle_chunk, job, chunk)))
             if len(pending) >= 3 * workers:
-                yield pending.popleft().result()
+                done, future = pending.popleft()
+                yield lines.place(done, future.result())
         while pending:
-            yield pending.popleft().result()
+            done, future = pending.popleft()
+            yield lines.place(done, future.result())
     except BrokenProcessPool:
         raise EmberError("a preprocess worker process died (killed, or out of memory?); nothing was written. "
                          "Run again with fewer --workers or a smaller --chunk-size") from None
@@ -195,7 +233,8 @@ def process_part(job: PreprocessJob, files: list[Path], part: InputPart | None, 
     Without `allow_empty`, an input that yields no document is an error (nothing written)."""
     columns = sorted(set(job.json_keys) | {"instruction", "input", "output", "system", "history",
                                               "conversations", "messages"})
-    chunks = iter_chunks(files, job.chunk_size, columns=columns, part=part)
+    # several workers: they read uncompressed line files themselves (LineRanges)
+    chunks = iter_chunks(files, job.chunk_size, columns=columns, part=part, line_ranges=workers > 1)
     writers = _writers(prefixes, dtypes)
     totals = Totals()
     try:
@@ -476,8 +515,9 @@ def preprocess(*, input: str | os.PathLike, output_prefix: str, tokenizer_type: 
     tokenizer = build_tokenizer(*spec, use_fast=use_fast_tokenizer)
     if (append_eod or pack) and tokenizer.eod is None:
         raise EmberError(f"{tokenizer.name} has no end-of-document token; --append-eod/--pack need one")
+    token_dtype = optimal_dtype(tokenizer.vocab_size)
     job = PreprocessJob(spec, handler_name, tuple(json_keys), bool(append_eod or pack), prompt_type,
-                        fast_encoder, chunk_size, split, use_fast_tokenizer)
+                        fast_encoder, chunk_size, split, use_fast_tokenizer, np.dtype(token_dtype).name)
     handler = build_handler(job.handler_name, tokenizer, tokenizer, job.json_keys, job.append_eod, job.prompt_type)
     prefixes = output_prefixes(output_prefix, handler.output_keys, "sentence" if split else "document")
     existing = [p for prefix in prefixes.values() for p in (bin_path(prefix), idx_path(prefix)) if os.path.exists(p)]
@@ -487,7 +527,6 @@ def preprocess(*, input: str | os.PathLike, output_prefix: str, tokenizer_type: 
     if removed:
         print(f"removed {len(removed)} temporary file(s) left by an interrupted run "
               f"(e.g. {os.path.basename(removed[0])})", file=sys.stderr)
-    token_dtype = optimal_dtype(tokenizer.vocab_size)
     dtypes = {key: handler.label_dtype(key) or token_dtype for key in handler.output_keys}
     encoder = getattr(handler_for(job, tokenizer), "encoder", None)
     if on_start is not None:

@@ -40,6 +40,8 @@ def decode_chunk(chunk: Chunk) -> DecodedChunk:
     out = DecodedChunk(path=chunk.path)
     if chunk.lines is not None:
         out.num_bytes = sum(len(line) for line in chunk.lines)
+        # the line number a UTF-8 BOM may open: the file's first line, when this chunk holds it
+        bom_line = chunk.first_line if chunk.starts_file else 1 if chunk.starts_file is None else 0
         for offset, raw in enumerate(chunk.lines):
             line_no = chunk.first_line + offset
             if chunk.fmt == ".txt":
@@ -52,7 +54,7 @@ def decode_chunk(chunk: Chunk) -> DecodedChunk:
             if not raw.strip():
                 out.skips.append(Skip(chunk.path, line_no, "blank line"))
                 continue
-            if line_no == 1 and raw.startswith(UTF8_BOM):  # a file saved with a BOM (PAI reads utf-8-sig)
+            if line_no == bom_line and raw.startswith(UTF8_BOM):  # a file saved with a BOM (PAI reads utf-8-sig)
                 raw = raw[len(UTF8_BOM):]
             try:
                 record = orjson.loads(raw)

@@ -6,6 +6,11 @@ Chunks are what worker processes receive: raw bytes for line formats (parsed by 
 orjson), Arrow tables for columnar formats — never one pickled Python object per document.
 Files are streamed; only a `.json` holding one JSON array is read whole (the format gives no way
 to stream it without another parser).
+
+For several workers, an uncompressed line file goes out as `LineRange`s instead (`iter_chunks(...,
+line_ranges=True)`): only (file, byte offset, byte length) of about `CHUNK_BYTES` of whole lines,
+found by seeking, never reading the lines; each worker reads its range itself (`read_line_range`),
+so the input bytes never pass through the main process or a pipe (issue 18).
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ class Chunk:
     fmt: str  # ".jsonl", ".txt", ".parquet", ...
     lines: list[bytes] | None = None
     table: object | None = None  # pyarrow.Table
+    # Whether the first line is the first of its file (a UTF-8 BOM may open it); None: first_line == 1.
+    # A chunk read from a LineRange numbers its lines from 1 without being at the start of the file.
+    starts_file: bool | None = None
 
     def __len__(self) -> int:
         return len(self.lines) if self.lines is not None else self.table.num_rows
@@ -167,6 +175,76 @@ def _line_chunks(path: Path, fmt: str, compression: str | None, chunk_size: int,
             yield Chunk(str(path), line_no, fmt, lines=lines)
 
 
+@dataclass(frozen=True)
+class LineRange:
+    """Whole lines of an uncompressed line file, by position: what the main process sends a worker
+    instead of the lines themselves. `first_line` is the line number of its first line when the
+    main process knows it (the first range of a file, or of an --n-subs part), else None: the
+    range continues the previous range of the same file, whose line count the main process only
+    learns from the worker's result (it does not read the lines); the worker then numbers lines
+    from 1 and the main process shifts them (`ember.data.preprocess`)."""
+
+    path: str
+    fmt: str  # ".jsonl" or ".txt"
+    offset: int
+    length: int
+    first_line: int | None
+
+
+# How many bytes at a time the main process reads looking for the end of a range's last line.
+_SCAN_BYTES = 1 << 16
+
+
+def _line_end(fd: int, position: int, end: int) -> int:
+    """Where the line holding byte `position` ends (one past its newline), at most `end`."""
+    while position < end:
+        block = os.pread(fd, min(_SCAN_BYTES, end - position), position)
+        if not block:
+            return end  # the file is shorter than it was: the reader of the range will say so
+        newline = block.find(b"\n")
+        if newline >= 0:
+            return position + newline + 1
+        position += len(block)
+    return end
+
+
+def _line_ranges(path: Path, fmt: str, byte_range: tuple[int, int] | None, first_line: int) -> Iterator[LineRange]:
+    """`LineRange`s that close where a line chunk closes: at the line holding the range's
+    CHUNK_BYTES-th byte (that line included). Only the bytes from there to the next newline are read."""
+    with open(path, "rb", buffering=0) as f:
+        fd = f.fileno()
+        start, end = (0, os.fstat(fd).st_size) if byte_range is None else byte_range
+        line: int | None = first_line
+        while start < end:
+            stop = _line_end(fd, start + CHUNK_BYTES - 1, end)
+            yield LineRange(str(path), fmt, start, stop - start, line)
+            start, line = stop, None
+
+
+def read_line_range(piece: LineRange) -> Chunk:
+    """A worker's read of its range: the range's lines as a Chunk (numbered from 1 when the main
+    process does not know its first line number). An unreadable or shrunk file is a one-line error."""
+    path = Path(piece.path)
+    try:
+        with open(path, "rb", buffering=0) as f:
+            parts = []
+            position, remaining = piece.offset, piece.length
+            while remaining > 0:
+                block = os.pread(f.fileno(), remaining, position)
+                if not block:
+                    raise EOFError(f"the file ends at byte {position:,}, inside a range that ended at byte "
+                                   f"{piece.offset + piece.length:,} when the run started (was it changed?)")
+                parts.append(block)
+                position += len(block)
+                remaining -= len(block)
+    except _read_errors() as err:
+        raise unreadable(path, err) from None
+    data = b"".join(parts)  # one part (the usual case): that bytes object itself, no copy
+    # io's line iteration, as _line_chunks reads: lines end at b"\n" only (a lone b"\r" does not end one)
+    lines = io.BytesIO(data).readlines() if data else []
+    return Chunk(piece.path, piece.first_line or 1, piece.fmt, lines=lines, starts_file=piece.offset == 0)
+
+
 def _json_array_chunks(path: Path, compression: str | None, chunk_size: int) -> Iterator[Chunk]:
     import orjson
     import pyarrow as pa
@@ -255,25 +333,30 @@ def unreadable(path: Path, err: BaseException) -> EmberError:
 
 
 def iter_chunks(files: list[Path], chunk_size: int = 2048, columns: list[str] | None = None,
-                part: "InputPart | None" = None) -> Iterator[Chunk]:
+                part: "InputPart | None" = None, line_ranges: bool = False) -> Iterator[Chunk | LineRange]:
     """Chunks of every file in order; `part` restricts to one contiguous piece (for --n-subs).
+    `line_ranges`: uncompressed line files (.jsonl, .txt, .json lines) as `LineRange`s, for workers
+    to read themselves (they hold about CHUNK_BYTES each; `chunk_size` does not cut them).
     A file that cannot be read (truncated, damaged, no permission) is a one-line `EmberError`."""
     read_errors = _read_errors()
     for path in files:
         if part is not None and str(path) not in part.files:
             continue
         try:
-            yield from _file_chunks(path, chunk_size, columns, part)
+            yield from _file_chunks(path, chunk_size, columns, part, line_ranges)
         except read_errors as err:
             raise unreadable(path, err) from None
 
 
 def _file_chunks(path: Path, chunk_size: int, columns: list[str] | None,
-                 part: "InputPart | None") -> Iterator[Chunk]:
+                 part: "InputPart | None", line_ranges: bool = False) -> Iterator[Chunk | LineRange]:
     fmt, compression = file_format(path)
     piece = None if part is None else part.files[str(path)]
     if fmt in (".jsonl", ".txt") or (fmt == ".json" and not _is_json_array(path, compression)):
         byte_range, first_line = (None, 1) if piece is None else (piece[0], piece[1])
+        if line_ranges and compression is None:
+            yield from _line_ranges(path, ".jsonl" if fmt == ".json" else fmt, byte_range, first_line)
+            return
         yield from _line_chunks(path, ".jsonl" if fmt == ".json" else fmt, compression,
                                 chunk_size, byte_range, first_line)
     elif fmt == ".json":
