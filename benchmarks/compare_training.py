@@ -1,5 +1,6 @@
 """ember's training step next to a plain Hugging Face transformers loop: same model, same initial
-weights, same batches, same precision, timed alternately in one process.
+weights, same batches, same precision, timed alternately: in one process (`alternate`), or each
+side in a process of its own as a user runs it (`alternate_in_processes`).
 
 The ember side is `Trainer.train_step` of a `Trainer` set up from a `Config` on a random-token
 indexed dataset: the very code `ember train` runs (forward, loss, backward, clipping, fused AdamW,
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import multiprocessing
 import os
 import statistics
 import tempfile
@@ -248,6 +250,127 @@ def alternate(steps: dict[str, Callable], batches: list, device: torch.device, *
             rounds[name].append(sum(seconds[name]) - timed_before)
         position += len(chunk)
     return Timings(seconds, {name: [float(x) for x in values] for name, values in losses.items()}, rounds)
+
+
+def side_step(side: str, trainer: Trainer) -> Callable:
+    """The step function of one side ("ember" or "hf"; "ember@label" is ember again, for a second
+    ember process under other settings) over `trainer`'s model and settings."""
+    side = side.split("@")[0]
+    if side == "ember":
+        return ember_step(trainer)
+    if side == "hf":
+        return hf_step(hf_twin(trainer.model_args, initial_state(trainer), trainer.device), trainer.config,
+                       trainer.device)
+    raise ValueError(f"unknown side {side!r}")
+
+
+def _side_process(conn, side: str, shape: Shape, steps: int, threads: int, clock_name: str, options: dict,
+                  plain_loss: bool) -> None:
+    """One side in a process of its own: builds the same trainer (same seed, same random-token
+    dataset, hence the same initial weights and batches) as every other side, then runs the
+    steps the parent asks for and sends back their times; the losses at the end."""
+    torch.set_num_threads(threads)
+    clock = time.process_time if clock_name == "cpu" else time.perf_counter
+    try:
+        with scratch_dir(f"ember-{side}-") as workdir:
+            trainer = ember_trainer(shape, workdir, steps, **options)
+            try:
+                if plain_loss:
+                    use_plain_loss(trainer)
+                batches = take_batches(trainer, steps)
+                step = side_step(side, trainer)
+                conn.send(("ready", None))
+                losses = []
+                while True:
+                    command, first, count = conn.recv()
+                    if command == "stop":
+                        break
+                    seconds = []
+                    for batch in batches[first:first + count]:
+                        _sync(trainer.device)
+                        start = clock()
+                        losses.append(step(batch))
+                        _sync(trainer.device)
+                        seconds.append(clock() - start)
+                    conn.send(("seconds", seconds))
+                conn.send(("losses", [float(x) for x in losses]))
+            finally:
+                trainer.close()
+    except BaseException as err:  # the parent reports it and stops the other side
+        conn.send(("error", f"{side}: {type(err).__name__}: {err}"))
+    finally:
+        conn.close()
+
+
+def alternate_in_processes(sides: list[str], shape: Shape, steps: int, *, warmup: int, per_round: int,
+                           threads: int, clock_name: str = "wall", options: dict | None = None,
+                           plain_loss: bool = False, env: dict[str, dict[str, str]] | None = None) -> Timings:
+    """`alternate`, with each side in its own (spawned) process: what a user of either tool runs.
+    Sharing one process lets one side's allocations shape the other's heap: with glibc's malloc,
+    transformers' 32 MB logits hit fresh pages (page faults) far more often beside ember's step
+    than alone (`tiny`: ~153 vs ~120-130 ms per HF step, 2026-12-05), and process-wide settings
+    (threads, allocator tunables) stay each side's own. `env[side]` adds environment variables to that side's process only (set before it starts)."""
+    context = multiprocessing.get_context("spawn")
+    children = {}
+    for side in sides:
+        parent_end, child_end = context.Pipe()
+        saved = {key: os.environ.get(key) for key in (env or {}).get(side, {})}
+        os.environ.update((env or {}).get(side, {}))
+        try:
+            process = context.Process(target=_side_process, args=(child_end, side, shape, steps, threads, clock_name,
+                                                                    options or {}, plain_loss), daemon=True)
+            process.start()
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+        child_end.close()
+        children[side] = (process, parent_end)
+
+    def receive(side: str, expected: str):
+        process, conn = children[side]
+        if not conn.poll(1800):
+            raise RuntimeError(f"{side}: no answer in 30 minutes")
+        try:
+            kind, payload = conn.recv()
+        except EOFError:
+            process.join(timeout=10)
+            raise RuntimeError(f"{side}: its process ended without answering (exit code {process.exitcode})") from None
+        if kind == "error":
+            raise RuntimeError(payload)
+        if kind != expected:
+            raise RuntimeError(f"{side}: expected {expected!r}, got {kind!r}")
+        return payload
+
+    try:
+        for side in sides:
+            receive(side, "ready")
+        seconds = {side: [] for side in sides}
+        rounds = {side: [] for side in sides}
+        position = 0
+        while position < steps:
+            count = min(per_round, steps - position)
+            for side in sides:
+                children[side][1].send(("run", position, count))
+                taken = receive(side, "seconds")
+                timed = [s for offset, s in enumerate(taken) if position + offset >= warmup]
+                seconds[side].extend(timed)
+                rounds[side].append(sum(timed))
+            position += count
+        losses = {}
+        for side in sides:
+            children[side][1].send(("stop", 0, 0))
+            losses[side] = receive(side, "losses")
+        return Timings(seconds, losses, rounds)
+    finally:
+        for process, conn in children.values():
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+                process.join()
+            conn.close()
 
 
 def time_steps(step: Callable, batches: list, device: torch.device, *, warmup: int) -> tuple[list[float], list[float]]:

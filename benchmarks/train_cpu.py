@@ -30,10 +30,12 @@ import time
 
 import torch
 
+from ember.models.from_config import model_args_from_config
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from compare_training import (  # noqa: E402
-    Shape, alternate, ember_step, ember_trainer, hf_step, hf_twin, initial_state, load_average, loss_agreement,
-    scratch_dir, take_batches, use_plain_loss,
+    Shape, alternate, alternate_in_processes, ember_config, ember_step, ember_trainer, hf_step, hf_twin, initial_state,
+    load_average, loss_agreement, scratch_dir, take_batches, use_plain_loss,
 )
 
 _LLAMA_OVERRIDES = dict(swiglu=True, normalization="RMSNorm", untie_embeddings_and_output_weights=True,
@@ -48,6 +50,9 @@ SHAPES = {
         _LLAMA_OVERRIDES, num_layers=2, hidden_size=128, num_attention_heads=4, num_query_groups=2,
         ffn_hidden_size=352, vocab_size=8000)),
 }
+# glibc malloc settings that keep freed memory for reuse (no page faults on each large tensor): what
+# `--hf-allocator tuned` gives the transformers side, to separate allocator effects from code.
+_TUNED_GLIBC_MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=8589934592:glibc.malloc.top_pad=268435456"
 # steps (warm-up included) and steps per turn when not given
 _DEFAULT_STEPS = {"56m": (16, 2), "tiny": (120, 10)}
 
@@ -74,22 +79,30 @@ def run_shape(shape: Shape, args: argparse.Namespace, peak_gflops: float, clock)
     steps = args.steps or steps
     per_round = args.per_round or per_round
     warmup = args.warmup if args.warmup is not None else per_round
-    with scratch_dir("ember-train-cpu-") as workdir:
-        trainer = ember_trainer(shape, workdir, steps, precision=args.precision, compile=args.compile)
-        try:
-            if args.loss == "plain":
-                use_plain_loss(trainer)
-            hf_model = hf_twin(trainer.model_args, initial_state(trainer), trainer.device)
-            batches = take_batches(trainer, steps)
-            sides = {"ember": ember_step(trainer), "hf": hf_step(hf_model, trainer.config, trainer.device)}
-            load_start = load_average()
-            timings = alternate(sides, batches, trainer.device, warmup=warmup, per_round=per_round, clock=clock)
-            load_end = load_average()
-        finally:
-            trainer.close()
+    options = dict(precision=args.precision, compile=args.compile)
+    load_start = load_average()
+    if args.processes == "separate":
+        env = {"hf": {"GLIBC_TUNABLES": _TUNED_GLIBC_MALLOC}} if args.hf_allocator == "tuned" else None
+        timings = alternate_in_processes(["ember", "hf"], shape, steps, warmup=warmup, per_round=per_round,
+                                         threads=args.threads, clock_name=args.clock, options=options,
+                                         plain_loss=args.loss == "plain", env=env)
+    else:
+        with scratch_dir("ember-train-cpu-") as workdir:
+            trainer = ember_trainer(shape, workdir, steps, **options)
+            try:
+                if args.loss == "plain":
+                    use_plain_loss(trainer)
+                hf_model = hf_twin(trainer.model_args, initial_state(trainer), trainer.device)
+                batches = take_batches(trainer, steps)
+                sides = {"ember": ember_step(trainer), "hf": hf_step(hf_model, trainer.config, trainer.device)}
+                timings = alternate(sides, batches, trainer.device, warmup=warmup, per_round=per_round, clock=clock)
+            finally:
+                trainer.close()
+    load_end = load_average()
+    model_args = model_args_from_config(ember_config(shape, "unused", steps, **options))
     tokens_per_step = shape.micro_batch_size * shape.seq_length
-    flops_per_token = trainer.model_args.flops_per_token(shape.seq_length)
-    result = {"shape": shape.name, "params_m": trainer.model_args.num_params() / 1e6}
+    flops_per_token = model_args.flops_per_token(shape.seq_length)
+    result = {"shape": shape.name, "params_m": model_args.num_params() / 1e6}
     for side in ("ember", "hf"):
         tokens_per_s = tokens_per_step / timings.median(side)
         result[f"{side}_tokens_per_s"] = tokens_per_s
@@ -118,6 +131,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loss", choices=["fused", "plain"], default="fused",
                         help="ember's loss as the trainer computes it (output layer and cross-entropy "
                              "fused), or through the full logits (to measure what fusing gains)")
+    parser.add_argument("--processes", choices=["separate", "one"], default="separate",
+                        help="each side in its own process, as users run them (default), or both in this one "
+                             "(the allocator's heap is then shared: see compare_training.alternate_in_processes)")
+    parser.add_argument("--hf-allocator", choices=["default", "tuned"], default="default",
+                        help="tuned: the transformers process gets glibc malloc settings that keep freed "
+                             "memory (GLIBC_TUNABLES), to tell allocator effects from code (separate processes)")
     parser.add_argument("--curves", action="store_true", help="print both loss curves step by step")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -132,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
             for step, (a, b) in enumerate(zip(r["losses"]["ember"], r["losses"]["hf"]), start=1):
                 print(f"loss shape={name} step={step} ember={a:.6f} hf={b:.6f} diff={a - b:+.2e}")
         print(f"train_cpu shape={name} params={r['params_m']:.1f}M dtype={args.precision} threads={args.threads} "
-              f"compile={int(args.compile)} loss={args.loss} clock={args.clock} timed_steps={r['timed_steps']} "
+              f"compile={int(args.compile)} loss={args.loss} clock={args.clock} processes={args.processes} "
+              f"hf_allocator={args.hf_allocator} timed_steps={r['timed_steps']} "
               f"ember_tokens_per_s={r['ember_tokens_per_s']:.0f} hf_tokens_per_s={r['hf_tokens_per_s']:.0f} "
               f"ratio={r['ratio']:.3f} paired_ratio={r['paired_ratio']:.3f} ember_mfu={r['ember_mfu']:.3f} hf_mfu={r['hf_mfu']:.3f} "
               f"peak_gflops={peak:.0f} loss_max_diff={r['loss_max_diff']:.2e} load1={r['load1']:.2f}", flush=True)
