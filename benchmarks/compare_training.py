@@ -365,6 +365,10 @@ def alternate_in_processes(sides: list[str], shape: Shape, steps: int, *, warmup
             losses[side] = receive(side, "losses")
         return Timings(seconds, losses, rounds)
     finally:
+        for process, conn in children.values():  # a side still waiting for its turn (another failed): stop it
+            if process.is_alive():
+                with contextlib.suppress(OSError):
+                    conn.send(("stop", 0, 0))
         for process, conn in children.values():
             process.join(timeout=30)
             if process.is_alive():

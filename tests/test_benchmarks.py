@@ -27,15 +27,32 @@ def _fields(line: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["fused", "plain"])
-def test_train_cpu_sides_agree(loss):
+@pytest.mark.parametrize("loss, processes", [("fused", "separate"), ("plain", "one")])
+def test_train_cpu_sides_agree(loss, processes):
+    """Each side in its own process (the default) or both in one: the same model either way."""
     out = _run("train_cpu.py", "--shape", "tiny", "--steps", "4", "--per-round", "2", "--warmup", "1",
-               "--threads", "1", "--loss", loss)
+               "--threads", "1", "--loss", loss, "--processes", processes)
     (line,) = [line for line in out.splitlines() if line.startswith("train_cpu ")]
     fields = _fields(line)
     assert float(fields["ember_tokens_per_s"]) > 0 and float(fields["hf_tokens_per_s"]) > 0
     assert float(fields["loss_max_diff"]) < 1e-4  # fp32: both sides train the same model
-    assert fields["loss"] == loss
+    assert fields["loss"] == loss and fields["processes"] == processes
+    assert fields["timed_steps"] == "3"
+
+
+@pytest.mark.slow
+def test_a_side_that_fails_is_reported_and_no_process_is_left(monkeypatch):
+    """alternate_in_processes: a side whose process fails says why in the parent's error, and the
+    other side's process is stopped too."""
+    import multiprocessing
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from compare_training import alternate_in_processes
+    from train_cpu import SHAPES
+
+    with pytest.raises(RuntimeError, match="unknown side 'nope'"):
+        alternate_in_processes(["ember", "nope"], SHAPES["tiny"], 2, warmup=1, per_round=1, threads=1)
+    assert multiprocessing.active_children() == []
 
 
 @pytest.mark.slow
