@@ -360,7 +360,7 @@ def profile_stages(args, workdir: Path, corpus: Path, tokenizer: Path) -> None:
         "encode (FastBPE alone)"]
     # what crosses the pipes with several workers: each chunk's line range (the workers read the
     # lines themselves) and its result, token ids in the dataset's dtype
-    ranges = list(iter_chunks([corpus], 1024, columns=["text"], line_ranges=True))
+    ranges = list(iter_chunks([corpus], 1024, columns=["text"], line_ranges=1))
     timed("IPC: pickle ranges + results", lambda: [pickle.loads(pickle.dumps(x, pickle.HIGHEST_PROTOCOL))
                                                    for x in (*ranges, *handled)])
     out = workdir / "out"

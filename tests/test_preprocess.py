@@ -141,7 +141,7 @@ def test_workers_read_their_own_line_ranges(tmp_path, corpus_jsonl, tokenizer_di
     data, _ = _awkward_jsonl(corpus_jsonl, 2000)
     src = tmp_path / "awkward.jsonl"
     src.write_bytes(data)
-    ranges = list(sources.iter_chunks([src], 1024, line_ranges=True))
+    ranges = list(sources.iter_chunks([src], 1024, line_ranges=1))
     chunks = list(sources.iter_chunks([src], 1024))
     assert all(isinstance(r, sources.LineRange) for r in ranges) and len(ranges) >= 10
     sizes = [sum(map(len, c.lines)) for c in chunks]
@@ -162,10 +162,31 @@ def test_workers_read_their_own_line_ranges(tmp_path, corpus_jsonl, tokenizer_di
     assert [s.line for s in decode_chunk(sources.read_line_range(tail)).skips] == [1]
     # n-subs parts: ranges within each part, the part's first line known
     parts = sources.split_input([src], 3)
-    in_parts = [list(sources.iter_chunks([src], 1024, part=part, line_ranges=True)) for part in parts]
+    in_parts = [list(sources.iter_chunks([src], 1024, part=part, line_ranges=1)) for part in parts]
     assert [r.first_line for rs in in_parts for r in rs if r.first_line is not None] == [
         part.files[str(src)][1] for part in parts]
     assert b"".join(line for rs in in_parts for r in rs for line in sources.read_line_range(r).lines) == data
+
+
+def test_a_small_file_is_cut_for_every_worker(tmp_path, corpus_jsonl, tokenizer_dir, monkeypatch):
+    """A file of a few ranges' size still gives each of many workers several ranges (else most of
+    them would wait while one or two tokenize); the output is the single worker's, byte for byte."""
+    import ember.data.sources as sources
+
+    monkeypatch.setattr(sources, "MIN_RANGE_BYTES", 512)
+    data, _ = _awkward_jsonl(corpus_jsonl, 600)
+    src = tmp_path / "small.jsonl"
+    src.write_bytes(data)
+    assert len(data) < 4 * sources.CHUNK_BYTES  # a few ranges of CHUNK_BYTES at most
+    ranges = list(sources.iter_chunks([src], 1024, line_ranges=4))
+    assert len(ranges) >= 12 and sum(r.length for r in ranges) == len(data)
+    assert sources.range_bytes(len(data), 4) == len(data) // 16
+    assert sources.range_bytes(100 * sources.CHUNK_BYTES, 4) == sources.CHUNK_BYTES  # large: as before
+    assert sources.range_bytes(1000, 4) == 512  # not below MIN_RANGE_BYTES
+    common = ["--input", src, "--tokenizer-name-or-path", tokenizer_dir, "--append-eod"]
+    assert preprocess(*common, "--output-prefix", tmp_path / "one") == 0
+    assert preprocess(*common, "--output-prefix", tmp_path / "four", "--workers", "4") == 0
+    assert same_files(tmp_path / "one_text_document", tmp_path / "four_text_document")
 
 
 @pytest.mark.parametrize("flags", [["--workers", "2"], ["--n-subs", "2", "--workers", "4"]])

@@ -234,7 +234,7 @@ def process_part(job: PreprocessJob, files: list[Path], part: InputPart | None, 
     columns = sorted(set(job.json_keys) | {"instruction", "input", "output", "system", "history",
                                               "conversations", "messages"})
     # several workers: they read uncompressed line files themselves (LineRanges)
-    chunks = iter_chunks(files, job.chunk_size, columns=columns, part=part, line_ranges=workers > 1)
+    chunks = iter_chunks(files, job.chunk_size, columns=columns, part=part, line_ranges=workers if workers > 1 else 0)
     writers = _writers(prefixes, dtypes)
     totals = Totals()
     try:

@@ -8,7 +8,7 @@ Files are streamed; only a `.json` holding one JSON array is read whole (the for
 to stream it without another parser).
 
 For several workers, an uncompressed line file goes out as `LineRange`s instead (`iter_chunks(...,
-line_ranges=True)`): only (file, byte offset, byte length) of about `CHUNK_BYTES` of whole lines,
+line_ranges=workers)`): only (file, byte offset, byte length) of about `CHUNK_BYTES` of whole lines,
 found by seeking, never reading the lines; each worker reads its range itself (`read_line_range`),
 so the input bytes never pass through the main process or a pipe (issue 18).
 """
@@ -208,15 +208,31 @@ def _line_end(fd: int, position: int, end: int) -> int:
     return end
 
 
-def _line_ranges(path: Path, fmt: str, byte_range: tuple[int, int] | None, first_line: int) -> Iterator[LineRange]:
-    """`LineRange`s that close where a line chunk closes: at the line holding the range's
-    CHUNK_BYTES-th byte (that line included). Only the bytes from there to the next newline are read."""
+# A file of a few MiB read by many workers would leave most of them idle in ranges of CHUNK_BYTES
+# (a 5 MiB file is 5 ranges for 8 workers): ranges are then cut at about a quarter of each
+# worker's share of the file (or --n-subs part), but not below this.
+MIN_RANGE_BYTES = 64 << 10
+
+
+def range_bytes(size: int, workers: int) -> int:
+    """How many bytes (then to the end of that line) a LineRange covers, for `workers` workers
+    reading `size` bytes: CHUNK_BYTES, or less when that would not give every worker ~4 ranges."""
+    share = size // (4 * max(workers, 1))
+    return max(min(CHUNK_BYTES, share), min(MIN_RANGE_BYTES, CHUNK_BYTES))
+
+
+def _line_ranges(path: Path, fmt: str, byte_range: tuple[int, int] | None, first_line: int,
+                 workers: int) -> Iterator[LineRange]:
+    """`LineRange`s that close at the line holding each range's `range_bytes(...)`-th byte (that
+    line included): where a line chunk closes, for a file large enough for its workers. Only the
+    bytes from there to the next newline are read."""
     with open(path, "rb", buffering=0) as f:
         fd = f.fileno()
         start, end = (0, os.fstat(fd).st_size) if byte_range is None else byte_range
+        step = range_bytes(end - start, workers)
         line: int | None = first_line
         while start < end:
-            stop = _line_end(fd, start + CHUNK_BYTES - 1, end)
+            stop = _line_end(fd, start + step - 1, end)
             yield LineRange(str(path), fmt, start, stop - start, line)
             start, line = stop, None
 
@@ -333,10 +349,11 @@ def unreadable(path: Path, err: BaseException) -> EmberError:
 
 
 def iter_chunks(files: list[Path], chunk_size: int = 2048, columns: list[str] | None = None,
-                part: "InputPart | None" = None, line_ranges: bool = False) -> Iterator[Chunk | LineRange]:
+                part: "InputPart | None" = None, line_ranges: int = 0) -> Iterator[Chunk | LineRange]:
     """Chunks of every file in order; `part` restricts to one contiguous piece (for --n-subs).
-    `line_ranges`: uncompressed line files (.jsonl, .txt, .json lines) as `LineRange`s, for workers
-    to read themselves (they hold about CHUNK_BYTES each; `chunk_size` does not cut them).
+    `line_ranges`: how many workers will read uncompressed line files (.jsonl, .txt, .json lines)
+    themselves, as `LineRange`s (0: send them lines). A range holds up to CHUNK_BYTES, less when
+    the file is small for that many workers (`range_bytes`); `chunk_size` does not cut it.
     A file that cannot be read (truncated, damaged, no permission) is a one-line `EmberError`."""
     read_errors = _read_errors()
     for path in files:
@@ -349,13 +366,13 @@ def iter_chunks(files: list[Path], chunk_size: int = 2048, columns: list[str] | 
 
 
 def _file_chunks(path: Path, chunk_size: int, columns: list[str] | None,
-                 part: "InputPart | None", line_ranges: bool = False) -> Iterator[Chunk | LineRange]:
+                 part: "InputPart | None", line_ranges: int = 0) -> Iterator[Chunk | LineRange]:
     fmt, compression = file_format(path)
     piece = None if part is None else part.files[str(path)]
     if fmt in (".jsonl", ".txt") or (fmt == ".json" and not _is_json_array(path, compression)):
         byte_range, first_line = (None, 1) if piece is None else (piece[0], piece[1])
         if line_ranges and compression is None:
-            yield from _line_ranges(path, ".jsonl" if fmt == ".json" else fmt, byte_range, first_line)
+            yield from _line_ranges(path, ".jsonl" if fmt == ".json" else fmt, byte_range, first_line, line_ranges)
             return
         yield from _line_chunks(path, ".jsonl" if fmt == ".json" else fmt, compression,
                                 chunk_size, byte_range, first_line)
