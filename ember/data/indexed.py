@@ -127,7 +127,7 @@ class IndexedDatasetWriter:
         lengths = np.asarray(sequence_lengths, dtype=np.int64)
         if int(lengths.sum()) != flat.size:
             raise ValueError("sequence lengths do not add up to the number of tokens")
-        self._bin.write(flat.tobytes(order="C"))
+        self._bin.write(memoryview(np.ascontiguousarray(flat)).cast("B"))  # the array's own bytes, no copy
         start = len(self.sequence_lengths)
         self.sequence_lengths.extend(lengths)
         if sequences_per_document is None:
