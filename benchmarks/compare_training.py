@@ -297,7 +297,8 @@ def _side_process(conn, side: str, shape: Shape, steps: int, threads: int, clock
             finally:
                 trainer.close()
     except BaseException as err:  # the parent reports it and stops the other side
-        conn.send(("error", f"{side}: {type(err).__name__}: {err}"))
+        with contextlib.suppress(OSError):  # unless the parent is gone already
+            conn.send(("error", f"{side}: {type(err).__name__}: {err}"))
     finally:
         conn.close()
 
@@ -308,8 +309,9 @@ def alternate_in_processes(sides: list[str], shape: Shape, steps: int, *, warmup
     """`alternate`, with each side in its own (spawned) process: what a user of either tool runs.
     Sharing one process lets one side's allocations shape the other's heap: with glibc's malloc,
     transformers' 32 MB logits hit fresh pages (page faults) far more often beside ember's step
-    than alone (`tiny`: ~153 vs ~120-130 ms per HF step, 2026-12-05), and process-wide settings
-    (threads, allocator tunables) stay each side's own. `env[side]` adds environment variables to that side's process only (set before it starts)."""
+    than alone (`tiny`: ~153 vs ~120-130 ms per HF step, 2026-12-05); in processes of their own,
+    process-wide settings (threads, allocator tunables) stay each side's own. `env[side]` adds
+    environment variables to that side's process only (set while it starts)."""
     context = multiprocessing.get_context("spawn")
     children = {}
     for side in sides:
