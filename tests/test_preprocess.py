@@ -260,6 +260,38 @@ def test_workers_return_tokens_in_the_datasets_dtype(tmp_path, tokenizer_dir):
     assert docs.sequence_lengths.sum() == docs.tokens.size and [s.line for s in handled.skips] == [2]
 
 
+def _truncates_the_file_first(piece):
+    """A worker's read of a later range that finds the file cut short under it (another program
+    rewrote it mid-run): the file is truncated inside this range, then read as usual."""
+    import ember.data.sources as sources
+
+    if piece.offset >= 20 * sources.CHUNK_BYTES and os.path.getsize(piece.path) > piece.offset + 10:
+        os.truncate(piece.path, piece.offset + 10)
+    return sources.read_line_range(piece)
+
+
+def test_input_cut_short_mid_run_is_one_line_and_writes_nothing(tmp_path, corpus_jsonl, tokenizer_dir, monkeypatch,
+                                                                  capsys):
+    import shutil
+
+    import ember.data.preprocess as pre
+    import ember.data.sources as sources
+
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(pre, "read_line_range", _truncates_the_file_first)
+    src = tmp_path / "input.jsonl"
+    shutil.copy(corpus_jsonl, src)
+    assert src.stat().st_size > 30 * 4096
+    out = tmp_path / "out"
+    out.mkdir()
+    assert preprocess("--input", src, "--output-prefix", out / "t", "--tokenizer-name-or-path", tokenizer_dir,
+                      "--workers", "2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "input.jsonl" in err[-1] and "the file ends at byte" in err[-1], err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert os.listdir(out) == []
+
+
 def _dies_on_a_later_range(piece):
     """A worker's read that kills its process at about the 40th range (earlier ones are written by then)."""
     import ember.data.sources as sources

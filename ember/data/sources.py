@@ -248,8 +248,8 @@ def read_line_range(piece: LineRange) -> Chunk:
             while remaining > 0:
                 block = os.pread(f.fileno(), remaining, position)
                 if not block:
-                    raise EOFError(f"the file ends at byte {position:,}, inside a range that ended at byte "
-                                   f"{piece.offset + piece.length:,} when the run started (was it changed?)")
+                    raise EOFError(f"the file ends at byte {position:,}, but held at least "
+                                   f"{piece.offset + piece.length:,} bytes when the run started")
                 parts.append(block)
                 position += len(block)
                 remaining -= len(block)
