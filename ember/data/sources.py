@@ -451,11 +451,9 @@ def _merge_pieces(a: tuple, b: tuple) -> tuple:
 def _line_units(path: Path, parts: int, size: int) -> list[tuple[str, tuple, int]]:
     """Byte ranges of about size/parts bytes ending at newlines, with the first line number of each."""
     cuts = [0]
-    with open(path, "rb") as f:
+    with open(path, "rb", buffering=0) as f:
         for k in range(1, parts):
-            f.seek(max(size * k // parts, cuts[-1]))
-            f.readline()  # move to the start of the next line
-            pos = f.tell()
+            pos = _line_end(f.fileno(), max(size * k // parts, cuts[-1]), size)  # the next line's start
             if cuts[-1] < pos < size:
                 cuts.append(pos)
     cuts.append(size)
