@@ -175,7 +175,7 @@ class _LineNumbers:
         if isinstance(chunk, LineRange):
             if chunk.first_line is not None:
                 self.next_line = chunk.first_line
-            elif self.next_line != 1:
+            else:
                 for skip in handled.skips:
                     skip.line += self.next_line - 1
             self.next_line += handled.num_lines
