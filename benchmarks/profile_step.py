@@ -19,9 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare_training import (  # noqa: E402
-    ember_step, ember_trainer, hf_step, hf_twin, initial_state, scratch_dir, take_batches, use_plain_loss,
-)
+from compare_training import ember_trainer, scratch_dir, side_step, take_batches, use_plain_loss  # noqa: E402
 from train_cpu import SHAPES  # noqa: E402
 
 
@@ -47,11 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             if args.loss == "plain":
                 use_plain_loss(trainer)
-            if args.side == "ember":
-                step = ember_step(trainer)
-            else:
-                hf_model = hf_twin(trainer.model_args, initial_state(trainer), trainer.device)
-                step = hf_step(hf_model, trainer.config, trainer.device)
+            step = side_step(args.side, trainer)
             batches = take_batches(trainer, warmup + args.steps)
             for batch in batches[:warmup]:
                 step(batch)

@@ -34,8 +34,8 @@ from ember.models.from_config import model_args_from_config
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from compare_training import (  # noqa: E402
-    Shape, alternate, alternate_in_processes, ember_config, ember_step, ember_trainer, hf_step, hf_twin, initial_state,
-    load_average, loss_agreement, scratch_dir, take_batches, use_plain_loss,
+    Shape, alternate, alternate_in_processes, ember_config, ember_trainer, load_average, loss_agreement, scratch_dir,
+    side_step, take_batches, use_plain_loss,
 )
 
 _LLAMA_OVERRIDES = dict(swiglu=True, normalization="RMSNorm", untie_embeddings_and_output_weights=True,
@@ -92,9 +92,8 @@ def run_shape(shape: Shape, args: argparse.Namespace, peak_gflops: float, clock)
             try:
                 if args.loss == "plain":
                     use_plain_loss(trainer)
-                hf_model = hf_twin(trainer.model_args, initial_state(trainer), trainer.device)
                 batches = take_batches(trainer, steps)
-                sides = {"ember": ember_step(trainer), "hf": hf_step(hf_model, trainer.config, trainer.device)}
+                sides = {side: side_step(side, trainer) for side in ("ember", "hf")}
                 timings = alternate(sides, batches, trainer.device, warmup=warmup, per_round=per_round, clock=clock)
             finally:
                 trainer.close()
