@@ -239,17 +239,29 @@ def alternate(steps: dict[str, Callable], batches: list, device: torch.device, *
     while position < len(batches):
         chunk = batches[position:position + per_round]
         for name, step in steps.items():
-            timed_before = sum(seconds[name])
-            for offset, batch in enumerate(chunk):
-                _sync(device)
-                start = clock()
-                losses[name].append(step(batch))
-                _sync(device)
-                if position + offset >= warmup:
-                    seconds[name].append(clock() - start)
-            rounds[name].append(sum(seconds[name]) - timed_before)
+            timed = _after_warmup(_timed_steps(step, chunk, device, clock, losses[name]), position, warmup)
+            seconds[name].extend(timed)
+            rounds[name].append(sum(timed))
         position += len(chunk)
     return Timings(seconds, {name: [float(x) for x in values] for name, values in losses.items()}, rounds)
+
+
+def _timed_steps(step: Callable, batches: list, device: torch.device, clock: Callable[[], float],
+                 losses: list) -> list[float]:
+    """Seconds of each step over `batches`, appending each step's loss (a device tensor) to `losses`."""
+    seconds = []
+    for batch in batches:
+        _sync(device)
+        start = clock()
+        losses.append(step(batch))
+        _sync(device)
+        seconds.append(clock() - start)
+    return seconds
+
+
+def _after_warmup(seconds: list[float], position: int, warmup: int) -> list[float]:
+    """The times of a turn that began at step `position`, without those of the first `warmup` steps."""
+    return [s for offset, s in enumerate(seconds) if position + offset >= warmup]
 
 
 def side_step(side: str, trainer: Trainer) -> Callable:
@@ -285,14 +297,8 @@ def _side_process(conn, side: str, shape: Shape, steps: int, threads: int, clock
                     command, first, count = conn.recv()
                     if command == "stop":
                         break
-                    seconds = []
-                    for batch in batches[first:first + count]:
-                        _sync(trainer.device)
-                        start = clock()
-                        losses.append(step(batch))
-                        _sync(trainer.device)
-                        seconds.append(clock() - start)
-                    conn.send(("seconds", seconds))
+                    conn.send(("seconds", _timed_steps(step, batches[first:first + count], trainer.device, clock,
+                                                       losses)))
                 conn.send(("losses", [float(x) for x in losses]))
             finally:
                 trainer.close()
@@ -356,8 +362,7 @@ def alternate_in_processes(sides: list[str], shape: Shape, steps: int, *, warmup
             count = min(per_round, steps - position)
             for side in sides:
                 children[side][1].send(("run", position, count))
-                taken = receive(side, "seconds")
-                timed = [s for offset, s in enumerate(taken) if position + offset >= warmup]
+                timed = _after_warmup(receive(side, "seconds"), position, warmup)
                 seconds[side].extend(timed)
                 rounds[side].append(sum(timed))
             position += count
